@@ -1,0 +1,43 @@
+"""Orbax-backed storage behind a small interface.
+
+The pretrained backbone is cached once per (model, pretraining, data) setting; it is
+written to a temporary directory and renamed into place, so an interrupted save
+never leaves a half-written cache entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+PARAMS = "params"
+TOKENIZER = "tokenizer"
+
+
+def backbone_is_cached(directory: str) -> bool:
+    return os.path.isdir(os.path.join(directory, PARAMS)) and os.path.isdir(os.path.join(directory, TOKENIZER))
+
+
+def save_backbone(directory: str, frozen: nnx.State, tokenizer) -> None:
+    staging = directory.rstrip("/") + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    tokenizer.save_pretrained(os.path.join(staging, TOKENIZER))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(os.path.abspath(staging), PARAMS), nnx.to_pure_dict(frozen))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
+
+
+def load_backbone(directory: str, abstract_frozen: nnx.State) -> nnx.State:
+    """Restores into the structure (and shapes) of `abstract_frozen`."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_frozen))
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS), target)
+    state = jax.tree.map(lambda x: x, abstract_frozen)
+    nnx.replace_by_pure_dict(state, restored)
+    return state

@@ -1,0 +1,83 @@
+"""Prompt template and tokenization into fixed-shape arrays.
+
+Training rows are right-padded `<s>USER: <image>\\n{question} ASSISTANT: {answer}</s>`
+with the loss on the answer tokens and `</s>` only. Evaluation rows are the prompt up
+to `ASSISTANT:`, left-padded so every row's last token sits in the same column and
+greedy decoding writes all rows at one cache slot. The single `<image>` placeholder
+is expanded to one id per image token, as LLaVA's processor does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fednano_jax.data.tokenizer import IMAGE
+
+PROMPT = "USER: {image}{question} ASSISTANT:"
+
+
+def render_prompt(question: str, has_image: bool) -> str:
+    return PROMPT.format(image=f"{IMAGE}\n" if has_image else "", question=question)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedSet:
+    """Rows of token ids that point into a shared image table (images are not copied per row)."""
+
+    input_ids: np.ndarray  # [N, T] int32
+    attention_mask: np.ndarray  # [N, T] bool
+    loss_mask: np.ndarray  # [N, T] bool, True on answer tokens and </s>
+    image_index: np.ndarray  # [N] int32 row of the image table
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _expand_image(ids: list[int], image_id: int, num_image_tokens: int) -> list[int]:
+    out: list[int] = []
+    for token in ids:
+        out.extend([image_id] * num_image_tokens if token == image_id else [token])
+    return out
+
+
+def _encode(tokenizer, text: str, num_image_tokens: int) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return _expand_image(ids, tokenizer.convert_tokens_to_ids(IMAGE), num_image_tokens)
+
+
+def bucket(length: int, multiple: int = 8) -> int:
+    return -(-length // multiple) * multiple
+
+
+def tokenize_for_training(tokenizer, prompts: list[str], answers: list[str], image_index: np.ndarray,
+                          num_image_tokens: int) -> TokenizedSet:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    rows, masks = [], []
+    for prompt, answer in zip(prompts, answers):
+        prompt_ids = [bos] + _encode(tokenizer, prompt, num_image_tokens)
+        answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids + [eos]
+        rows.append(prompt_ids + answer_ids)
+        masks.append([False] * len(prompt_ids) + [True] * len(answer_ids))
+    length = bucket(max(map(len, rows)))
+    input_ids = np.full((len(rows), length), tokenizer.pad_token_id, np.int32)
+    loss_mask = np.zeros((len(rows), length), bool)
+    attention_mask = np.zeros((len(rows), length), bool)
+    for i, (row, mask) in enumerate(zip(rows, masks)):
+        input_ids[i, : len(row)] = row
+        loss_mask[i, : len(row)] = mask
+        attention_mask[i, : len(row)] = True
+    return TokenizedSet(input_ids, attention_mask, loss_mask, np.asarray(image_index, np.int32))
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], image_index: np.ndarray, num_image_tokens: int) -> TokenizedSet:
+    """Left-padded prompts for generation (loss_mask is all False)."""
+    rows = [[tokenizer.bos_token_id] + _encode(tokenizer, p, num_image_tokens) for p in prompts]
+    length = bucket(max(map(len, rows)))
+    input_ids = np.full((len(rows), length), tokenizer.pad_token_id, np.int32)
+    attention_mask = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = row
+        attention_mask[i, length - len(row):] = True
+    return TokenizedSet(input_ids, attention_mask, np.zeros_like(attention_mask), np.asarray(image_index, np.int32))

@@ -1,0 +1,57 @@
+"""Checks on a user's experiment config, and the model config it describes.
+
+Every check raises `ConfigError` with one sentence naming the setting and what was
+expected; main prints that sentence instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from fednano_jax.models.llama import LlamaConfig
+from fednano_jax.models.mllm import AdapterConfig, MllmConfig
+from fednano_jax.models.vision import VisionConfig
+
+
+class ConfigError(ValueError):
+    """A config value a user set is impossible."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: ConfigDict, known_methods) -> None:
+    fed, data, adapter = config.fed, config.data, config.model.adapter
+    _require(adapter.rank > 0, f"model.adapter.rank must be a positive integer, got {adapter.rank}.")
+    _require(adapter.alpha > 0, f"model.adapter.alpha must be positive, got {adapter.alpha}.")
+    _require(adapter.image or adapter.text, "At least one of model.adapter.image and model.adapter.text must be True.")
+    _require(fed.num_clients >= 1, f"fed.num_clients must be at least 1, got {fed.num_clients}.")
+    _require(fed.rounds >= 1, f"fed.rounds must be at least 1, got {fed.rounds}.")
+    _require(fed.local_epochs >= 1, f"fed.local_epochs must be at least 1, got {fed.local_epochs}.")
+    _require(fed.batch_size >= 1, f"fed.batch_size must be at least 1, got {fed.batch_size}.")
+    _require(fed.learning_rate > 0, f"fed.learning_rate must be positive, got {fed.learning_rate}.")
+    _require(fed.mode in ("vmap", "sequential"), f"fed.mode must be 'vmap' or 'sequential', got {fed.mode!r}.")
+    _require(data.dirichlet_alpha > 0, f"data.dirichlet_alpha must be positive, got {data.dirichlet_alpha}.")
+    _require(config.pretrain.steps >= 0, f"pretrain.steps must be non-negative, got {config.pretrain.steps}.")
+    methods = [fed.methods] if isinstance(fed.methods, str) else list(fed.methods)
+    _require(len(methods) > 0, "fed.methods must name at least one method.")
+    for name in methods:
+        _require(name in known_methods, f"Unknown method {name!r} in fed.methods; expected one of {sorted(known_methods)}.")
+
+
+def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> MllmConfig:
+    m = config.model
+    v, l, a = m.vision, m.llm, m.adapter
+    vision = VisionConfig(
+        image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size, num_layers=v.num_layers, num_heads=v.num_heads,
+        feature_layer=v.feature_layer, dtype=m.dtype,
+    )
+    llm = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=l.hidden_size, intermediate_size=l.intermediate_size,
+        num_layers=l.num_layers, num_heads=l.num_heads, num_kv_heads=l.num_kv_heads,
+        rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps, dtype=m.dtype,
+    )
+    return MllmConfig(vision, llm, AdapterConfig(a.rank, a.alpha, a.image, a.text), image_token_id, m.connector)

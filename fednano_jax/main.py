@@ -1,0 +1,104 @@
+"""Run a federated experiment: python -m fednano_jax.main --config=configs/easyvqa_tiny.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and results go (default: runs/<config.name>).")
+
+
+def main(argv) -> None:
+    del argv
+    # Imports after flag parsing keep `--help` fast.
+    from flax import nnx
+
+    from fednano_jax import checkpoint, pretrain
+    from fednano_jax.data import pipeline
+    from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
+    from fednano_jax.eval.evaluate import make_evaluator
+    from fednano_jax.eval.report import write_report
+    from fednano_jax.experiment_config import ConfigError, model_config, validate
+    from fednano_jax.federated.methods import METHODS, get_method
+    from fednano_jax.federated.simulation import run_federated
+    from fednano_jax.models.mllm import MultimodalModel, count_params, split_model
+
+    config = _CONFIG.value
+    try:
+        validate(config, METHODS)
+    except ConfigError as error:
+        sys.exit(f"Config error: {error}")
+    workdir = _WORKDIR.value or os.path.join("runs", config.name)
+    os.makedirs(workdir, exist_ok=True)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    started = time.perf_counter()
+
+    def log(record: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------- Data
+    splits = pipeline.load_splits(os.path.expanduser(config.data.dir), config.data.pretrain_images,
+                                  config.data.train_examples, config.data.test_examples, config.seed)
+
+    # ------------------------------------------------- Pretrained backbone
+    backbone_dir = pretrain.cache_dir(config)
+    cached = checkpoint.backbone_is_cached(backbone_dir)
+    tokenizer = load_tokenizer(os.path.join(backbone_dir, checkpoint.TOKENIZER)) if cached else pipeline.tokenizer_for(splits)
+    mcfg = model_config(config, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
+    graphdef, frozen, adapters = split_model(MultimodalModel(mcfg, nnx.Rngs(config.seed)))
+    num_image_tokens = mcfg.vision.num_patches
+    if cached:
+        print(f"Using the pretrained backbone cached in {backbone_dir}")
+        frozen = checkpoint.load_backbone(backbone_dir, frozen)
+    else:
+        tokens = pipeline.tokenize_pretraining(splits, tokenizer, num_image_tokens)
+        print(f"Pretraining the backbone on {len(tokens)} held-aside examples (cached in {backbone_dir})")
+        frozen = pretrain.pretrain_backbone(graphdef, frozen, adapters, tokens, splits.images, config)
+        checkpoint.save_backbone(backbone_dir, frozen, tokenizer)
+    print(f"Backbone: {count_params(frozen):,} frozen parameters; NanoAdapters: {count_params(adapters):,} "
+          f"trainable parameters per client")
+
+    # ------------------------------------------------------ Federated data
+    try:
+        data = pipeline.federated_data(splits, tokenizer, num_image_tokens, config.fed.num_clients,
+                                       config.data.dirichlet_alpha, config.seed)
+    except ValueError as error:
+        sys.exit(f"Config error: {error}")
+    sizes = [len(r) for r in data.client_train]
+    print(f"{config.fed.num_clients} clients, train examples {sizes}, test examples {[len(r) for r in data.client_test]}")
+    device_data = pretrain.device_dataset(data.train, data.images)
+    evaluate = make_evaluator(graphdef, frozen, data, tokenizer, config.eval.batch_size, config.eval.max_new_tokens)
+
+    # ---------------------------------------------------------- Evaluation
+    rows = {"Untuned": evaluate(adapters)}
+    log({"method": "untuned", "round": 0, **rows["Untuned"]})
+    methods = [config.fed.methods] if isinstance(config.fed.methods, str) else list(config.fed.methods)
+    seconds = {}
+    for name in methods:
+        method = get_method(name)
+        method_start = time.perf_counter()
+        result = run_federated(method, graphdef, frozen, adapters, device_data, data.client_train, config,
+                               evaluate, log)
+        seconds[method.label] = time.perf_counter() - method_start
+        final = result.history[-1]
+        rows[method.label] = {"accuracy": final["accuracy"], "average": final["average"]}
+
+    # -------------------------------------------------------------- Report
+    table = write_report(workdir, rows, {"config": config.to_dict(), "client_train_examples": sizes,
+                                         "method_seconds": seconds,
+                                         "total_seconds": time.perf_counter() - started})
+    print(f"\nPer-client test accuracy (%), {config.fed.num_clients} clients, {config.fed.rounds} rounds:\n{table}")
+    print(f"\nWritten to {workdir}/results.md, results.json and metrics.jsonl "
+          f"({time.perf_counter() - started:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,196 @@
+"""LLaMA-family decoder (the server-side LLM): RMSNorm, rotary embeddings, GQA, SwiGLU.
+
+The decoder consumes input embeddings (token embeddings live on the client, in
+NanoEdge) and returns logits. One attention path serves training and KV-cache
+decoding: without a cache the keys are the sequence itself; with a cache the new
+keys are written at `cache.index` and queries attend to every valid earlier slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    dtype: str = "float32"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys/values [layers, batch, max_len, kv_heads, head_dim]."""
+
+    keys: jax.Array
+    values: jax.Array
+    valid: jax.Array  # [batch, max_len] bool: slot holds a real (non-padding) token
+    index: jax.Array  # scalar int32: next slot to write
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+        return cls(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((dim,)))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...]).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """HF 'rotate-half' RoPE. x: [batch, seq, heads, head_dim]; positions: [batch, seq]."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def dense(rngs: nnx.Rngs, d_in: int, d_out: int, bias: bool = False, dtype=jnp.float32) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, rngs=rngs,
+                      kernel_init=nnx.initializers.normal(0.02))
+
+
+def grouped_attention(q, k, v, mask):
+    """q: [B, T, H, D]; k, v: [B, S, KV, D]; mask: [B, T, S] bool."""
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(dim)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, heads * dim)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.resolved_head_dim
+        dtype = jnp.dtype(config.dtype)
+        self.q_proj = dense(rngs, d, config.num_heads * hd, dtype=dtype)
+        self.k_proj = dense(rngs, d, config.num_kv_heads * hd, dtype=dtype)
+        self.v_proj = dense(rngs, d, config.num_kv_heads * hd, dtype=dtype)
+        self.o_proj = dense(rngs, config.num_heads * hd, d, dtype=dtype)
+        self.config = config
+
+    def __call__(self, x, positions, mask, layer_cache=None):
+        """Returns (output, (keys, values)); keys/values are the updated cache slices if given."""
+        cfg = self.config
+        batch, length, _ = x.shape
+        hd = cfg.resolved_head_dim
+        q = self.q_proj(x).reshape(batch, length, cfg.num_heads, hd)
+        k = self.k_proj(x).reshape(batch, length, cfg.num_kv_heads, hd)
+        v = self.v_proj(x).reshape(batch, length, cfg.num_kv_heads, hd)
+        q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        if layer_cache is not None:
+            cache_k, cache_v, index = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        return self.o_proj(grouped_attention(q, k, v, mask)), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        dtype = jnp.dtype(config.dtype)
+        self.gate_proj = dense(rngs, d, f, dtype=dtype)
+        self.up_proj = dense(rngs, d, f, dtype=dtype)
+        self.down_proj = dense(rngs, f, d, dtype=dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x, positions, mask, layer_cache=None):
+        attended, kv = self.self_attn(self.input_layernorm(x), positions, mask, layer_cache)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids that skip padding (left or right), as HF computes them."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class LlamaDecoder(nnx.Module):
+    """Decoder blocks + final norm + LM head: everything the server keeps frozen."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = dense(rngs, config.hidden_size, config.vocab_size, dtype=jnp.dtype(config.dtype))
+        self.config = config
+
+    def hidden_states(self, embeds, attention_mask):
+        """Full-sequence pass (training): causal + padding mask. Returns final normed states."""
+        valid = attention_mask.astype(bool)
+        length = embeds.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        mask = causal[None] & valid[:, None, :]
+        positions = positions_from_mask(attention_mask)
+        x = embeds
+        for layer in self.layers:
+            x, _ = layer(x, positions, mask)
+        return self.norm(x)
+
+    def __call__(self, embeds, attention_mask):
+        return self.lm_head(self.hidden_states(embeds, attention_mask))
+
+    def decode(self, embeds, positions, valid, cache: KVCache):
+        """Writes `embeds` [B, T, D] at cache.index and returns (logits [B, T, V], new cache).
+
+        `positions` are the rotary positions of the new tokens; `valid` [B, T] marks
+        which of them are real tokens (left padding in a prompt is not).
+        """
+        length = embeds.shape[1]
+        max_len = cache.valid.shape[1]
+        valid_slots = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool), (0, cache.index))
+        query_slots = cache.index + jnp.arange(length)
+        causal = jnp.arange(max_len)[None, :] <= query_slots[:, None]
+        mask = causal[None] & valid_slots[:, None, :]
+        x = embeds
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, positions, mask, (cache.keys[i], cache.values[i], cache.index))
+            new_keys.append(k)
+            new_values.append(v)
+        logits = self.lm_head(self.norm(x))
+        new_cache = KVCache(jnp.stack(new_keys), jnp.stack(new_values), valid_slots, cache.index + length)
+        return logits, new_cache

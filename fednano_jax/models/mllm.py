@@ -1,0 +1,104 @@
+"""The multimodal model, split the way FedNano deploys it.
+
+NanoEdge (client): vision tower, connector, token embeddings and the two
+NanoAdapters (A_I on projected image tokens, A_T on text token embeddings); it
+turns token ids and images into input embeddings. The server keeps the LLM
+(decoder blocks, final norm, LM head) frozen and turns embeddings into logits.
+Image tokens are spliced where the (already expanded) `<image>` placeholder ids sit,
+as LLaVA does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fednano_jax.models.connector import make_connector
+from fednano_jax.models.llama import LlamaConfig, LlamaDecoder
+from fednano_jax.models.nano_adapter import AdapterParam, NanoAdapter
+from fednano_jax.models.vision import VisionConfig, VisionTower
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    rank: int = 64
+    alpha: float = 16.0
+    image: bool = True  # A_I on image tokens
+    text: bool = True  # A_T on text tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class MllmConfig:
+    vision: VisionConfig
+    llm: LlamaConfig
+    adapter: AdapterConfig
+    image_token_id: int
+    connector: str = "mlp2x_gelu"
+
+
+def splice_image_features(text_embeds: jax.Array, image_features: jax.Array, is_image: jax.Array) -> jax.Array:
+    """Put image feature i at the i-th image-token position of each row.
+
+    text_embeds [B, T, D]; image_features [B, N, D]; is_image [B, T] with N True per
+    image row (none in a text-only row).
+    """
+    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_features, slot[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class NanoEdge(nnx.Module):
+    """Everything a client holds: the only place raw images and token ids are seen."""
+
+    def __init__(self, config: MllmConfig, rngs: nnx.Rngs):
+        d = config.llm.hidden_size
+        dtype = jnp.dtype(config.llm.dtype)
+        self.vision = VisionTower(config.vision, rngs)
+        self.connector = make_connector(config.connector, config.vision.hidden_size, d, rngs, dtype)
+        self.embed_tokens = nnx.Embed(config.llm.vocab_size, d, dtype=dtype, rngs=rngs,
+                                      embedding_init=nnx.initializers.normal(0.02))
+        a = config.adapter
+        self.adapter_image = NanoAdapter(d, a.rank, a.alpha, rngs) if a.image else None
+        self.adapter_text = NanoAdapter(d, a.rank, a.alpha, rngs) if a.text else None
+        self.image_token_id = config.image_token_id
+
+    def embed_text(self, input_ids: jax.Array) -> jax.Array:
+        embeds = self.embed_tokens(input_ids)
+        return self.adapter_text(embeds) if self.adapter_text is not None else embeds
+
+    def embed_images(self, images: jax.Array) -> jax.Array:
+        features = self.connector(self.vision(images))
+        return self.adapter_image(features) if self.adapter_image is not None else features
+
+    def __call__(self, input_ids: jax.Array, images: jax.Array | None = None) -> jax.Array:
+        embeds = self.embed_text(input_ids)
+        if images is None:
+            return embeds
+        return splice_image_features(embeds, self.embed_images(images), input_ids == self.image_token_id)
+
+
+class MultimodalModel(nnx.Module):
+    def __init__(self, config: MllmConfig, rngs: nnx.Rngs):
+        self.edge = NanoEdge(config, rngs)
+        self.server = LlamaDecoder(config.llm, rngs)
+        self.config = config
+
+    def __call__(self, input_ids, attention_mask, images=None):
+        return self.server(self.edge(input_ids, images), attention_mask)
+
+
+def split_model(model: nnx.Module):
+    """-> (graphdef, frozen, adapters): the backbone state and the NanoAdapter state."""
+    graphdef, adapters, frozen = nnx.split(model, AdapterParam, ...)
+    return graphdef, frozen, adapters
+
+
+def merge_model(graphdef, frozen, adapters) -> MultimodalModel:
+    return nnx.merge(graphdef, frozen, adapters)
+
+
+def count_params(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))

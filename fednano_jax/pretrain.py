@@ -1,0 +1,86 @@
+"""Centralized pretraining of the small MLLM backbone, cached on disk.
+
+FedNano tunes adapters on a *pretrained* model; a random frozen backbone would make
+every comparison meaningless. This stage trains everything but the adapters (which
+stay the identity) on held-aside images and text that the federated clients never
+see, then caches the backbone and its tokenizer keyed by every setting that shapes
+them, so later runs (and other methods, ranks, client counts) reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from fednano_jax.data.prompts import TokenizedSet
+from fednano_jax.federated.client import gather_batch
+from fednano_jax.federated.objective import mean_answer_nll
+from fednano_jax.models.mllm import merge_model
+
+
+def cache_key(config) -> str:
+    """Hash of everything that determines the pretrained backbone (not adapters, not fed)."""
+    model = config.model.to_dict()
+    model.pop("adapter")
+    shaping = {"model": model, "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k != "cache_dir"},
+               "data": {"pretrain_images": config.data.pretrain_images, "seed": config.seed}, "version": 1}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir(config) -> str:
+    return os.path.join(os.path.expanduser(config.pretrain.cache_dir), cache_key(config))
+
+
+def device_dataset(tokens: TokenizedSet, images: np.ndarray) -> dict:
+    return {
+        "input_ids": jnp.asarray(tokens.input_ids),
+        "attention_mask": jnp.asarray(tokens.attention_mask),
+        "loss_mask": jnp.asarray(tokens.loss_mask),
+        "image_index": jnp.asarray(tokens.image_index),
+        "images": jnp.asarray(images),
+    }
+
+
+def epoch_batches(num_rows: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """[steps, batch] row indices: shuffled epochs laid end to end."""
+    rng = np.random.default_rng(seed)
+    epochs = -(-steps * batch_size // num_rows)
+    order = np.concatenate([rng.permutation(num_rows) for _ in range(epochs)])
+    return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+def pretrain_backbone(graphdef, frozen, adapters, tokens: TokenizedSet, images: np.ndarray, config):
+    cfg = config.pretrain
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                                  max(cfg.steps, cfg.warmup_steps + 1))
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    data = device_dataset(tokens, images)
+    batch_valid = jnp.ones((cfg.batch_size,), bool)
+
+    @jax.jit
+    def step(frozen, opt_state, rows):
+        batch = gather_batch(data, rows, batch_valid)
+
+        def loss_fn(params):
+            logits = merge_model(graphdef, params, adapters)(batch["input_ids"], batch["attention_mask"], batch["images"])
+            return mean_answer_nll(logits, batch)
+
+        loss, grads = jax.value_and_grad(loss_fn)(frozen)
+        updates, opt_state = optimizer.update(grads, opt_state, frozen)
+        return optax.apply_updates(frozen, updates), opt_state, loss
+
+    opt_state = optimizer.init(frozen)
+    schedule_rows = epoch_batches(len(tokens), cfg.batch_size, cfg.steps, config.seed)
+    progress = tqdm(schedule_rows, desc="pretraining backbone", unit="step")
+    for i, rows in enumerate(progress):
+        frozen, opt_state, loss = step(frozen, opt_state, rows)
+        if i % 25 == 0:
+            progress.set_postfix(loss=f"{float(loss):.3f}")
+    return frozen
