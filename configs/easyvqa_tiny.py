@@ -13,7 +13,7 @@ def get_config() -> ConfigDict:
 
     config.data = ConfigDict()
     config.data.dir = "~/.cache/fednano_jax/tfds"  # easy-VQA is built here from the PyPI package
-    config.data.pretrain_images = 1500  # training images held aside for backbone pretraining only
+    config.data.pretrain_images = 2000  # training images held aside for backbone pretraining only
     config.data.train_examples = 2000  # federated training questions (0 = all)
     config.data.test_examples = 600  # federated test questions from the official test split (0 = all)
     config.data.dirichlet_alpha = 1.0  # non-IID skew over question categories
@@ -31,6 +31,8 @@ def get_config() -> ConfigDict:
 
     config.pretrain = ConfigDict()
     config.pretrain.steps = 600
+    config.pretrain.caption_repeats = 4  # each held-aside image's caption, repeated
+    config.pretrain.questions_per_image = 3  # text-only QA examples per held-aside image
     config.pretrain.batch_size = 64
     config.pretrain.learning_rate = 3e-3
     config.pretrain.warmup_steps = 50

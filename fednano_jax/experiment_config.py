@@ -6,6 +6,9 @@ expected; main prints that sentence instead of a traceback.
 
 from __future__ import annotations
 
+import difflib
+import os
+
 from ml_collections import ConfigDict
 
 from fednano_jax.models.llama import LlamaConfig
@@ -55,3 +58,28 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
         rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps, dtype=m.dtype,
     )
     return MllmConfig(vision, llm, AdapterConfig(a.rank, a.alpha, a.image, a.text), image_token_id, m.connector)
+
+
+def load_config_file(path: str) -> ConfigDict:
+    """get_config() of a config file, with a clear error for a missing file."""
+    import runpy
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file {path!r} does not exist; pass --config=configs/<name>.py.")
+    return runpy.run_path(path)["get_config"]()
+
+
+def check_overrides(config: ConfigDict, argv: list[str]) -> None:
+    """Every `--config.a.b=value` must name an existing key (suggesting the closest one)."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0]
+        node = config
+        for depth, key in enumerate(path.split(".")):
+            if not isinstance(node, ConfigDict) or key not in node:
+                siblings = list(node.keys()) if isinstance(node, ConfigDict) else []
+                close = difflib.get_close_matches(key, siblings, n=1)
+                hint = f"; did you mean {'.'.join(path.split('.')[:depth] + close)!r}?" if close else "."
+                raise ConfigError(f"Unknown config key {path!r}{hint}")
+            node = node[key]

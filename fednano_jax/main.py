@@ -45,7 +45,8 @@ def main(argv) -> None:
 
     # ---------------------------------------------------------------- Data
     splits = pipeline.load_splits(os.path.expanduser(config.data.dir), config.data.pretrain_images,
-                                  config.data.train_examples, config.data.test_examples, config.seed)
+                                  config.data.train_examples, config.data.test_examples, config.seed,
+                                  config.pretrain.caption_repeats, config.pretrain.questions_per_image)
 
     # ------------------------------------------------- Pretrained backbone
     backbone_dir = pretrain.cache_dir(config)
@@ -99,6 +100,19 @@ def main(argv) -> None:
           f"({time.perf_counter() - started:.0f} s in all)")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, preceded by a check of config overrides that names a mistyped key."""
+    from fednano_jax.experiment_config import ConfigError, check_overrides, load_config_file
+
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    if paths:
+        try:
+            check_overrides(load_config_file(paths[-1]), argv[1:])
+        except ConfigError as error:
+            sys.exit(f"Config error: {error}")
+    return flags.FLAGS(argv)
+
+
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -60,25 +60,24 @@ def _questions(records: list[ImageRecord], first_row: int) -> Examples:
     return Examples(prompts, answers, categories, np.asarray(rows, np.int32))
 
 
-def _pretraining_examples(records: list[ImageRecord], first_row: int) -> Examples:
-    """Captioning of held-aside images, then question answering from a *text* description.
+def _pretraining_examples(record: ImageRecord, row: int, caption_repeats: int, questions_per_image: int,
+                          rng: np.random.Generator) -> Examples:
+    """Captioning of a held-aside image, and question answering from a *text* description of it.
 
     The federated task (answering from the image) is never shown: the backbone learns
     to see (captions) and to answer (text QA), and tuning must connect the two.
+    Captions are repeated because one image yields one caption but many questions.
     """
-    prompts, answers, rows = [], [], []
-    for offset, record in enumerate(records):
-        text = easy_vqa.caption(record)
-        if text is None:
-            continue
-        prompts.append(render_prompt(CAPTION_QUESTION, has_image=True))
-        answers.append(text)
-        rows.append(first_row + offset)
-        for question, answer in zip(record.questions, record.answers):
-            prompts.append(render_prompt(f"the image shows {text}. {question}", has_image=False))
-            answers.append(answer)
-            rows.append(first_row + offset)
-    return Examples(prompts, answers, ["pretrain"] * len(prompts), np.asarray(rows, np.int32))
+    text = easy_vqa.caption(record)
+    if text is None:
+        return Examples([], [], [], np.zeros(0, np.int32))
+    prompts = [render_prompt(CAPTION_QUESTION, has_image=True)] * caption_repeats
+    answers = [text] * caption_repeats
+    count = min(questions_per_image, len(record.questions))
+    for q in sorted(rng.choice(len(record.questions), size=count, replace=False)):
+        prompts.append(render_prompt(f"the image shows {text}. {record.questions[q]}", has_image=False))
+        answers.append(record.answers[q])
+    return Examples(prompts, answers, ["pretrain"] * len(prompts), np.full(len(prompts), row, np.int32))
 
 
 def _subsample(examples: Examples, count: int, rng: np.random.Generator) -> Examples:
@@ -89,8 +88,8 @@ def _subsample(examples: Examples, count: int, rng: np.random.Generator) -> Exam
                     [examples.categories[i] for i in keep], examples.image_index[keep])
 
 
-def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_examples: int,
-                seed: int) -> EasyVqaSplits:
+def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_examples: int, seed: int,
+                caption_repeats: int = 4, questions_per_image: int = 3) -> EasyVqaSplits:
     train_records = load_image_records(data_dir, "train")
     test_records = load_image_records(data_dir, "test")
     if not 0 < pretrain_images < len(train_records):
@@ -100,7 +99,8 @@ def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_e
     held_aside = sorted(order[:pretrain_images])
     federated = sorted(order[pretrain_images:])
     images = np.stack([r.image for r in train_records] + [r.image for r in test_records])
-    pretrain = _merge([_pretraining_examples([train_records[i]], int(i)) for i in held_aside])
+    pretrain = _merge([_pretraining_examples(train_records[i], int(i), caption_repeats, questions_per_image, rng)
+                       for i in held_aside])
     fed_train = _merge([_questions([train_records[i]], int(i)) for i in federated])
     fed_test = _questions(test_records, len(train_records))
     return EasyVqaSplits(images, pretrain, _subsample(fed_train, train_examples, rng),

@@ -37,13 +37,15 @@ def greedy_generate(graphdef, frozen, adapters, input_ids, attention_mask, image
 
 
 def full_recompute_generate(model, input_ids, attention_mask, images, max_new_tokens: int) -> jax.Array:
-    """Reference greedy decoding without a cache (re-runs the whole sequence per token)."""
-    ids, mask = input_ids, attention_mask
+    """Reference greedy decoding without a cache: re-runs the whole sequence for every token.
+
+    Generated tokens are embedded as text, as in the cached path (even an `<image>` id).
+    """
+    embeds, mask = model.edge(input_ids, images), attention_mask
     out = []
     for _ in range(max_new_tokens):
-        logits = model(ids, mask, images)
-        token = jnp.argmax(logits[:, -1], axis=-1)
+        token = jnp.argmax(model.server(embeds, mask)[:, -1], axis=-1)
         out.append(token)
-        ids = jnp.concatenate([ids, token[:, None]], axis=1)
+        embeds = jnp.concatenate([embeds, model.edge.embed_text(token[:, None])], axis=1)
         mask = jnp.concatenate([mask, jnp.ones_like(token[:, None], bool)], axis=1)
     return jnp.stack(out, axis=1)

@@ -1,0 +1,134 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from conftest import make_batch
+from fednano_jax.federated.aggregation import fedavg, fisher_merge
+from fednano_jax.federated.client import local_update, make_client_updates
+from fednano_jax.federated.fisher import diagonal_fisher, make_client_fishers
+from fednano_jax.federated.objective import adapter_value_and_grad, mean_answer_nll, summed_answer_nll
+from fednano_jax.federated.simulation import client_schedule
+from fednano_jax.models.mllm import MultimodalModel, merge_model, split_model
+
+
+def tiny_setup(tiny_config, rows=12):
+    graphdef, frozen, adapters = split_model(MultimodalModel(tiny_config, nnx.Rngs(0)))
+    # Non-zero `up` so gradients reach both adapter matrices from the first step.
+    adapters = jax.tree.map(lambda x: x + 0.01, adapters)
+    batch = make_batch(7, batch=rows)
+    data = {k: jnp.asarray(v) for k, v in batch.items()}
+    data["image_index"] = jnp.arange(rows)
+    return graphdef, frozen, adapters, data
+
+
+def test_fisher_merge_matches_hand_computation():
+    params = {"a": jnp.array([[1.0, 2.0], [3.0, 6.0]]), "b": jnp.array([[4.0], [0.0]])}
+    fishers = {"a": jnp.array([[1.0, 0.0], [3.0, 2.0]]), "b": jnp.array([[2.0], [2.0]])}
+    merged = fisher_merge(params, fishers, [1, 3], fisher_floor=1e-6)
+    w = np.array([0.25, 0.75])
+    f0 = np.array([[1.0, 1e-6], [3.0, 2.0]])  # the zero Fisher is floored
+    expected_a = (w[:, None] * f0 * np.array([[1.0, 2.0], [3.0, 6.0]])).sum(0) / (w[:, None] * f0).sum(0)
+    np.testing.assert_allclose(merged["a"], expected_a, rtol=1e-6)
+    np.testing.assert_allclose(merged["b"], [0.25 * 4.0], rtol=1e-6)
+    np.testing.assert_allclose(merged["a"][1], (0.75 * 2.0 * 6.0 + 0.25 * 1e-6 * 2.0) / (0.75 * 2.0 + 0.25e-6))
+
+
+def test_equal_fishers_give_fedavg_and_fedavg_weights_by_examples():
+    rng = np.random.default_rng(0)
+    params = {"x": jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.float32)}
+    counts = [10, 20, 30, 40]
+    equal = {"x": jnp.full((4, 3, 2), 0.37)}
+    np.testing.assert_allclose(fisher_merge(params, equal, counts)["x"], fedavg(params, counts)["x"], rtol=1e-6)
+    np.testing.assert_allclose(fedavg(params, counts)["x"], np.tensordot([0.1, 0.2, 0.3, 0.4], params["x"], 1),
+                               rtol=1e-6)
+    # Fishers that are all below the floor also fall back to the weighted mean.
+    tiny = {"x": jnp.zeros((4, 3, 2))}
+    np.testing.assert_allclose(fisher_merge(params, tiny, counts)["x"], fedavg(params, counts)["x"], rtol=1e-6)
+
+
+def test_split_learning_gradient_equals_direct_gradient(tiny_config):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+
+    def direct(a):
+        logits = merge_model(graphdef, frozen, a)(data["input_ids"], data["attention_mask"], data["images"])
+        return mean_answer_nll(logits, data)
+
+    loss, grads = adapter_value_and_grad(graphdef, frozen, adapters, data)
+    ref_loss, ref_grads = jax.value_and_grad(direct)(adapters)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7), grads, ref_grads)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_local_steps_reduce_loss(tiny_config):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    rows = jnp.tile(jnp.arange(12).reshape(1, 12), (20, 1))
+    valid = jnp.ones((20, 12), bool)
+    trained, _ = local_update(graphdef, optax.adam(5e-2), adapters, frozen, data, rows, valid)
+    before = adapter_value_and_grad(graphdef, frozen, adapters, data)[0]
+    after = adapter_value_and_grad(graphdef, frozen, trained, data)[0]
+    assert after < before - 0.2  # nats per answer token, from ln(40) ~ 3.7 at a random start
+
+
+def test_masked_padding_steps_change_nothing(tiny_config):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    optimizer = optax.adam(1e-2)
+    rows = jnp.arange(12).reshape(3, 4)
+    valid = jnp.ones((3, 4), bool).at[2, 3].set(False)  # a partial last batch
+    short, short_loss = local_update(graphdef, optimizer, adapters, frozen, data, rows, valid)
+    padded_rows = jnp.concatenate([rows, jnp.zeros((2, 4), int)])
+    padded_valid = jnp.concatenate([valid, jnp.zeros((2, 4), bool)])
+    padded, padded_loss = local_update(graphdef, optimizer, adapters, frozen, data, padded_rows, padded_valid)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), short, padded)
+    np.testing.assert_allclose(short_loss, padded_loss, rtol=1e-6)
+    # The invalid example of the partial batch must not count either.
+    other_rows = rows.at[2, 3].set(0)
+    other, _ = local_update(graphdef, optimizer, adapters, frozen, data, other_rows, valid)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), short, other)
+
+
+def test_vmapped_and_sequential_clients_agree(tiny_config):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    rows, valid = client_schedule([np.arange(0, 5), np.arange(5, 8), np.arange(8, 12)], 2, 1, seed=0,
+                                  round_index=0)
+    vmapped, sequential = make_client_updates(graphdef, optax.adamw(1e-2))
+    a, loss_a = vmapped(adapters, frozen, data, rows, valid)
+    b, loss_b = sequential(adapters, frozen, data, rows, valid)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    # Clients really differ (they trained on different data).
+    leaf = jax.tree.leaves(a)[0]
+    assert not np.allclose(leaf[0], leaf[1])
+
+
+def test_fisher_is_mean_squared_per_example_gradient(tiny_config):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=6)
+    rows = jnp.array([[0, 1, 2, 3], [4, 5, 0, 0]])
+    valid = jnp.array([[True] * 4, [True, True, False, False]])
+    fisher = diagonal_fisher(graphdef, adapters, frozen, data, rows, valid)
+    squares = []
+    for i in range(6):
+        one = {k: v[i: i + 1] for k, v in data.items() if k != "image_index"}
+        squares.append(jax.tree.map(jnp.square, adapter_value_and_grad(graphdef, frozen, adapters, one,
+                                                                       summed_answer_nll)[1]))
+    expected = jax.tree.map(lambda *s: sum(s) / 6, *squares)
+    jax.tree.map(lambda f, e: np.testing.assert_allclose(f, e, rtol=1e-4, atol=1e-10), fisher, expected)
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x]), adapters)
+    both = make_client_fishers(graphdef)(stacked, frozen, data, jnp.stack([rows, rows]), jnp.stack([valid, valid]))
+    jax.tree.map(lambda f, e: np.testing.assert_allclose(f[1], e, rtol=1e-4, atol=1e-10), both, expected)
+
+
+def test_client_schedule_covers_each_client_once_per_epoch():
+    clients = [np.array([3, 4, 5, 6, 7]), np.array([0, 1]), np.array([2])]
+    rows, valid = client_schedule(clients, batch_size=2, epochs=2, seed=1, round_index=3)
+    assert rows.shape == (3, 6, 2)  # longest client: 3 batches per epoch x 2 epochs
+    for k, client in enumerate(clients):
+        seen = rows[k][valid[k]]
+        assert sorted(seen.tolist()) == sorted(np.concatenate([client, client]).tolist())
+    assert not valid[2, 2:].any()  # padded steps are invalid
+    again, _ = client_schedule(clients, batch_size=2, epochs=2, seed=1, round_index=3)
+    other, _ = client_schedule(clients, batch_size=2, epochs=2, seed=1, round_index=4)
+    np.testing.assert_array_equal(rows, again)
+    assert not np.array_equal(rows, other)
