@@ -7,7 +7,9 @@ import os
 import sys
 import time
 
-from absl import app, flags
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not found" banner: we never need it
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).", lock_config=True)
@@ -16,6 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and results go (defa
 
 def main(argv) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # tfds logs every file it writes at INFO
     # Imports after flag parsing keep `--help` fast.
     from flax import nnx
 
@@ -46,7 +49,8 @@ def main(argv) -> None:
     # ---------------------------------------------------------------- Data
     splits = pipeline.load_splits(os.path.expanduser(config.data.dir), config.data.pretrain_images,
                                   config.data.train_examples, config.data.test_examples, config.seed,
-                                  config.pretrain.caption_repeats, config.pretrain.questions_per_image)
+                                  config.pretrain.caption_repeats, config.pretrain.questions_per_image,
+                                  config.model.vision.image_size)
 
     # ------------------------------------------------- Pretrained backbone
     backbone_dir = pretrain.cache_dir(config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from PIL import Image
 
 from fednano_jax.data import easy_vqa
 from fednano_jax.data.easy_vqa_builder import ImageRecord, load_image_records
@@ -80,6 +81,13 @@ def _pretraining_examples(record: ImageRecord, row: int, caption_repeats: int, q
     return Examples(prompts, answers, ["pretrain"] * len(prompts), np.full(len(prompts), row, np.int32))
 
 
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic resize of uint8 [N, H, W, 3] images to the vision tower's input size, as CLIP's processor."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
+
+
 def _subsample(examples: Examples, count: int, rng: np.random.Generator) -> Examples:
     if count <= 0 or count >= len(examples.prompts):
         return examples
@@ -89,7 +97,7 @@ def _subsample(examples: Examples, count: int, rng: np.random.Generator) -> Exam
 
 
 def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_examples: int, seed: int,
-                caption_repeats: int = 4, questions_per_image: int = 3) -> EasyVqaSplits:
+                caption_repeats: int = 4, questions_per_image: int = 3, image_size: int = 64) -> EasyVqaSplits:
     train_records = load_image_records(data_dir, "train")
     test_records = load_image_records(data_dir, "test")
     if not 0 < pretrain_images < len(train_records):
@@ -98,7 +106,7 @@ def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_e
     order = rng.permutation(len(train_records))
     held_aside = sorted(order[:pretrain_images])
     federated = sorted(order[pretrain_images:])
-    images = np.stack([r.image for r in train_records] + [r.image for r in test_records])
+    images = resize_images(np.stack([r.image for r in train_records] + [r.image for r in test_records]), image_size)
     pretrain = _merge([_pretraining_examples(train_records[i], int(i), caption_repeats, questions_per_image, rng)
                        for i in held_aside])
     fed_train = _merge([_questions([train_records[i]], int(i)) for i in federated])
