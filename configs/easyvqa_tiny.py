@@ -30,11 +30,11 @@ def get_config() -> ConfigDict:
     config.model.adapter = ConfigDict(dict(rank=16, alpha=32.0, image=True, text=True))
 
     config.pretrain = ConfigDict()
-    config.pretrain.steps = 600
+    config.pretrain.steps = 1000
     config.pretrain.caption_repeats = 4  # each held-aside image's caption, repeated
     config.pretrain.questions_per_image = 3  # text-only QA examples per held-aside image
     config.pretrain.batch_size = 64
-    config.pretrain.learning_rate = 3e-3
+    config.pretrain.learning_rate = 2e-3
     config.pretrain.warmup_steps = 50
     config.pretrain.weight_decay = 0.01
     config.pretrain.cache_dir = "~/.cache/fednano_jax/pretrained"

@@ -14,6 +14,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from fednano_jax.data.tokenizer import save_tokenizer
+
 PARAMS = "params"
 TOKENIZER = "tokenizer"
 
@@ -26,7 +28,7 @@ def save_backbone(directory: str, frozen: nnx.State, tokenizer) -> None:
     staging = directory.rstrip("/") + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    tokenizer.save_pretrained(os.path.join(staging, TOKENIZER))
+    save_tokenizer(tokenizer, os.path.join(staging, TOKENIZER))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(os.path.abspath(staging), PARAMS), nnx.to_pure_dict(frozen))
     shutil.rmtree(directory, ignore_errors=True)

@@ -41,10 +41,12 @@ def main(argv) -> None:
     os.makedirs(workdir, exist_ok=True)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     started = time.perf_counter()
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     def log(record: dict) -> None:
+        # Appended, tagged with this run's start time: rerunning into a workdir keeps earlier runs' metrics.
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"run": run_id, **record}) + "\n")
 
     # ---------------------------------------------------------------- Data
     splits = pipeline.load_splits(os.path.expanduser(config.data.dir), config.data.pretrain_images,
