@@ -42,6 +42,8 @@ def get_config() -> ConfigDict:
     config.fed = ConfigDict()
     config.fed.methods = ("fedavg", "fednano")
     config.fed.num_clients = 5
+    config.fed.clients_per_round = 0  # cohort sampled each round; 0 = every client
+    config.fed.dropout = 0.0  # probability that a sampled client never reports in a round
     config.fed.rounds = 5
     config.fed.local_epochs = 1
     config.fed.batch_size = 8
@@ -49,6 +51,10 @@ def get_config() -> ConfigDict:
     config.fed.learning_rate = 1e-3
     config.fed.fisher_floor = 1e-6
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
+
+    config.checkpoint = ConfigDict()
+    config.checkpoint.every_rounds = 1  # server state + metrics to <workdir>/checkpoints/<method>; 0 = off
+    config.checkpoint.keep = 3
 
     config.eval = ConfigDict()
     config.eval.batch_size = 200

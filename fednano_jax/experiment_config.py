@@ -32,6 +32,13 @@ def validate(config: ConfigDict, known_methods) -> None:
     _require(adapter.image or adapter.text, "At least one of model.adapter.image and model.adapter.text must be True.")
     _require(fed.num_clients >= 1, f"fed.num_clients must be at least 1, got {fed.num_clients}.")
     _require(fed.rounds >= 1, f"fed.rounds must be at least 1, got {fed.rounds}.")
+    _require(0 <= fed.clients_per_round <= fed.num_clients,
+             f"fed.clients_per_round must be between 0 (all) and fed.num_clients={fed.num_clients}, "
+             f"got {fed.clients_per_round}.")
+    _require(0.0 <= fed.dropout < 1.0, f"fed.dropout must be a probability in [0, 1), got {fed.dropout}.")
+    _require(config.checkpoint.every_rounds >= 0,
+             f"checkpoint.every_rounds must be non-negative, got {config.checkpoint.every_rounds}.")
+    _require(config.checkpoint.keep >= 1, f"checkpoint.keep must be at least 1, got {config.checkpoint.keep}.")
     _require(fed.local_epochs >= 1, f"fed.local_epochs must be at least 1, got {fed.local_epochs}.")
     _require(fed.batch_size >= 1, f"fed.batch_size must be at least 1, got {fed.batch_size}.")
     _require(fed.learning_rate > 0, f"fed.learning_rate must be positive, got {fed.learning_rate}.")
@@ -58,6 +65,17 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
         rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps, dtype=m.dtype,
     )
     return MllmConfig(vision, llm, AdapterConfig(a.rank, a.alpha, a.image, a.text), image_token_id, m.connector)
+
+
+def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
+    """The settings a run resumed from a round checkpoint must share with the run that wrote it.
+
+    Left out: how long to run (fed.rounds), how to run it (fed.mode: same numbers), which
+    methods (each has its own checkpoints), evaluation, checkpointing and paths.
+    """
+    fed = {k: v for k, v in config.fed.to_dict().items() if k not in ("rounds", "mode", "methods")}
+    data = {k: v for k, v in config.data.to_dict().items() if k != "dir"}
+    return {"seed": config.seed, "model": config.model.to_dict(), "data": data, "fed": fed, "backbone": backbone_key}
 
 
 def load_config_file(path: str) -> ConfigDict:

@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from fednano_jax.federated.server import reporting_clients
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,9 +38,12 @@ def test_small_experiment_end_to_end_and_cached_backbone(easy_vqa_dir, tmp_path)
                                                             ("fednano", 1), ("fednano", 2)]
     assert "accuracy" in records[2] and "accuracy" not in records[1]  # evaluated after the last round only
 
-    second = run_main(*flags, "--config.fed.methods=fedavg", "--config.fed.rounds=1", f"--workdir={tmp_path / 'b'}")
+    second = run_main(*flags, "--config.fed.methods=fedavg", "--config.fed.rounds=1", "--config.fed.dropout=0.5",
+                      f"--workdir={tmp_path / 'b'}")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Using the pretrained backbone cached" in second.stdout
+    round_one = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][1]
+    assert round_one["dropped"] == np.flatnonzero(~reporting_clients(3, 0.5, 0, 0)).tolist()
     untuned_a = results["Untuned"]
     untuned_b = json.loads((tmp_path / "b" / "results.json").read_text())["results"]["Untuned"]
     assert untuned_a == untuned_b  # the cached backbone is the same model
@@ -50,6 +56,8 @@ def test_small_experiment_end_to_end_and_cached_backbone(easy_vqa_dir, tmp_path)
     ("--config.model.adapter.alpha=-1.0", "model.adapter.alpha must be positive"),
     ("--config.data.dirichlet_alpha=0.0", "data.dirichlet_alpha must be positive"),
     ("--config.fed.batch_size=0", "fed.batch_size must be at least 1"),
+    ("--config.fed.clients_per_round=6", "fed.clients_per_round must be between 0 (all) and fed.num_clients=5"),
+    ("--config.fed.dropout=1.0", "fed.dropout must be a probability in [0, 1)"),
 ])
 def test_bad_config_stops_with_one_sentence(flag, message):
     result = run_main(flag, timeout=120)
@@ -57,6 +65,17 @@ def test_bad_config_stops_with_one_sentence(flag, message):
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("Config error: ") and message in last_line
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.data.dir=/etc/hostname", "Data error: data.dir '/etc/hostname' is a file; expected a directory"),
+    ("--config.data.dir=/etc/hostname/easy_vqa", "Data error: data.dir '/etc/hostname/easy_vqa' cannot be created"),
+    ("--workdir=/etc/hostname/run", "Config error: --workdir '/etc/hostname/run' cannot be created"),
+])
+def test_unusable_paths_stop_with_one_sentence(flag, message):
+    result = run_main(flag, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
 
 
 def test_more_clients_than_examples_is_refused(easy_vqa_dir):

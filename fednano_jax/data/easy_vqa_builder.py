@@ -7,6 +7,7 @@ TensorFlow, which this project does not install.
 
 import collections
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import easy_vqa
@@ -75,8 +76,25 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder):
             }
 
 
+class DataError(ValueError):
+    """A dataset path a user gave cannot be used."""
+
+
+def _check_data_dir(data_dir: str) -> None:
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"data.dir {data_dir!r} is a file; expected a directory where easy-VQA is (or will be) built.")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"data.dir {data_dir!r} cannot be created ({error.strerror}); expected a writable "
+                        "directory where easy-VQA is (or will be) built.") from error
+    if not os.access(data_dir, os.R_OK | os.X_OK):
+        raise DataError(f"data.dir {data_dir!r} is not readable; expected a directory where easy-VQA is built.")
+
+
 def prepared_builder(data_dir: str) -> EasyVqa:
     """The builder over data_dir, building the dataset there first if it is not yet built."""
+    _check_data_dir(data_dir)
     builder = EasyVqa(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         print(f"Building easy-VQA into {data_dir} (first use only, ~15 s).")

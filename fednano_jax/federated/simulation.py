@@ -1,33 +1,50 @@
-"""The round loop: broadcast, local updates, (Fisher), aggregate, evaluate, log."""
+"""The round loop: sample a cohort, local updates, (Fisher), aggregate, evaluate, log, checkpoint.
+
+Every random choice is a pure function of (seed, round, client id), so a run resumed
+from a round checkpoint continues exactly as the uninterrupted run would have.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from tqdm import tqdm
 
+from fednano_jax.checkpoint import CheckpointMismatch, RoundCheckpoints
 from fednano_jax.federated.client import make_client_updates
 from fednano_jax.federated.fisher import make_client_fishers
 from fednano_jax.federated.methods import Method
+from fednano_jax.federated.server import ClientUploads, aggregate_uploads, reporting_clients
 
 OPTIMIZERS = {"adamw": lambda lr: optax.adamw(lr, weight_decay=0.0), "sgd": optax.sgd, "adam": optax.adam}
 
 
-def client_schedule(client_rows: list[np.ndarray], batch_size: int, epochs: int, seed: int, round_index: int):
-    """-> rows, valid [K, steps, batch]: each client's shuffled epochs, padded to the longest client.
+def steps_per_round(client_rows: list[np.ndarray], batch_size: int, epochs: int) -> int:
+    """Local steps of the largest client: every client's schedule is padded to it, every round,
+    so the round program compiles once."""
+    return max(-(-len(r) // batch_size) for r in client_rows) * epochs
 
-    Steps are the same in every round, so the round program compiles once.
+
+def client_schedule(client_rows: list[np.ndarray], batch_size: int, epochs: int, seed: int, round_index: int,
+                    steps: int | None = None, client_ids=None):
+    """-> rows, valid [K, steps, batch]: each client's shuffled epochs, padded with invalid steps.
+
+    Shuffling depends only on (seed, round, client id), never on which clients share the round.
     """
-    steps = max(-(-len(r) // batch_size) for r in client_rows) * epochs
+    steps = steps or steps_per_round(client_rows, batch_size, epochs)
+    client_ids = range(len(client_rows)) if client_ids is None else client_ids
     rows = np.zeros((len(client_rows), steps, batch_size), np.int32)
     valid = np.zeros_like(rows, bool)
-    for k, client in enumerate(client_rows):
-        rng = np.random.default_rng([seed, round_index, k])
+    for k, (client_id, client) in enumerate(zip(client_ids, client_rows)):
+        rng = np.random.default_rng([seed, round_index, int(client_id)])
         batches = []
         for _ in range(epochs):
             order = rng.permutation(client)
@@ -38,6 +55,14 @@ def client_schedule(client_rows: list[np.ndarray], batch_size: int, epochs: int,
         rows[k, : len(client_batches)] = np.maximum(client_batches, 0)
         valid[k, : len(client_batches)] = client_batches >= 0
     return rows, valid
+
+
+def sample_cohort(num_clients: int, cohort_size: int, seed: int, round_index: int) -> np.ndarray:
+    """Sorted ids of the clients taking part in a round (all of them when cohort_size is 0)."""
+    if cohort_size in (0, num_clients):
+        return np.arange(num_clients)
+    rng = np.random.default_rng([seed, round_index, 0xC0])
+    return np.sort(rng.choice(num_clients, size=cohort_size, replace=False))
 
 
 def make_optimizer(fed) -> optax.GradientTransformation:
@@ -52,28 +77,63 @@ class RunResult:
     history: list[dict]
 
 
+def _resume(checkpoints: RoundCheckpoints | None, init_adapters, rounds: int):
+    """-> (first round to run, global adapters, history) from the latest checkpoint, if any."""
+    restored = checkpoints.restore_latest({"adapters": nnx.to_pure_dict(init_adapters)}) if checkpoints else None
+    if restored is None:
+        return 0, init_adapters, []
+    done, state, history = restored
+    if done > rounds:
+        raise CheckpointMismatch(f"The checkpoint in {checkpoints.directory} is at round {done}, beyond "
+                                 f"fed.rounds={rounds}; raise fed.rounds or use another --workdir.")
+    adapters = jax.tree.map(lambda x: x, init_adapters)
+    nnx.replace_by_pure_dict(adapters, state["adapters"])
+    print(f"Resuming from round {done} of {rounds} ({checkpoints.directory})")
+    return done, adapters, history
+
+
 def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: dict,
-                  client_rows: list[np.ndarray], config, evaluate: Callable, log: Callable) -> RunResult:
+                  client_rows: list[np.ndarray], config, evaluate: Callable, log: Callable,
+                  checkpoints: RoundCheckpoints | None = None) -> RunResult:
     fed = config.fed
     vmapped, sequential = make_client_updates(graphdef, make_optimizer(fed))
     update_clients = vmapped if fed.mode == "vmap" else sequential
     client_fishers = make_client_fishers(graphdef) if method.needs_fisher else None
+    aggregate = jax.jit(functools.partial(aggregate_uploads, lambda a, f, n: method.aggregate(a, f, n, fed)))
     num_examples = np.array([len(r) for r in client_rows])
-    global_adapters, history = init_adapters, []
-    for round_index in tqdm(range(fed.rounds), desc=f"{method.label} rounds", unit="round"):
+    train_steps = steps_per_round(client_rows, fed.batch_size, fed.local_epochs)
+    fisher_steps = steps_per_round(client_rows, fed.batch_size, 1)
+
+    first, global_adapters, history = _resume(checkpoints, init_adapters, fed.rounds)
+    for round_index in tqdm(range(first, fed.rounds), desc=f"{method.label} rounds", unit="round",
+                            initial=first, total=fed.rounds):
         start = time.perf_counter()
-        rows, valid = client_schedule(client_rows, fed.batch_size, fed.local_epochs, config.seed, round_index)
+        cohort = sample_cohort(len(client_rows), fed.clients_per_round, config.seed, round_index)
+        rows_of = [client_rows[k] for k in cohort]
+        rows, valid = client_schedule(rows_of, fed.batch_size, fed.local_epochs, config.seed, round_index,
+                                      train_steps, cohort)
         client_adapters, losses = update_clients(global_adapters, frozen, device_data, rows, valid)
         fishers = None
         if client_fishers is not None:
-            fisher_rows, fisher_valid = client_schedule(client_rows, fed.batch_size, 1, config.seed, round_index)
-            fishers = client_fishers(client_adapters, frozen, device_data, fisher_rows, fisher_valid)
-        global_adapters = method.aggregate(client_adapters, fishers, num_examples, fed)
-        jax.block_until_ready(global_adapters)
-        record = {"method": method.name, "round": round_index + 1, "train_loss": np.asarray(losses).tolist(),
-                  "round_seconds": time.perf_counter() - start}
-        if config.eval.every_rounds and (round_index + 1) % config.eval.every_rounds == 0 or round_index + 1 == fed.rounds:
+            f_rows, f_valid = client_schedule(rows_of, fed.batch_size, 1, config.seed, round_index, fisher_steps,
+                                              cohort)
+            fishers = client_fishers(client_adapters, frozen, device_data, f_rows, f_valid)
+        reporting = reporting_clients(len(cohort), fed.dropout, config.seed, round_index)
+        uploads = ClientUploads(client_adapters, fishers, jnp.asarray(num_examples[cohort]))
+        global_adapters, used = aggregate(uploads, jnp.asarray(reporting), global_adapters)
+        used = np.asarray(used)
+        record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
+                  "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
+                  "train_loss": np.asarray(losses).tolist(), "round_seconds": time.perf_counter() - start}
+        if record["non_finite"]:
+            tqdm.write(f"Round {round_index + 1}: left out clients {record['non_finite']}, whose update was not finite.")
+        if not used.any():
+            tqdm.write(f"Round {round_index + 1}: no client reported; the global adapters are unchanged.")
+        last = round_index + 1 == fed.rounds
+        if last or (config.eval.every_rounds and (round_index + 1) % config.eval.every_rounds == 0):
             record.update(evaluate(global_adapters))
         history.append(record)
         log(record)
+        if checkpoints and (last or (round_index + 1) % config.checkpoint.every_rounds == 0):
+            checkpoints.save(round_index + 1, {"adapters": nnx.to_pure_dict(global_adapters)}, history)
     return RunResult(global_adapters, history)
