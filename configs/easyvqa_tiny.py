@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
     config = ConfigDict()
     config.name = "easyvqa_tiny"
-    config.seed = 0
+    config.seed = 0  # federated randomness: question sample, partition, shuffling, dropout
 
     config.data = ConfigDict()
     config.data.dir = "~/.cache/fednano_jax/tfds"  # easy-VQA is built here from the PyPI package
@@ -30,6 +30,7 @@ def get_config() -> ConfigDict:
     config.model.adapter = ConfigDict(dict(rank=16, alpha=32.0, image=True, text=True))
 
     config.pretrain = ConfigDict()
+    config.pretrain.seed = 0  # the backbone: held-aside images, initialisation, batch order
     config.pretrain.steps = 1000
     config.pretrain.caption_repeats = 4  # each held-aside image's caption, repeated
     config.pretrain.questions_per_image = 3  # text-only QA examples per held-aside image
@@ -49,7 +50,11 @@ def get_config() -> ConfigDict:
     config.fed.batch_size = 8
     config.fed.optimizer = "adamw"
     config.fed.learning_rate = 1e-3
-    config.fed.fisher_floor = 1e-6
+    config.fed.fisher_floor = 1e-6  # FedNano / FedNano-EF: floor on the diagonal Fisher
+    config.fed.prox_mu = 0.01  # FedProx: weight of mu/2 * ||adapters - global||^2
+    config.fed.dpa_local_epochs = 1  # FedDPA-F: local fine-tuning of the local adapter after the rounds
+    config.fed.dpa_instances = 5  # FedDPA-F: local training inputs compared with each test input
+    config.fed.dpa_max_weight = 0.5  # FedDPA-F: largest weight the local adapter can get
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
 
     config.checkpoint = ConfigDict()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 
 from ml_collections import ConfigDict
 
@@ -43,12 +44,23 @@ def validate(config: ConfigDict, known_methods) -> None:
     _require(fed.batch_size >= 1, f"fed.batch_size must be at least 1, got {fed.batch_size}.")
     _require(fed.learning_rate > 0, f"fed.learning_rate must be positive, got {fed.learning_rate}.")
     _require(fed.mode in ("vmap", "sequential"), f"fed.mode must be 'vmap' or 'sequential', got {fed.mode!r}.")
+    _require(fed.prox_mu >= 0, f"fed.prox_mu must be non-negative, got {fed.prox_mu}.")
+    _require(fed.dpa_local_epochs >= 1, f"fed.dpa_local_epochs must be at least 1, got {fed.dpa_local_epochs}.")
+    _require(fed.dpa_instances >= 1, f"fed.dpa_instances must be at least 1, got {fed.dpa_instances}.")
+    _require(0.0 <= fed.dpa_max_weight <= 1.0, f"fed.dpa_max_weight must lie in [0, 1], got {fed.dpa_max_weight}.")
     _require(data.dirichlet_alpha > 0, f"data.dirichlet_alpha must be positive, got {data.dirichlet_alpha}.")
     _require(config.pretrain.steps >= 0, f"pretrain.steps must be non-negative, got {config.pretrain.steps}.")
-    methods = [fed.methods] if isinstance(fed.methods, str) else list(fed.methods)
+    methods = method_names(config)
     _require(len(methods) > 0, "fed.methods must name at least one method.")
     for name in methods:
         _require(name in known_methods, f"Unknown method {name!r} in fed.methods; expected one of {sorted(known_methods)}.")
+
+
+def method_names(config: ConfigDict) -> list[str]:
+    """fed.methods as a list: a tuple in the file, or "a,b" on the command line."""
+    methods = config.fed.methods
+    names = [methods] if isinstance(methods, str) else list(methods)
+    return [part.strip() for name in names for part in name.split(",") if part.strip()]
 
 
 def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> MllmConfig:
@@ -101,3 +113,16 @@ def check_overrides(config: ConfigDict, argv: list[str]) -> None:
                 hint = f"; did you mean {'.'.join(path.split('.')[:depth] + close)!r}?" if close else "."
                 raise ConfigError(f"Unknown config key {path!r}{hint}")
             node = node[key]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, preceded by a check of config overrides that names a mistyped key."""
+    from absl import flags
+
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    if paths:
+        try:
+            check_overrides(load_config_file(paths[-1]), argv[1:])
+        except ConfigError as error:
+            sys.exit(f"Config error: {error}")
+    return flags.FLAGS(argv)

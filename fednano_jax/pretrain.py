@@ -30,7 +30,7 @@ def cache_key(config) -> str:
     model = config.model.to_dict()
     model.pop("adapter")
     shaping = {"model": model, "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k != "cache_dir"},
-               "data": {"pretrain_images": config.data.pretrain_images, "seed": config.seed}, "version": 1}
+               "data": {"pretrain_images": config.data.pretrain_images}, "version": 2}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -77,7 +77,7 @@ def pretrain_backbone(graphdef, frozen, adapters, tokens: TokenizedSet, images: 
         return optax.apply_updates(frozen, updates), opt_state, loss
 
     opt_state = optimizer.init(frozen)
-    schedule_rows = epoch_batches(len(tokens), cfg.batch_size, cfg.steps, config.seed)
+    schedule_rows = epoch_batches(len(tokens), cfg.batch_size, cfg.steps, cfg.seed)
     progress = tqdm(schedule_rows, desc="pretraining backbone", unit="step")
     for i, rows in enumerate(progress):
         frozen, opt_state, loss = step(frozen, opt_state, rows)

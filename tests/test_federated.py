@@ -6,11 +6,13 @@ from flax import nnx
 
 from conftest import make_batch
 from fednano_jax.federated.aggregation import fedavg, fisher_merge
-from fednano_jax.federated.client import local_update, make_client_updates
+from fednano_jax.federated.client import LocalOptions, local_update, make_client_updates
 from fednano_jax.federated.fisher import diagonal_fisher, make_client_fishers
 from fednano_jax.federated.objective import adapter_value_and_grad, mean_answer_nll, summed_answer_nll
 from fednano_jax.federated.simulation import client_schedule
 from fednano_jax.models.mllm import MultimodalModel, merge_model, split_model
+
+PLAIN = LocalOptions()
 
 
 def tiny_setup(tiny_config, rows=12):
@@ -66,7 +68,7 @@ def test_local_steps_reduce_loss(tiny_config):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config)
     rows = jnp.tile(jnp.arange(12).reshape(1, 12), (20, 1))
     valid = jnp.ones((20, 12), bool)
-    trained, _ = local_update(graphdef, optax.adam(5e-2), adapters, frozen, data, rows, valid)
+    trained, _, _ = local_update(graphdef, optax.adam(5e-2), PLAIN, adapters, frozen, data, rows, valid)
     before = adapter_value_and_grad(graphdef, frozen, adapters, data)[0]
     after = adapter_value_and_grad(graphdef, frozen, trained, data)[0]
     assert after < before - 0.2  # nats per answer token, from ln(40) ~ 3.7 at a random start
@@ -77,15 +79,16 @@ def test_masked_padding_steps_change_nothing(tiny_config):
     optimizer = optax.adam(1e-2)
     rows = jnp.arange(12).reshape(3, 4)
     valid = jnp.ones((3, 4), bool).at[2, 3].set(False)  # a partial last batch
-    short, short_loss = local_update(graphdef, optimizer, adapters, frozen, data, rows, valid)
+    short, short_loss, _ = local_update(graphdef, optimizer, PLAIN, adapters, frozen, data, rows, valid)
     padded_rows = jnp.concatenate([rows, jnp.zeros((2, 4), int)])
     padded_valid = jnp.concatenate([valid, jnp.zeros((2, 4), bool)])
-    padded, padded_loss = local_update(graphdef, optimizer, adapters, frozen, data, padded_rows, padded_valid)
+    padded, padded_loss, _ = local_update(graphdef, optimizer, PLAIN, adapters, frozen, data, padded_rows,
+                                          padded_valid)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), short, padded)
     np.testing.assert_allclose(short_loss, padded_loss, rtol=1e-6)
     # The invalid example of the partial batch must not count either.
     other_rows = rows.at[2, 3].set(0)
-    other, _ = local_update(graphdef, optimizer, adapters, frozen, data, other_rows, valid)
+    other, _, _ = local_update(graphdef, optimizer, PLAIN, adapters, frozen, data, other_rows, valid)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), short, other)
 
 
@@ -94,8 +97,8 @@ def test_vmapped_and_sequential_clients_agree(tiny_config):
     rows, valid = client_schedule([np.arange(0, 5), np.arange(5, 8), np.arange(8, 12)], 2, 1, seed=0,
                                   round_index=0)
     vmapped, sequential = make_client_updates(graphdef, optax.adamw(1e-2))
-    a, loss_a = vmapped(adapters, frozen, data, rows, valid)
-    b, loss_b = sequential(adapters, frozen, data, rows, valid)
+    a, loss_a, _ = vmapped(adapters, frozen, data, rows, valid)
+    b, loss_b, _ = sequential(adapters, frozen, data, rows, valid)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
     # Clients really differ (they trained on different data).

@@ -37,6 +37,7 @@ class EasyVqaSplits:
     pretrain: Examples
     federated_train: Examples
     federated_test: Examples
+    vocabulary: list[str]  # every training text (pretraining and the whole federated pool): tokenizer source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +98,14 @@ def _subsample(examples: Examples, count: int, rng: np.random.Generator) -> Exam
 
 
 def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_examples: int, seed: int,
-                caption_repeats: int = 4, questions_per_image: int = 3, image_size: int = 64) -> EasyVqaSplits:
+                caption_repeats: int = 4, questions_per_image: int = 3, image_size: int = 64,
+                pretrain_seed: int = 0) -> EasyVqaSplits:
+    """`pretrain_seed` fixes the held-aside images and so the backbone; `seed` draws the federated questions."""
     train_records = load_image_records(data_dir, "train")
     test_records = load_image_records(data_dir, "test")
     if not 0 < pretrain_images < len(train_records):
         raise ValueError(f"data.pretrain_images must be between 1 and {len(train_records) - 1}, got {pretrain_images}.")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(pretrain_seed)
     order = rng.permutation(len(train_records))
     held_aside = sorted(order[:pretrain_images])
     federated = sorted(order[pretrain_images:])
@@ -111,8 +114,9 @@ def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_e
                        for i in held_aside])
     fed_train = _merge([_questions([train_records[i]], int(i)) for i in federated])
     fed_test = _questions(test_records, len(train_records))
-    return EasyVqaSplits(images, pretrain, _subsample(fed_train, train_examples, rng),
-                         _subsample(fed_test, test_examples, rng))
+    fed_rng = np.random.default_rng(seed)
+    return EasyVqaSplits(images, pretrain, _subsample(fed_train, train_examples, fed_rng),
+                         _subsample(fed_test, test_examples, fed_rng), vocabulary=_vocabulary(pretrain, fed_train))
 
 
 def _merge(parts: list[Examples]) -> Examples:
@@ -124,11 +128,13 @@ def _merge(parts: list[Examples]) -> Examples:
     )
 
 
+def _vocabulary(pretrain: Examples, federated_pool: Examples) -> list[str]:
+    return pretrain.prompts + pretrain.answers + federated_pool.prompts + federated_pool.answers
+
+
 def tokenizer_for(splits: EasyVqaSplits):
-    """Word-level tokenizer over every training text (pretraining and federated train)."""
-    texts = splits.pretrain.prompts + splits.pretrain.answers
-    texts += splits.federated_train.prompts + splits.federated_train.answers
-    return build_tokenizer(texts)
+    """Word-level tokenizer over every training text; independent of the federated seed, like the backbone."""
+    return build_tokenizer(splits.vocabulary)
 
 
 def tokenize_pretraining(splits: EasyVqaSplits, tokenizer, num_image_tokens: int) -> TokenizedSet:

@@ -20,6 +20,9 @@ def write_report(workdir: str, rows: dict[str, dict], extra: dict) -> str:
     table = results_table(rows)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    # Written last and atomically: its presence marks a finished run (the study runner relies on it).
+    partial = os.path.join(workdir, "results.json.partial")
+    with open(partial, "w") as f:
         json.dump({"results": rows, **extra}, f, indent=2)
+    os.replace(partial, os.path.join(workdir, "results.json"))
     return table

@@ -8,6 +8,7 @@ optimizer state exactly as they were.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,34 +33,57 @@ def tree_select(predicate, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
 
-def local_update(graphdef, optimizer: optax.GradientTransformation, global_adapters, frozen, data, rows, valid):
-    """One client's local training from the global adapters. rows, valid: [steps, batch]."""
+@dataclasses.dataclass(frozen=True)
+class LocalOptions:
+    """How a method's clients train locally (static: part of the compiled program)."""
+
+    prox_mu: float = 0.0  # FedProx: adds mu/2 * ||adapters - start||^2 to the loss
+    accumulate_fisher: bool = False  # FedNano-EF: sum of squared mini-batch gradients
+
+
+def local_update(graphdef, optimizer: optax.GradientTransformation, options: LocalOptions, start_adapters, frozen,
+                 data, rows, valid):
+    """One client's local training from `start_adapters`. rows, valid: [steps, batch].
+
+    -> (adapters, mean loss over real steps, summed squared gradients or None).
+    """
     step_active = valid.any(axis=1)
 
     def step(carry, inputs):
-        adapters, opt_state = carry
+        adapters, opt_state, squares = carry
         step_rows, step_valid, active = inputs
         batch = gather_batch(data, step_rows, step_valid)
         loss, grads = adapter_value_and_grad(graphdef, frozen, adapters, batch)
+        if options.prox_mu:
+            grads = jax.tree.map(lambda g, a, s: g + options.prox_mu * (a - s), grads, adapters, start_adapters)
+        if options.accumulate_fisher:
+            squares = jax.tree.map(lambda total, g: total + jnp.square(g), squares, grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, adapters)
-        new_carry = (optax.apply_updates(adapters, updates), new_opt_state)
+        new_carry = (optax.apply_updates(adapters, updates), new_opt_state, squares)
         return tree_select(active, new_carry, carry), loss
 
-    carry = (global_adapters, optimizer.init(global_adapters))
-    (adapters, _), losses = jax.lax.scan(step, carry, (rows, valid, step_active))
+    squares = jax.tree.map(jnp.zeros_like, start_adapters) if options.accumulate_fisher else None
+    carry = (start_adapters, optimizer.init(start_adapters), squares)
+    (adapters, _, squares), losses = jax.lax.scan(step, carry, (rows, valid, step_active))
     mean_loss = jnp.sum(losses * step_active) / jnp.maximum(step_active.sum(), 1)
-    return adapters, mean_loss
+    return adapters, mean_loss, squares
 
 
-def make_client_updates(graphdef, optimizer):
-    """-> (vmapped, sequential): both map (global, frozen, data, rows[K], valid[K]) to stacked
-    client adapters [K, ...] and losses [K]. The sequential one loops clients in Python."""
-    single = functools.partial(local_update, graphdef, optimizer)
-    vmapped = jax.jit(jax.vmap(single, in_axes=(None, None, None, 0, 0)))
+def make_client_updates(graphdef, optimizer, options: LocalOptions = LocalOptions(), personal: bool = False):
+    """-> (vmapped, sequential): both map (start, frozen, data, rows[K], valid[K]) to stacked
+    (client adapters [K, ...], losses [K], squared-gradient sums [K, ...] or None).
+
+    `start` is the global adapters, broadcast, or with `personal` each client's own [K, ...].
+    The sequential one loops clients in Python through the same jitted single-client update.
+    """
+    single = functools.partial(local_update, graphdef, optimizer, options)
+    start_axis = 0 if personal else None
+    vmapped = jax.jit(jax.vmap(single, in_axes=(start_axis, None, None, 0, 0)))
     single_jit = jax.jit(single)
 
-    def sequential(global_adapters, frozen, data, rows, valid):
-        results = [single_jit(global_adapters, frozen, data, rows[k], valid[k]) for k in range(rows.shape[0])]
+    def sequential(start, frozen, data, rows, valid):
+        pick = (lambda k: jax.tree.map(lambda x: x[k], start)) if personal else (lambda k: start)
+        results = [single_jit(pick(k), frozen, data, rows[k], valid[k]) for k in range(rows.shape[0])]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
 
     return vmapped, sequential

@@ -73,67 +73,123 @@ def make_optimizer(fed) -> optax.GradientTransformation:
 
 @dataclasses.dataclass
 class RunResult:
-    adapters: object
+    state: dict  # {"global": adapters} and, for LocFT / FedDPA-F, {"personal": stacked client adapters}
     history: list[dict]
 
 
-def _resume(checkpoints: RoundCheckpoints | None, init_adapters, rounds: int):
-    """-> (first round to run, global adapters, history) from the latest checkpoint, if any."""
-    restored = checkpoints.restore_latest({"adapters": nnx.to_pure_dict(init_adapters)}) if checkpoints else None
+def _stack(tree, count: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (count,) + x.shape), tree)
+
+
+def _to_pure(state: dict) -> dict:
+    return {k: nnx.to_pure_dict(v) for k, v in state.items()}
+
+
+def _resume(checkpoints: RoundCheckpoints | None, init_state: dict, rounds: int):
+    """-> (first round to run, state, history) from the latest checkpoint, if any."""
+    restored = checkpoints.restore_latest(_to_pure(init_state)) if checkpoints else None
     if restored is None:
-        return 0, init_adapters, []
-    done, state, history = restored
+        return 0, init_state, []
+    done, pure, history = restored
     if done > rounds:
         raise CheckpointMismatch(f"The checkpoint in {checkpoints.directory} is at round {done}, beyond "
                                  f"fed.rounds={rounds}; raise fed.rounds or use another --workdir.")
-    adapters = jax.tree.map(lambda x: x, init_adapters)
-    nnx.replace_by_pure_dict(adapters, state["adapters"])
+    state = {}
+    for key, template in init_state.items():
+        state[key] = jax.tree.map(lambda x: x, template)
+        nnx.replace_by_pure_dict(state[key], pure[key])
     print(f"Resuming from round {done} of {rounds} ({checkpoints.directory})")
-    return done, adapters, history
+    return done, state, history
+
+
+def training_clients(method: Method, client_rows: list[np.ndarray]) -> list[np.ndarray]:
+    """The row sets trained as clients: Centralized pools every client's data into one (the upper bound)."""
+    return [np.concatenate(client_rows)] if method.pooled else client_rows
+
+
+def adapter_bytes(adapters) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(adapters))
 
 
 def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: dict,
-                  client_rows: list[np.ndarray], config, evaluate: Callable, log: Callable,
+                  client_rows: list[np.ndarray], config, evaluator, log: Callable,
                   checkpoints: RoundCheckpoints | None = None) -> RunResult:
     fed = config.fed
-    vmapped, sequential = make_client_updates(graphdef, make_optimizer(fed))
+    train_rows = training_clients(method, client_rows)
+    num_clients = len(client_rows)
+    optimizer = make_optimizer(fed)
+    vmapped, sequential = make_client_updates(graphdef, optimizer, method.local_options(fed),
+                                              personal=method.personal == "local")
     update_clients = vmapped if fed.mode == "vmap" else sequential
-    client_fishers = make_client_fishers(graphdef) if method.needs_fisher else None
-    aggregate = jax.jit(functools.partial(aggregate_uploads, lambda a, f, n: method.aggregate(a, f, n, fed)))
-    num_examples = np.array([len(r) for r in client_rows])
-    train_steps = steps_per_round(client_rows, fed.batch_size, fed.local_epochs)
-    fisher_steps = steps_per_round(client_rows, fed.batch_size, 1)
+    extra_fisher = make_client_fishers(graphdef) if method.fisher == "extra_pass" else None
+    aggregate = None
+    if method.aggregate is not None:
+        aggregate = jax.jit(functools.partial(aggregate_uploads, lambda a, f, n: method.aggregate(a, f, n, fed)))
+    num_examples = np.array([len(r) for r in train_rows])
+    train_steps = steps_per_round(train_rows, fed.batch_size, fed.local_epochs)
+    fisher_steps = steps_per_round(train_rows, fed.batch_size, 1)
+    upload_bytes = method.uploads * adapter_bytes(init_adapters)
 
-    first, global_adapters, history = _resume(checkpoints, init_adapters, fed.rounds)
+    init_state = {"global": init_adapters}
+    if method.personal != "none":
+        init_state["personal"] = _stack(init_adapters, num_clients)
+    first, state, history = _resume(checkpoints, init_state, fed.rounds)
     for round_index in tqdm(range(first, fed.rounds), desc=f"{method.label} rounds", unit="round",
                             initial=first, total=fed.rounds):
         start = time.perf_counter()
-        cohort = sample_cohort(len(client_rows), fed.clients_per_round, config.seed, round_index)
-        rows_of = [client_rows[k] for k in cohort]
+        cohort_size = 0 if method.pooled else fed.clients_per_round
+        cohort = sample_cohort(len(train_rows), cohort_size, config.seed, round_index)
+        rows_of = [train_rows[k] for k in cohort]
         rows, valid = client_schedule(rows_of, fed.batch_size, fed.local_epochs, config.seed, round_index,
                                       train_steps, cohort)
-        client_adapters, losses = update_clients(global_adapters, frozen, device_data, rows, valid)
-        fishers = None
-        if client_fishers is not None:
-            f_rows, f_valid = client_schedule(rows_of, fed.batch_size, 1, config.seed, round_index, fisher_steps,
-                                              cohort)
-            fishers = client_fishers(client_adapters, frozen, device_data, f_rows, f_valid)
-        reporting = reporting_clients(len(cohort), fed.dropout, config.seed, round_index)
-        uploads = ClientUploads(client_adapters, fishers, jnp.asarray(num_examples[cohort]))
-        global_adapters, used = aggregate(uploads, jnp.asarray(reporting), global_adapters)
-        used = np.asarray(used)
+        if method.personal == "local":  # LocFT: each client continues its own adapters; nothing is sent
+            own = jax.tree.map(lambda x: x[cohort], state["personal"])
+            trained, losses, _ = update_clients(own, frozen, device_data, rows, valid)
+            state["personal"] = jax.tree.map(lambda x, t: x.at[cohort].set(t), state["personal"], trained)
+            reporting = used = np.ones(len(cohort), bool)
+        else:
+            trained, losses, squares = update_clients(state["global"], frozen, device_data, rows, valid)
+            fishers = squares
+            if extra_fisher is not None:
+                f_rows, f_valid = client_schedule(rows_of, fed.batch_size, 1, config.seed, round_index,
+                                                  fisher_steps, cohort)
+                fishers = extra_fisher(trained, frozen, device_data, f_rows, f_valid)
+            reporting = (np.ones(len(cohort), bool) if method.pooled
+                         else reporting_clients(len(cohort), fed.dropout, config.seed, round_index))
+            uploads = ClientUploads(trained, fishers, jnp.asarray(num_examples[cohort]))
+            state["global"], used = aggregate(uploads, jnp.asarray(reporting), state["global"])
+            used = np.asarray(used)
+        last = round_index + 1 == fed.rounds
+        if last and method.personal == "dpa":
+            state["personal"] = _local_finetune(update_clients, state["global"], frozen, device_data, client_rows,
+                                                fed, config.seed, round_index + 1)
         record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
                   "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
-                  "train_loss": np.asarray(losses).tolist(), "round_seconds": time.perf_counter() - start}
+                  "train_loss": np.asarray(losses).tolist(), "uploaded_bytes": int(upload_bytes * reporting.sum()),
+                  "round_seconds": time.perf_counter() - start}
         if record["non_finite"]:
             tqdm.write(f"Round {round_index + 1}: left out clients {record['non_finite']}, whose update was not finite.")
         if not used.any():
             tqdm.write(f"Round {round_index + 1}: no client reported; the global adapters are unchanged.")
-        last = round_index + 1 == fed.rounds
         if last or (config.eval.every_rounds and (round_index + 1) % config.eval.every_rounds == 0):
-            record.update(evaluate(global_adapters))
+            record.update(_evaluate(method, evaluator, state, client_rows, last))
         history.append(record)
         log(record)
         if checkpoints and (last or (round_index + 1) % config.checkpoint.every_rounds == 0):
-            checkpoints.save(round_index + 1, {"adapters": nnx.to_pure_dict(global_adapters)}, history)
-    return RunResult(global_adapters, history)
+            checkpoints.save(round_index + 1, _to_pure(state), history)
+    return RunResult(state, history)
+
+
+def _local_finetune(update_clients, global_adapters, frozen, device_data, client_rows, fed, seed, round_index):
+    """FedDPA-F's local phase: every client fine-tunes its own adapter from the final global one."""
+    rows, valid = client_schedule(client_rows, fed.batch_size, fed.dpa_local_epochs, seed, round_index)
+    local, _, _ = update_clients(global_adapters, frozen, device_data, rows, valid)
+    return local
+
+
+def _evaluate(method: Method, evaluator, state: dict, client_rows, last: bool) -> dict:
+    if method.personal == "local":
+        return evaluator.personal(state["personal"])
+    if method.personal == "dpa" and last:
+        return evaluator.dpa(state["global"], state["personal"], client_rows)
+    return evaluator.shared(state["global"])
