@@ -111,20 +111,50 @@ def adapter_bytes(adapters) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(adapters))
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundPrograms:
+    """The jitted programs one method's rounds run, compiled once per run."""
+
+    update_clients: Callable  # (start, frozen, data, rows, valid) -> (adapters [K], losses [K], squares [K] | None)
+    extra_fisher: Callable | None  # FedNano's extra pass
+    aggregate: Callable | None  # (uploads, reporting, previous global) -> (global, used)
+
+
+def compile_programs(method: Method, graphdef, fed) -> RoundPrograms:
+    vmapped, sequential = make_client_updates(graphdef, make_optimizer(fed), method.local_options(fed),
+                                              personal=method.personal == "local")
+    aggregate = None
+    if method.aggregate is not None:
+        aggregate = jax.jit(functools.partial(aggregate_uploads, lambda a, f, n: method.aggregate(a, f, n, fed)))
+    return RoundPrograms(vmapped if fed.mode == "vmap" else sequential,
+                         make_client_fishers(graphdef) if method.fisher == "extra_pass" else None, aggregate)
+
+
+def _local_round(programs: RoundPrograms, state: dict, frozen, device_data, cohort, rows, valid):
+    """LocFT: each client continues its own adapters; nothing is sent."""
+    own = jax.tree.map(lambda x: x[cohort], state["personal"])
+    trained, losses, _ = programs.update_clients(own, frozen, device_data, rows, valid)
+    personal = jax.tree.map(lambda x, t: x.at[cohort].set(t), state["personal"], trained)
+    return {**state, "personal": personal}, losses, np.ones(len(cohort), bool)
+
+
+def _federated_round(programs: RoundPrograms, state: dict, frozen, device_data, rows, valid, fisher_schedule,
+                     counts, reporting):
+    """Local updates from the global adapters, (Fisher), uploads, aggregation of the reporting clients."""
+    trained, losses, fishers = programs.update_clients(state["global"], frozen, device_data, rows, valid)
+    if programs.extra_fisher is not None:
+        fishers = programs.extra_fisher(trained, frozen, device_data, *fisher_schedule())
+    uploads = ClientUploads(trained, fishers, jnp.asarray(counts))
+    new_global, used = programs.aggregate(uploads, jnp.asarray(reporting), state["global"])
+    return {**state, "global": new_global}, losses, np.asarray(used)
+
+
 def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: dict,
                   client_rows: list[np.ndarray], config, evaluator, log: Callable,
                   checkpoints: RoundCheckpoints | None = None) -> RunResult:
     fed = config.fed
     train_rows = training_clients(method, client_rows)
-    num_clients = len(client_rows)
-    optimizer = make_optimizer(fed)
-    vmapped, sequential = make_client_updates(graphdef, optimizer, method.local_options(fed),
-                                              personal=method.personal == "local")
-    update_clients = vmapped if fed.mode == "vmap" else sequential
-    extra_fisher = make_client_fishers(graphdef) if method.fisher == "extra_pass" else None
-    aggregate = None
-    if method.aggregate is not None:
-        aggregate = jax.jit(functools.partial(aggregate_uploads, lambda a, f, n: method.aggregate(a, f, n, fed)))
+    programs = compile_programs(method, graphdef, fed)
     num_examples = np.array([len(r) for r in train_rows])
     train_steps = steps_per_round(train_rows, fed.batch_size, fed.local_epochs)
     fisher_steps = steps_per_round(train_rows, fed.batch_size, 1)
@@ -132,45 +162,35 @@ def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: 
 
     init_state = {"global": init_adapters}
     if method.personal != "none":
-        init_state["personal"] = _stack(init_adapters, num_clients)
+        init_state["personal"] = _stack(init_adapters, len(client_rows))
     first, state, history = _resume(checkpoints, init_state, fed.rounds)
     for round_index in tqdm(range(first, fed.rounds), desc=f"{method.label} rounds", unit="round",
                             initial=first, total=fed.rounds):
         start = time.perf_counter()
-        cohort_size = 0 if method.pooled else fed.clients_per_round
-        cohort = sample_cohort(len(train_rows), cohort_size, config.seed, round_index)
+        cohort = sample_cohort(len(train_rows), 0 if method.pooled else fed.clients_per_round, config.seed,
+                               round_index)
         rows_of = [train_rows[k] for k in cohort]
-        rows, valid = client_schedule(rows_of, fed.batch_size, fed.local_epochs, config.seed, round_index,
-                                      train_steps, cohort)
-        if method.personal == "local":  # LocFT: each client continues its own adapters; nothing is sent
-            own = jax.tree.map(lambda x: x[cohort], state["personal"])
-            trained, losses, _ = update_clients(own, frozen, device_data, rows, valid)
-            state["personal"] = jax.tree.map(lambda x, t: x.at[cohort].set(t), state["personal"], trained)
-            reporting = used = np.ones(len(cohort), bool)
+        schedule = functools.partial(client_schedule, rows_of, fed.batch_size, seed=config.seed,
+                                     round_index=round_index, client_ids=cohort)
+        rows, valid = schedule(fed.local_epochs, steps=train_steps)
+        if method.personal == "local":
+            state, losses, used = _local_round(programs, state, frozen, device_data, cohort, rows, valid)
+            reporting = used
         else:
-            trained, losses, squares = update_clients(state["global"], frozen, device_data, rows, valid)
-            fishers = squares
-            if extra_fisher is not None:
-                f_rows, f_valid = client_schedule(rows_of, fed.batch_size, 1, config.seed, round_index,
-                                                  fisher_steps, cohort)
-                fishers = extra_fisher(trained, frozen, device_data, f_rows, f_valid)
             reporting = (np.ones(len(cohort), bool) if method.pooled
                          else reporting_clients(len(cohort), fed.dropout, config.seed, round_index))
-            uploads = ClientUploads(trained, fishers, jnp.asarray(num_examples[cohort]))
-            state["global"], used = aggregate(uploads, jnp.asarray(reporting), state["global"])
-            used = np.asarray(used)
+            state, losses, used = _federated_round(programs, state, frozen, device_data, rows, valid,
+                                                   lambda: schedule(1, steps=fisher_steps), num_examples[cohort],
+                                                   reporting)
         last = round_index + 1 == fed.rounds
         if last and method.personal == "dpa":
-            state["personal"] = _local_finetune(update_clients, state["global"], frozen, device_data, client_rows,
-                                                fed, config.seed, round_index + 1)
+            state["personal"] = _local_finetune(programs.update_clients, state["global"], frozen, device_data,
+                                                client_rows, fed, config.seed, round_index + 1)
         record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
                   "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
                   "train_loss": np.asarray(losses).tolist(), "uploaded_bytes": int(upload_bytes * reporting.sum()),
                   "round_seconds": time.perf_counter() - start}
-        if record["non_finite"]:
-            tqdm.write(f"Round {round_index + 1}: left out clients {record['non_finite']}, whose update was not finite.")
-        if not used.any():
-            tqdm.write(f"Round {round_index + 1}: no client reported; the global adapters are unchanged.")
+        _warn_about_faults(record, used)
         if last or (config.eval.every_rounds and (round_index + 1) % config.eval.every_rounds == 0):
             record.update(_evaluate(method, evaluator, state, client_rows, last))
         history.append(record)
@@ -178,6 +198,13 @@ def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: 
         if checkpoints and (last or (round_index + 1) % config.checkpoint.every_rounds == 0):
             checkpoints.save(round_index + 1, _to_pure(state), history)
     return RunResult(state, history)
+
+
+def _warn_about_faults(record: dict, used: np.ndarray) -> None:
+    if record["non_finite"]:
+        tqdm.write(f"Round {record['round']}: left out clients {record['non_finite']}, whose update was not finite.")
+    if not used.any():
+        tqdm.write(f"Round {record['round']}: no client reported; the global adapters are unchanged.")
 
 
 def _local_finetune(update_clients, global_adapters, frozen, device_data, client_rows, fed, seed, round_index):
