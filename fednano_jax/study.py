@@ -145,12 +145,15 @@ def plot_rounds(results: dict, seeds: int, path: str) -> None:
     for label in histories:
         curves = []
         for s in range(seeds):
-            records = [r for r in results[(s, "all_methods")]["history"][label] if "average" in r]
-            curves.append([(r["round"], r["average"]) for r in records])
+            run = results[(s, "all_methods")]
+            records = [r for r in run["history"][label] if "average" in r]
+            start = (0, run["results"]["Untuned"]["average"])  # round 0: the untuned model
+            curves.append([start] + [(r["round"], r["average"]) for r in records])
         rounds = [r for r, _ in curves[0]]
         mean = 100 * np.mean([[a for _, a in c] for c in curves], axis=0)
         ax.plot(rounds, mean, marker="o", label=label)
-    ax.set_xlabel("round")
+    ax.set_xlabel("round (0 = untuned)")
+    ax.set_xticks(rounds)
     ax.set_ylabel("average client accuracy (%)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
