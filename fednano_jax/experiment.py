@@ -10,19 +10,27 @@ import json
 import os
 import time
 
+from flax import nnx
+
+from fednano_jax import checkpoint, pretrain
+from fednano_jax.checkpoint import CheckpointMismatch, RoundCheckpoints
+from fednano_jax.data import pipeline
+from fednano_jax.data.easy_vqa_builder import DataError
+from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
+from fednano_jax.eval.evaluate import Evaluator
+from fednano_jax.eval.report import write_report
+from fednano_jax.experiment_config import ConfigError, method_names, model_config, resume_fingerprint, validate
+from fednano_jax.federated.methods import METHODS, get_method
+from fednano_jax.federated.simulation import run_federated
+from fednano_jax.models.mllm import MultimodalModel, count_params, split_model
+
 
 def user_errors() -> dict:
     """Exceptions a user's input causes -> the label main prints before their one sentence."""
-    from fednano_jax.checkpoint import CheckpointMismatch
-    from fednano_jax.data.easy_vqa_builder import DataError
-    from fednano_jax.experiment_config import ConfigError
-
     return {ConfigError: "Config error", CheckpointMismatch: "Checkpoint error", DataError: "Data error"}
 
 
 def prepare_workdir(workdir: str) -> str:
-    from fednano_jax.experiment_config import ConfigError
-
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as error:
@@ -34,14 +42,6 @@ def prepare_workdir(workdir: str) -> str:
 
 def pretrained_backbone(config, splits):
     """-> (graphdef, frozen, adapters, tokenizer, model config): from the cache, or pretrained and cached."""
-    from flax import nnx
-
-    from fednano_jax import checkpoint, pretrain
-    from fednano_jax.data import pipeline
-    from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
-    from fednano_jax.experiment_config import model_config
-    from fednano_jax.models.mllm import MultimodalModel, split_model
-
     backbone_dir = pretrain.cache_dir(config)
     if checkpoint.backbone_is_cached(backbone_dir):
         tokenizer = load_tokenizer(os.path.join(backbone_dir, checkpoint.TOKENIZER))
@@ -66,16 +66,6 @@ def pretrained_backbone(config, splits):
 
 def run_experiment(config, workdir: str) -> None:
     """Everything one config describes; results land in `workdir` (results.json is written last)."""
-    from fednano_jax import pretrain
-    from fednano_jax.checkpoint import RoundCheckpoints
-    from fednano_jax.data import pipeline
-    from fednano_jax.eval.evaluate import Evaluator
-    from fednano_jax.eval.report import write_report
-    from fednano_jax.experiment_config import ConfigError, method_names, resume_fingerprint, validate
-    from fednano_jax.federated.methods import METHODS, get_method
-    from fednano_jax.federated.simulation import run_federated
-    from fednano_jax.models.mllm import count_params
-
     # -------------------------------------------------------------- Config
     validate(config, METHODS)
     prepare_workdir(workdir)
