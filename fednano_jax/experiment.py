@@ -20,6 +20,7 @@ from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
 from fednano_jax.eval.evaluate import Evaluator
 from fednano_jax.eval.report import write_report
 from fednano_jax.experiment_config import ConfigError, method_names, model_config, resume_fingerprint, validate
+from fednano_jax.federated.client import device_dataset
 from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.simulation import run_federated
 from fednano_jax.models.mllm import MultimodalModel, count_params, split_model
@@ -97,7 +98,7 @@ def run_experiment(config, workdir: str) -> None:
         raise ConfigError(str(error)) from error
     sizes = [len(r) for r in data.client_train]
     print(f"{config.fed.num_clients} clients, train examples {sizes}, test examples {[len(r) for r in data.client_test]}")
-    device_data = pretrain.device_dataset(data.train, data.images)
+    device_data = device_dataset(data.train, data.images)
     evaluator = Evaluator(graphdef, frozen, data, tokenizer, config)
 
     # ------------------------------------------------------------- Methods

@@ -20,7 +20,7 @@ import optax
 from tqdm import tqdm
 
 from fednano_jax.data.prompts import TokenizedSet
-from fednano_jax.federated.client import gather_batch
+from fednano_jax.federated.client import device_dataset, gather_batch
 from fednano_jax.federated.objective import mean_answer_nll
 from fednano_jax.models.mllm import merge_model
 
@@ -36,16 +36,6 @@ def cache_key(config) -> str:
 
 def cache_dir(config) -> str:
     return os.path.join(os.path.expanduser(config.pretrain.cache_dir), cache_key(config))
-
-
-def device_dataset(tokens: TokenizedSet, images: np.ndarray) -> dict:
-    return {
-        "input_ids": jnp.asarray(tokens.input_ids),
-        "attention_mask": jnp.asarray(tokens.attention_mask),
-        "loss_mask": jnp.asarray(tokens.loss_mask),
-        "image_index": jnp.asarray(tokens.image_index),
-        "images": jnp.asarray(images),
-    }
 
 
 def epoch_batches(num_rows: int, batch_size: int, steps: int, seed: int) -> np.ndarray:

@@ -13,9 +13,22 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from fednano_jax.data.prompts import TokenizedSet
 from fednano_jax.federated.objective import adapter_value_and_grad
+
+
+def device_dataset(tokens: TokenizedSet, images: np.ndarray) -> dict:
+    """A tokenized set and its image table on the device, shared by all clients; rows index into it."""
+    return {
+        "input_ids": jnp.asarray(tokens.input_ids),
+        "attention_mask": jnp.asarray(tokens.attention_mask),
+        "loss_mask": jnp.asarray(tokens.loss_mask),
+        "image_index": jnp.asarray(tokens.image_index),
+        "images": jnp.asarray(images),
+    }
 
 
 def gather_batch(data: dict, rows: jax.Array, valid: jax.Array) -> dict:
