@@ -1,0 +1,24 @@
+"""Model shapes of the paper's backbones as config sections, usable with no weights at hand.
+
+A config file takes a preset's `model` section (and sets `model.path` to the checkpoint);
+accounting, memory planning and benchmarks build abstract models from these shapes
+with `jax.eval_shape`, and the checkpoint loader checks a checkpoint against them.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+
+def llava15_7b(rank: int = 64, alpha: float = 16.0) -> ConfigDict:
+    """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 patches, layer -2), mlp2x_gelu, Vicuna-7B."""
+    return ConfigDict(dict(
+        dtype="bfloat16",
+        connector="mlp2x_gelu",
+        vision=dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24,
+                    num_heads=16, feature_layer=-2),
+        llm=dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+                 rope_theta=10000.0, rms_norm_eps=1e-5),
+        vocab_size=32064,  # the checkpoint's text vocabulary, <image> (id 32000) and padding included
+        adapter=dict(rank=rank, alpha=alpha, image=True, text=True),
+    ))
