@@ -32,7 +32,7 @@ class AdapterConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MllmConfig:
-    vision: VisionConfig
+    vision: VisionConfig | None  # None: a text-only LLM (no vision tower, no connector, no A_I)
     llm: LlamaConfig
     adapter: AdapterConfig
     image_token_id: int
@@ -56,12 +56,12 @@ class NanoEdge(nnx.Module):
     def __init__(self, config: MllmConfig, rngs: nnx.Rngs):
         d = config.llm.hidden_size
         dtype = jnp.dtype(config.llm.dtype)
-        self.vision = VisionTower(config.vision, rngs)
-        self.connector = make_connector(config.connector, config.vision.hidden_size, d, rngs, dtype)
+        self.vision = VisionTower(config.vision, rngs) if config.vision else None
+        self.connector = make_connector(config.connector, config.vision.hidden_size, d, rngs, dtype) if config.vision else None
         self.embed_tokens = nnx.Embed(config.llm.vocab_size, d, dtype=dtype, rngs=rngs,
                                       embedding_init=nnx.initializers.normal(0.02))
         a = config.adapter
-        self.adapter_image = NanoAdapter(d, a.rank, a.alpha, rngs) if a.image else None
+        self.adapter_image = NanoAdapter(d, a.rank, a.alpha, rngs) if a.image and config.vision else None
         self.adapter_text = NanoAdapter(d, a.rank, a.alpha, rngs) if a.text else None
         self.image_token_id = config.image_token_id
 
@@ -70,6 +70,8 @@ class NanoEdge(nnx.Module):
         return self.adapter_text(embeds) if self.adapter_text is not None else embeds
 
     def embed_images(self, images: jax.Array) -> jax.Array:
+        if self.vision is None:
+            raise ValueError("This model has no vision tower (a text-only LLM); pass no images.")
         features = self.connector(self.vision(images))
         return self.adapter_image(features) if self.adapter_image is not None else features
 

@@ -3,7 +3,8 @@
 Layout as HF CLIPVisionModel: patch conv without bias, class token, learned
 positions, `pre_layrnorm`, pre-LN encoder layers. Like LLaVA, the feature is
 `hidden_states[feature_layer]` (index 0 is the embedding output) with the class
-token dropped, and layers after the selected one are never computed.
+token dropped (select_strategy "default") or kept ("full"), and layers after the
+selected one are never computed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class VisionConfig:
     num_layers: int
     num_heads: int
     feature_layer: int = -2
+    select_strategy: str = "default"  # LLaVA's vision_feature_select_strategy: "default" drops the class token
     layer_norm_eps: float = 1e-5
     activation: str = "quick_gelu"
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -33,6 +35,11 @@ class VisionConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image features per image, i.e. `<image>` ids a prompt expands to."""
+        return self.num_patches + (self.select_strategy == "full")
 
     @property
     def layers_used(self) -> int:
@@ -103,16 +110,20 @@ class VisionTower(nnx.Module):
         self.config = config
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        """uint8 images [B, H, W, 3] -> patch features [B, num_patches, hidden]."""
+        """Images [B, H, W, 3] -> features [B, num_image_tokens, hidden].
+
+        uint8 images are CLIP-normalised here; float images are taken as already normalised.
+        """
         cfg = self.config
         expected = (cfg.image_size, cfg.image_size, 3)
         if images.shape[1:] != expected:
             raise ValueError(f"Vision tower expects images of shape [batch, {expected}], got {images.shape}.")
-        patches = self.patch_embedding(normalize_pixels(images, cfg))
+        pixels = normalize_pixels(images, cfg) if images.dtype == jnp.uint8 else images.astype(jnp.dtype(cfg.dtype))
+        patches = self.patch_embedding(pixels)
         patches = patches.reshape(patches.shape[0], -1, cfg.hidden_size)
         cls = jnp.broadcast_to(self.class_embedding[...], (patches.shape[0], 1, cfg.hidden_size))
         x = jnp.concatenate([cls.astype(patches.dtype), patches], axis=1) + self.position_embedding[...]
         x = self.pre_layrnorm(x)
         for layer in self.layers[: cfg.layers_used]:
             x = layer(x)
-        return x[:, 1:]
+        return x if cfg.select_strategy == "full" else x[:, 1:]

@@ -1,0 +1,225 @@
+"""`load_pretrained(path)`: a LLaVA-1.5 or LLaMA-family checkpoint as our split model.
+
+`path` is a Hugging Face directory (config.json and one or many safetensors shards,
+as save_pretrained writes them; llava-hf LLaVA-1.5 or a LLaMA-family causal LM) or a
+llama.cpp `.gguf` file. The result holds the model split as the federated code uses
+it (graphdef, frozen backbone, NanoAdapters at identity), the tokenizer from the same
+source, and `logits` / `generate` that compute what transformers' PyTorch code does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fednano_jax.eval.generate import greedy_generate
+from fednano_jax.models.llama import LlamaConfig
+from fednano_jax.models.mllm import AdapterConfig, MllmConfig, MultimodalModel, merge_model, split_model
+from fednano_jax.models.vision import VisionConfig
+from fednano_jax.weights import gguf_llama, names, safetensors_hf
+from fednano_jax.weights.errors import WeightsError
+from fednano_jax.weights.fill import fill_state
+
+NO_IMAGE_TOKEN = -1  # a text-only LLM: no id is spliced
+
+
+def default_dtype():
+    """bf16 on accelerators, fp32 on CPU (where bf16 matmuls are slow and parity tests run)."""
+    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+
+
+def _rope_theta(hf) -> float:
+    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise WeightsError(f"RoPE type {rope_type!r} is not supported; expected the default rotary embedding.")
+    return float(params.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0))
+
+
+def llama_config(hf, dtype) -> LlamaConfig:
+    """Our decoder config from a transformers LlamaConfig (or the same fields from GGUF metadata)."""
+    model_type = getattr(hf, "model_type", "llama")
+    if model_type != "llama":
+        raise WeightsError(f"Unsupported language model architecture {model_type!r}; expected a LLaMA-family "
+                           "model (model_type 'llama').")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(hf, flag, False):
+            raise WeightsError(f"{flag}=True is not supported; LLaMA-family decoders have no biases.")
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        raise WeightsError(f"hidden_act {hf.hidden_act!r} is not supported; expected 'silu' (SwiGLU).")
+    heads = hf.num_attention_heads
+    return LlamaConfig(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+                       num_layers=hf.num_hidden_layers, num_heads=heads,
+                       num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+                       head_dim=getattr(hf, "head_dim", None), rope_theta=_rope_theta(hf),
+                       rms_norm_eps=hf.rms_norm_eps, dtype=jnp.dtype(dtype).name)
+
+
+def _image_statistics(directory: str) -> dict:
+    path = os.path.join(directory, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        processor = json.load(f)
+    return {key: tuple(processor[key]) for key in ("image_mean", "image_std") if key in processor}
+
+
+def vision_config(hf, directory: str, dtype) -> VisionConfig:
+    """CLIP vision tower config from a transformers LlavaConfig (and the checkpoint's preprocessor config)."""
+    vc = hf.vision_config
+    if vc.model_type != "clip_vision_model":
+        raise WeightsError(f"Unsupported vision tower {vc.model_type!r}; expected a CLIP vision model.")
+    layer = hf.vision_feature_layer
+    if not isinstance(layer, int):
+        raise WeightsError(f"vision_feature_layer={layer!r} is not supported; expected one layer index.")
+    strategy = hf.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        raise WeightsError(f"vision_feature_select_strategy {strategy!r} is not supported; expected 'default' "
+                           "or 'full'.")
+    if hf.projector_hidden_act != "gelu" or not getattr(hf, "multimodal_projector_bias", True):
+        raise WeightsError("Only LLaVA's mlp2x_gelu projector (GELU, with biases) is supported.")
+    return VisionConfig(image_size=vc.image_size, patch_size=vc.patch_size, hidden_size=vc.hidden_size,
+                        intermediate_size=vc.intermediate_size, num_layers=vc.num_hidden_layers,
+                        num_heads=vc.num_attention_heads, feature_layer=layer, select_strategy=strategy,
+                        layer_norm_eps=vc.layer_norm_eps, activation=vc.hidden_act, dtype=jnp.dtype(dtype).name,
+                        **_image_statistics(directory))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _logits(graphdef, frozen, adapters, input_ids, attention_mask, images):
+    return merge_model(graphdef, frozen, adapters)(input_ids, attention_mask, images)
+
+
+@dataclasses.dataclass
+class PretrainedModel:
+    """A loaded checkpoint, split as FedNano deploys it: `graphdef`, `frozen` backbone, `adapters`."""
+
+    config: MllmConfig
+    graphdef: Any
+    frozen: nnx.State
+    adapters: nnx.State
+    source: str
+    load_tokenizer: Callable[[], Any]
+
+    @functools.cached_property
+    def tokenizer(self):
+        """transformers AutoTokenizer from the same checkpoint (loaded on first use)."""
+        return self.load_tokenizer()
+
+    def _inputs(self, input_ids, pixel_values, attention_mask):
+        ids = jnp.asarray(input_ids, jnp.int32)
+        mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+        return ids, mask, None if pixel_values is None else self._images(ids, pixel_values)
+
+    def _images(self, ids, pixel_values) -> jax.Array:
+        """uint8 [B, H, W, 3] images, or HF processor output (normalised float [B, 3, H, W])."""
+        if self.config.vision is None:
+            raise ValueError(f"{self.source} is a text-only LLM; pass no pixel_values.")
+        images = jnp.asarray(pixel_values)
+        if images.dtype != jnp.uint8 and images.ndim == 4 and images.shape[1] == 3:
+            images = images.transpose(0, 2, 3, 1)
+        per_row = np.asarray((ids == self.config.image_token_id).sum(axis=1))
+        expected = self.config.vision.num_image_tokens
+        if not np.all((per_row == expected) | (per_row == 0)):
+            raise ValueError(f"Each row with an image must hold {expected} image token ids (id "
+                             f"{self.config.image_token_id}, the processor's expansion of <image>); got {per_row}.")
+        return images
+
+    def logits(self, input_ids, pixel_values=None, attention_mask=None) -> jax.Array:
+        """[batch, seq, vocab]. Positions skip padding (cumsum of the mask), as HF generate computes them."""
+        return _logits(self.graphdef, self.frozen, self.adapters, *self._inputs(input_ids, pixel_values,
+                                                                                attention_mask))
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding with a KV cache on left-padded prompts -> new ids [batch, max_new_tokens]
+        (pad_token_id after a row's end-of-sequence token)."""
+        eos = self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        pad = pad_token_id if pad_token_id is not None else (self.tokenizer.pad_token_id if eos_token_id is None
+                                                             else eos)
+        return np.asarray(greedy_generate(self.graphdef, self.frozen, self.adapters,
+                                          *self._inputs(input_ids, pixel_values, attention_mask),
+                                          max_new_tokens=max_new_tokens, pad_id=int(pad if pad is not None else eos),
+                                          eos_id=int(eos)))
+
+
+def _build(config: MllmConfig, table, tensors, dtype, source: str, seed: int):
+    """Abstract model -> frozen state filled from the checkpoint; adapters initialised for real (identity)."""
+    abstract = nnx.eval_shape(lambda: MultimodalModel(config, nnx.Rngs(seed)))
+    graphdef, abstract_frozen, _ = split_model(abstract)
+    frozen = fill_state(abstract_frozen, table, tensors, dtype, source)
+    # Under jit only the adapter initialisers survive dead-code elimination: no backbone is allocated twice.
+    adapters = jax.jit(lambda: split_model(MultimodalModel(config, nnx.Rngs(seed)))[2])()
+    return graphdef, frozen, adapters
+
+
+def _load_hf(directory: str, dtype, adapter: AdapterConfig, seed: int) -> PretrainedModel:
+    import transformers
+
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise WeightsError(f"{directory} has no config.json; expected a Hugging Face checkpoint directory "
+                           "(save_pretrained output) or a .gguf file.")
+    hf = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    if hf.model_type == "llava":
+        text = hf.text_config
+        prefixes = names.llava_prefixes(safetensors_hf.checkpoint_keys(directory))
+        vision = vision_config(hf, directory, dtype)
+        image_token = getattr(hf, "image_token_id", None)
+        image_token = hf.image_token_index if image_token is None else image_token
+        table = {**names.llama_table(prefixes, text.num_hidden_layers, text.tie_word_embeddings),
+                 **names.clip_vision_table(prefixes, vision.num_layers), **names.projector_table(prefixes)}
+    elif hf.model_type == "llama":
+        text, vision, image_token, prefixes = hf, None, NO_IMAGE_TOKEN, names.LLAMA
+        table = names.llama_table(prefixes, text.num_hidden_layers, text.tie_word_embeddings)
+    else:
+        raise WeightsError(f"Unsupported architecture {hf.model_type!r} in {directory}/config.json; expected "
+                           "'llava' (LLaVA-1.5) or 'llama' (a LLaMA-family causal LM).")
+    config = MllmConfig(vision, llama_config(text, dtype), adapter, image_token)
+    graphdef, frozen, adapters = _build(config, table, safetensors_hf.iter_tensors(directory), dtype, directory, seed)
+    return PretrainedModel(config, graphdef, frozen, adapters, directory, functools.partial(
+        transformers.AutoTokenizer.from_pretrained, directory, local_files_only=True))
+
+
+def _load_gguf(path: str, dtype, adapter: AdapterConfig, seed: int) -> PretrainedModel:
+    import transformers
+
+    reader = gguf_llama.open_reader(path)
+    hparams = gguf_llama.hyperparameters(reader)
+    config = MllmConfig(None, llama_config(_as_hf_config(hparams), dtype), adapter, NO_IMAGE_TOKEN)
+    table = names.llama_table(names.LLAMA, hparams["num_hidden_layers"], hparams["tie_word_embeddings"])
+    graphdef, frozen, adapters = _build(config, table, gguf_llama.iter_tensors(reader, hparams), dtype, path, seed)
+    return PretrainedModel(config, graphdef, frozen, adapters, path, functools.partial(
+        transformers.AutoTokenizer.from_pretrained, os.path.dirname(path), gguf_file=os.path.basename(path)))
+
+
+def _as_hf_config(fields: dict):
+    import types
+
+    return types.SimpleNamespace(model_type="llama", **fields)
+
+
+def load_pretrained(path: str, dtype=None, adapter: AdapterConfig | None = None, seed: int = 0) -> PretrainedModel:
+    """Load a checkpoint directory or .gguf file; `dtype` defaults to bf16 on GPU/TPU and fp32 on CPU.
+
+    `adapter` shapes the NanoAdapters added at identity (rank 64, alpha 16 by default;
+    A_I only where there is a vision tower).
+    """
+    path = os.path.expanduser(str(path))
+    dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
+    adapter = adapter or AdapterConfig()
+    if not os.path.exists(path):
+        raise WeightsError(f"No checkpoint at {path}; expected a Hugging Face directory (config.json plus "
+                           "*.safetensors) or a .gguf file.")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise WeightsError(f"{path} is a file but not a .gguf; pass a .gguf file or a checkpoint directory.")
+        return _load_gguf(path, dtype, adapter, seed)
+    return _load_hf(path, dtype, adapter, seed)

@@ -1,0 +1,110 @@
+"""Name tables: each parameter of our model <- (checkpoint tensor name, layout transform).
+
+Checkpoint names are Hugging Face's (LLaMA, CLIP vision, LLaVA projector); GGUF names
+are translated to them first (`gguf_llama.hf_name`), so one table serves every format.
+Our names are the '/'-joined paths of the model's state (`nnx.to_pure_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fednano_jax.weights.errors import WeightsError
+
+LINEAR = "linear"  # torch [out, in] -> flax kernel [in, out]
+CONV = "conv"  # torch [out, in, kh, kw] -> flax [kh, kw, in, out]
+COPY = "copy"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefixes:
+    """Where each part of a model sits in a checkpoint's key space."""
+
+    language_model: str  # holds embed_tokens, layers, norm
+    lm_head: str  # the full key of the LM head weight
+    vision_model: str = ""
+    projector: str = ""
+
+
+LLAMA = Prefixes("model.", "lm_head.weight")
+
+
+def _prefix(keys: set[str], suffix: str, what: str) -> str:
+    found = sorted(k[: -len(suffix)] for k in keys if k.endswith(suffix))
+    if not found:
+        raise WeightsError(f"No tensor named '*{suffix}' ({what}) in the checkpoint.")
+    return min(found, key=len)
+
+
+def llava_prefixes(keys: set[str]) -> Prefixes:
+    """Where a LLaVA checkpoint keeps its parts: llava-hf spells them differently across transformers
+    versions (`language_model.model.*`, `model.language_model.*`, `vision_tower[.vision_model].*`)."""
+    language_model = _prefix(keys, "embed_tokens.weight", "token embeddings")
+    heads = [k for k in keys if k.endswith("lm_head.weight")]
+    return Prefixes(language_model, heads[0] if heads else "", _prefix(keys, "embeddings.class_embedding",
+                                                                         "CLIP class embedding"),
+                    _prefix(keys, "linear_1.weight", "multi_modal_projector"))
+
+
+def to_flax(array: np.ndarray, transform: str) -> np.ndarray:
+    if transform == LINEAR:
+        return array.T
+    if transform == CONV:
+        return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def llama_table(p: Prefixes, num_layers: int, tied: bool) -> dict[str, tuple[str, str]]:
+    lm = p.language_model
+    table = {"edge/embed_tokens/embedding": (f"{lm}embed_tokens.weight", COPY),
+             "server/norm/weight": (f"{lm}norm.weight", COPY),
+             "server/lm_head/kernel": (f"{lm}embed_tokens.weight" if tied else p.lm_head, LINEAR)}
+    for i in range(num_layers):
+        src, dst = f"{lm}layers.{i}.", f"server/layers/{i}/"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            table[f"{dst}{norm}/weight"] = (f"{src}{norm}.weight", COPY)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            table[f"{dst}self_attn/{proj}/kernel"] = (f"{src}self_attn.{proj}.weight", LINEAR)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            table[f"{dst}mlp/{proj}/kernel"] = (f"{src}mlp.{proj}.weight", LINEAR)
+    return table
+
+
+def _layer_norm(dst: str, src: str) -> dict[str, tuple[str, str]]:
+    return {f"{dst}/scale": (f"{src}.weight", COPY), f"{dst}/bias": (f"{src}.bias", COPY)}
+
+
+def _linear(dst: str, src: str) -> dict[str, tuple[str, str]]:
+    return {f"{dst}/kernel": (f"{src}.weight", LINEAR), f"{dst}/bias": (f"{src}.bias", COPY)}
+
+
+def clip_vision_table(p: Prefixes, num_layers: int) -> dict[str, tuple[str, str]]:
+    v = p.vision_model
+    table = {"edge/vision/patch_embedding/kernel": (f"{v}embeddings.patch_embedding.weight", CONV),
+             "edge/vision/class_embedding": (f"{v}embeddings.class_embedding", COPY),
+             "edge/vision/position_embedding": (f"{v}embeddings.position_embedding.weight", COPY),
+             **_layer_norm("edge/vision/pre_layrnorm", f"{v}pre_layrnorm")}
+    for i in range(num_layers):
+        src, dst = f"{v}encoder.layers.{i}.", f"edge/vision/layers/{i}/"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            table.update(_linear(f"{dst}self_attn/{proj}", f"{src}self_attn.{proj}"))
+        table.update(_layer_norm(f"{dst}layer_norm1", f"{src}layer_norm1"))
+        table.update(_layer_norm(f"{dst}layer_norm2", f"{src}layer_norm2"))
+        table.update(_linear(f"{dst}fc1", f"{src}mlp.fc1"))
+        table.update(_linear(f"{dst}fc2", f"{src}mlp.fc2"))
+    return table
+
+
+def projector_table(p: Prefixes) -> dict[str, tuple[str, str]]:
+    return {**_linear("edge/connector/linear_1", f"{p.projector}linear_1"),
+            **_linear("edge/connector/linear_2", f"{p.projector}linear_2")}
+
+
+def by_source(table: dict[str, tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
+    """checkpoint name -> [(our name, transform)]: a tied embedding feeds two of our parameters."""
+    inverse: dict[str, list[tuple[str, str]]] = {}
+    for ours, (source, transform) in table.items():
+        inverse.setdefault(source, []).append((ours, transform))
+    return inverse
