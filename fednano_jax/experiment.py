@@ -13,6 +13,7 @@ import time
 from flax import nnx
 
 from fednano_jax import checkpoint, pretrain
+from fednano_jax.backbone_from_checkpoint import checkpoint_backbone
 from fednano_jax.checkpoint import CheckpointMismatch, RoundCheckpoints
 from fednano_jax.data import pipeline
 from fednano_jax.data.easy_vqa_builder import DataError
@@ -24,11 +25,13 @@ from fednano_jax.federated.client import device_dataset
 from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.simulation import run_federated
 from fednano_jax.models.mllm import MultimodalModel, count_params, split_model
+from fednano_jax.weights.errors import WeightsError
 
 
 def user_errors() -> dict:
     """Exceptions a user's input causes -> the label main prints before their one sentence."""
-    return {ConfigError: "Config error", CheckpointMismatch: "Checkpoint error", DataError: "Data error"}
+    return {ConfigError: "Config error", CheckpointMismatch: "Checkpoint error", DataError: "Data error",
+            WeightsError: "Checkpoint error"}
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -43,6 +46,8 @@ def prepare_workdir(workdir: str) -> str:
 
 def pretrained_backbone(config, splits):
     """-> (graphdef, frozen, adapters, tokenizer, model config): from the cache, or pretrained and cached."""
+    if config.model.get("path"):
+        return checkpoint_backbone(config, splits)
     backbone_dir = pretrain.cache_dir(config)
     if checkpoint.backbone_is_cached(backbone_dir):
         tokenizer = load_tokenizer(os.path.join(backbone_dir, checkpoint.TOKENIZER))
@@ -58,7 +63,7 @@ def pretrained_backbone(config, splits):
     tokenizer = pipeline.tokenizer_for(splits)
     mcfg = model_config(config, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
     graphdef, frozen, adapters = split_model(MultimodalModel(mcfg, nnx.Rngs(config.pretrain.seed)))
-    tokens = pipeline.tokenize_pretraining(splits, tokenizer, mcfg.vision.num_patches)
+    tokens = pipeline.tokenize_pretraining(splits, tokenizer, mcfg.vision.num_image_tokens)
     print(f"Pretraining the backbone on {len(tokens)} held-aside examples (cached in {backbone_dir})")
     frozen = pretrain.pretrain_backbone(graphdef, frozen, adapters, tokens, splits.images, config)
     checkpoint.save_backbone(backbone_dir, frozen, tokenizer)
@@ -92,7 +97,7 @@ def run_experiment(config, workdir: str) -> None:
 
     # ------------------------------------------------------ Federated data
     try:
-        data = pipeline.federated_data(splits, tokenizer, mcfg.vision.num_patches, config.fed.num_clients,
+        data = pipeline.federated_data(splits, tokenizer, mcfg.vision.num_image_tokens, config.fed.num_clients,
                                        config.data.dirichlet_alpha, config.seed)
     except ValueError as error:
         raise ConfigError(str(error)) from error

@@ -63,20 +63,30 @@ def method_names(config: ConfigDict) -> list[str]:
     return [part.strip() for name in names for part in name.split(",") if part.strip()]
 
 
-def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> MllmConfig:
+def vision_config(config: ConfigDict) -> VisionConfig:
     m = config.model
-    v, l, a = m.vision, m.llm, m.adapter
-    vision = VisionConfig(
+    v = m.vision
+    return VisionConfig(
         image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
         intermediate_size=v.intermediate_size, num_layers=v.num_layers, num_heads=v.num_heads,
         feature_layer=v.feature_layer, dtype=m.dtype,
     )
+
+
+def adapter_config(config: ConfigDict) -> AdapterConfig:
+    a = config.model.adapter
+    return AdapterConfig(a.rank, a.alpha, a.image, a.text)
+
+
+def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> MllmConfig:
+    m = config.model
+    l = m.llm
     llm = LlamaConfig(
         vocab_size=vocab_size, hidden_size=l.hidden_size, intermediate_size=l.intermediate_size,
         num_layers=l.num_layers, num_heads=l.num_heads, num_kv_heads=l.num_kv_heads,
         rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps, dtype=m.dtype,
     )
-    return MllmConfig(vision, llm, AdapterConfig(a.rank, a.alpha, a.image, a.text), image_token_id, m.connector)
+    return MllmConfig(vision_config(config), llm, adapter_config(config), image_token_id, m.connector)
 
 
 def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:

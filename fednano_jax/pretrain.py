@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from tqdm import tqdm
 
 from fednano_jax.data.prompts import TokenizedSet
 from fednano_jax.federated.client import device_dataset, gather_batch
 from fednano_jax.federated.objective import mean_answer_nll
 from fednano_jax.models.mllm import merge_model
+from fednano_jax.weights.fill import flatten, unflatten
 
 
 def cache_key(config) -> str:
@@ -46,31 +48,50 @@ def epoch_batches(num_rows: int, batch_size: int, steps: int, seed: int) -> np.n
     return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
-def pretrain_backbone(graphdef, frozen, adapters, tokens: TokenizedSet, images: np.ndarray, config):
+def _split_trainable(frozen, trainable_prefixes: tuple[str, ...] | None):
+    """-> (trainable, fixed) flat dicts of the backbone: everything, or only the parameters under the prefixes."""
+    flat = flatten(nnx.to_pure_dict(frozen))
+    if trainable_prefixes is None:
+        return flat, {}
+    chosen = {k: v for k, v in flat.items() if k.startswith(trainable_prefixes)}
+    return chosen, {k: v for k, v in flat.items() if k not in chosen}
+
+
+def pretrain_backbone(graphdef, frozen, adapters, tokens: TokenizedSet, images: np.ndarray, config,
+                      trainable_prefixes: tuple[str, ...] | None = None):
+    """Trains the backbone (adapters stay the identity): all of it, or only the parameters under
+    `trainable_prefixes` (LLaVA's alignment stage: vision side only, the LLM frozen)."""
     cfg = config.pretrain
+    template = nnx.to_pure_dict(frozen)
+    trainable, fixed = _split_trainable(frozen, trainable_prefixes)
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                                   max(cfg.steps, cfg.warmup_steps + 1))
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
     data = device_dataset(tokens, images)
     batch_valid = jnp.ones((cfg.batch_size,), bool)
 
+    def backbone(params):
+        state = jax.tree.map(lambda x: x, frozen)
+        nnx.replace_by_pure_dict(state, unflatten({**fixed, **params}, template))
+        return state
+
     @jax.jit
-    def step(frozen, opt_state, rows):
+    def step(params, opt_state, rows):
         batch = gather_batch(data, rows, batch_valid)
 
         def loss_fn(params):
-            logits = merge_model(graphdef, params, adapters)(batch["input_ids"], batch["attention_mask"], batch["images"])
-            return mean_answer_nll(logits, batch)
+            model = merge_model(graphdef, backbone(params), adapters)
+            return mean_answer_nll(model(batch["input_ids"], batch["attention_mask"], batch["images"]), batch)
 
-        loss, grads = jax.value_and_grad(loss_fn)(frozen)
-        updates, opt_state = optimizer.update(grads, opt_state, frozen)
-        return optax.apply_updates(frozen, updates), opt_state, loss
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
-    opt_state = optimizer.init(frozen)
+    opt_state = optimizer.init(trainable)
     schedule_rows = epoch_batches(len(tokens), cfg.batch_size, cfg.steps, cfg.seed)
     progress = tqdm(schedule_rows, desc="pretraining backbone", unit="step")
     for i, rows in enumerate(progress):
-        frozen, opt_state, loss = step(frozen, opt_state, rows)
+        trainable, opt_state, loss = step(trainable, opt_state, rows)
         if i % 25 == 0:
             progress.set_postfix(loss=f"{float(loss):.3f}")
-    return frozen
+    return backbone(trainable)

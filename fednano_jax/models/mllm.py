@@ -37,6 +37,8 @@ class MllmConfig:
     adapter: AdapterConfig
     image_token_id: int
     connector: str = "mlp2x_gelu"
+    embed_vocab_size: int | None = None  # rows of the client's embedding table, when it has ids the LM head has not
+                                          # (an `<image>` token added to a text-only LLM's tokenizer)
 
 
 def splice_image_features(text_embeds: jax.Array, image_features: jax.Array, is_image: jax.Array) -> jax.Array:
@@ -56,9 +58,10 @@ class NanoEdge(nnx.Module):
     def __init__(self, config: MllmConfig, rngs: nnx.Rngs):
         d = config.llm.hidden_size
         dtype = jnp.dtype(config.llm.dtype)
-        self.vision = VisionTower(config.vision, rngs) if config.vision else None
-        self.connector = make_connector(config.connector, config.vision.hidden_size, d, rngs, dtype) if config.vision else None
-        self.embed_tokens = nnx.Embed(config.llm.vocab_size, d, dtype=dtype, rngs=rngs,
+        v = config.vision
+        self.vision = VisionTower(v, rngs) if v else None
+        self.connector = make_connector(config.connector, v.hidden_size, d, rngs, dtype) if v else None
+        self.embed_tokens = nnx.Embed(config.embed_vocab_size or config.llm.vocab_size, d, dtype=dtype, rngs=rngs,
                                       embedding_init=nnx.initializers.normal(0.02))
         a = config.adapter
         self.adapter_image = NanoAdapter(d, a.rank, a.alpha, rngs) if a.image and config.vision else None

@@ -1,0 +1,93 @@
+"""A pretrained checkpoint as an experiment's backbone (`config.model.path`).
+
+A LLaVA checkpoint is used as it is. A text-only LLM (SmolLM2, LLaMA, Vicuna, ...) gets
+the config's vision tower and connector and an `<image>` token, and LLaVA's alignment
+stage trains that vision side on the held-aside pretraining examples with the LLM
+frozen. Only the aligned vision side is cached (keyed like the small backbone); the
+LLM is read from its checkpoint every run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fednano_jax import checkpoint, pretrain
+from fednano_jax.data import pipeline
+from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
+from fednano_jax.experiment_config import adapter_config, vision_config
+from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
+from fednano_jax.pretrained import PretrainedModel, load_pretrained
+from fednano_jax.weights.fill import flatten, unflatten
+
+VISION_SIDE = ("edge/vision/", "edge/connector/")
+
+
+def add_image_token(tokenizer) -> int:
+    """The id of `<image>`, added as a special token if the tokenizer lacks it."""
+    if IMAGE not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
+    return tokenizer.convert_tokens_to_ids(IMAGE)
+
+
+def _vision_side(state) -> dict:
+    return {k: v for k, v in flatten(nnx.to_pure_dict(state)).items() if k.startswith(VISION_SIDE)}
+
+
+def attach_vision_tower(loaded: PretrainedModel, mcfg: MllmConfig, seed: int):
+    """-> (graphdef, frozen, adapters): the checkpoint's LLM and embeddings (grown by zero rows for new
+    token ids, which image features replace), a freshly initialised vision side and NanoAdapters."""
+    graphdef, abstract_frozen, _ = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(seed))))
+    # Under jit only the initialisers of what is returned survive: the LLM is not allocated a second time.
+    fresh_vision = jax.jit(lambda: _vision_side(split_model(MultimodalModel(mcfg, nnx.Rngs(seed)))[1]))()
+    adapters = jax.jit(lambda: split_model(MultimodalModel(mcfg, nnx.Rngs(seed)))[2])()
+    params = flatten(nnx.to_pure_dict(loaded.frozen))
+    embedding = params["edge/embed_tokens/embedding"]
+    extra_rows = mcfg.embed_vocab_size - embedding.shape[0]
+    params["edge/embed_tokens/embedding"] = jnp.pad(embedding, ((0, extra_rows), (0, 0)))
+    template = nnx.to_pure_dict(abstract_frozen)
+    frozen = jax.tree.map(lambda x: x, abstract_frozen)
+    nnx.replace_by_pure_dict(frozen, unflatten({**params, **fresh_vision}, template))
+    return graphdef, frozen, adapters
+
+
+def checkpoint_backbone(config, splits):
+    """-> (graphdef, frozen, adapters, tokenizer, model config) from config.model.path."""
+    loaded = load_pretrained(config.model.path, dtype=config.model.dtype, adapter=adapter_config(config),
+                             seed=config.pretrain.seed)
+    print(f"Loaded {loaded.source}")
+    if loaded.config.vision is not None:
+        return loaded.graphdef, loaded.frozen, loaded.adapters, loaded.tokenizer, loaded.config
+    backbone_dir = pretrain.cache_dir(config)
+    cached = checkpoint.backbone_is_cached(backbone_dir)
+    tokenizer = load_tokenizer(os.path.join(backbone_dir, checkpoint.TOKENIZER)) if cached else loaded.tokenizer
+    image_token = add_image_token(tokenizer)
+    mcfg = MllmConfig(vision_config(config), loaded.config.llm, adapter_config(config), image_token,
+                      config.model.connector, embed_vocab_size=max(len(tokenizer), loaded.config.llm.vocab_size))
+    graphdef, frozen, adapters = attach_vision_tower(loaded, mcfg, config.pretrain.seed)
+    del loaded
+    if cached:
+        try:
+            frozen = _with_vision_side(frozen, checkpoint.load_backbone(backbone_dir, _vision_side(frozen)))
+            print(f"Using the aligned vision tower cached in {backbone_dir}")
+            return graphdef, frozen, adapters, tokenizer, mcfg
+        except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
+            print(f"Warning: the cached vision tower in {backbone_dir} is unreadable ({type(error).__name__}); "
+                  "aligning it again.")
+    tokens = pipeline.tokenize_pretraining(splits, tokenizer, mcfg.vision.num_image_tokens)
+    print(f"Aligning the vision tower and connector to the frozen LLM on {len(tokens)} held-aside examples "
+          f"(cached in {backbone_dir})")
+    frozen = pretrain.pretrain_backbone(graphdef, frozen, adapters, tokens, splits.images, config,
+                                        trainable_prefixes=VISION_SIDE)
+    checkpoint.save_backbone(backbone_dir, _vision_side(frozen), tokenizer)
+    return graphdef, frozen, adapters, tokenizer, mcfg
+
+
+def _with_vision_side(frozen, vision: dict):
+    template = nnx.to_pure_dict(frozen)
+    state = jax.tree.map(lambda x: x, frozen)
+    nnx.replace_by_pure_dict(state, unflatten({**flatten(template), **vision}, template))
+    return state
