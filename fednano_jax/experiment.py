@@ -15,8 +15,8 @@ from flax import nnx
 from fednano_jax import checkpoint, pretrain
 from fednano_jax.backbone_from_checkpoint import checkpoint_backbone
 from fednano_jax.checkpoint import CheckpointMismatch, RoundCheckpoints
-from fednano_jax.data import pipeline
-from fednano_jax.data.easy_vqa_builder import DataError
+from fednano_jax.data import datasets, pipeline
+from fednano_jax.data.errors import DataError
 from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
 from fednano_jax.eval.evaluate import Evaluator
 from fednano_jax.eval.report import write_report
@@ -85,10 +85,12 @@ def run_experiment(config, workdir: str) -> None:
             f.write(json.dumps({"run": run_id, **record}) + "\n")
 
     # ---------------------------------------------------------------- Data
-    splits = pipeline.load_splits(os.path.expanduser(config.data.dir), config.data.pretrain_images,
-                                  config.data.train_examples, config.data.test_examples, config.seed,
-                                  config.pretrain.caption_repeats, config.pretrain.questions_per_image,
-                                  config.model.vision.image_size, config.pretrain.seed)
+    try:
+        splits = datasets.load_splits(config)
+    except DataError:
+        raise
+    except ValueError as error:  # a size the data cannot satisfy (data.pretrain_examples, ...)
+        raise ConfigError(str(error)) from error
 
     # ------------------------------------------------- Pretrained backbone
     graphdef, frozen, adapters, tokenizer, mcfg = pretrained_backbone(config, splits)
@@ -128,7 +130,7 @@ def run_experiment(config, workdir: str) -> None:
         seconds[method.label] = time.perf_counter() - method_start
         histories[method.label] = result.history
         final = result.history[-1]
-        rows[method.label] = {"accuracy": final["accuracy"], "average": final["average"]}
+        rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown") if key in final}
 
     # -------------------------------------------------------------- Report
     table = write_report(workdir, rows, {"config": config.to_dict(), "client_train_examples": sizes,

@@ -26,8 +26,25 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def validate_data(data: ConfigDict) -> None:
+    """config.data.name / root / format (dataset names and formats from data.datasets)."""
+    from fednano_jax.data.datasets import DEFAULT, FORMATS
+
+    name = data.get("name", DEFAULT)
+    _require(name in FORMATS, f"data.name must be one of {sorted(FORMATS)}, got {name!r}.")
+    if name == DEFAULT:
+        return
+    _require(bool(data.get("root")), f"data.root must name the directory holding {name}, got {data.get('root')!r}.")
+    data_format = data.get("format", "official")
+    _require(data_format in FORMATS[name],
+             f"data.format must be one of {list(FORMATS[name])} for {name}, got {data_format!r}.")
+    for key in ("pretrain_examples", "train_examples", "test_examples"):
+        _require(data.get(key, 0) >= 0, f"data.{key} must be non-negative (0 = all), got {data.get(key)}.")
+
+
 def validate(config: ConfigDict, known_methods) -> None:
     fed, data, adapter = config.fed, config.data, config.model.adapter
+    validate_data(data)
     _require(adapter.rank > 0, f"model.adapter.rank must be a positive integer, got {adapter.rank}.")
     _require(adapter.alpha > 0, f"model.adapter.alpha must be positive, got {adapter.alpha}.")
     _require(adapter.image or adapter.text, "At least one of model.adapter.image and model.adapter.text must be True.")
@@ -96,7 +113,7 @@ def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
     methods (each has its own checkpoints), evaluation, checkpointing and paths.
     """
     fed = {k: v for k, v in config.fed.to_dict().items() if k not in ("rounds", "mode", "methods")}
-    data = {k: v for k, v in config.data.to_dict().items() if k != "dir"}
+    data = {k: v for k, v in config.data.to_dict().items() if k not in ("dir", "root")}
     return {"seed": config.seed, "model": config.model.to_dict(), "data": data, "fed": fed, "backbone": backbone_key}
 
 

@@ -32,8 +32,17 @@ def cache_key(config) -> str:
     model = config.model.to_dict()
     model.pop("adapter")
     shaping = {"model": model, "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k != "cache_dir"},
-               "data": {"pretrain_images": config.data.pretrain_images}, "version": 2}
+               "data": _pretraining_data(config.data), "version": 2}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pretraining_data(data) -> dict:
+    """What in config.data shapes the pretraining set: easy-VQA keeps its original key (caches stay valid)."""
+    name = data.get("name", "easyvqa")
+    if name == "easyvqa":
+        return {"pretrain_images": data.pretrain_images}
+    return {"name": name, "root": os.path.realpath(os.path.expanduser(data.root)), "format": data.get("format"),
+            "pretrain_examples": data.pretrain_examples}
 
 
 def cache_dir(config) -> str:

@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from fednano_jax.data.errors import DataError  # noqa: F401 - re-exported for existing imports
+
 IMAGE_SHAPE = (64, 64, 3)
 SPLITS = ("train", "test")
 
@@ -74,10 +76,6 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder):
                 "questions": list(questions),
                 "answers": list(answers),
             }
-
-
-class DataError(ValueError):
-    """A dataset path a user gave cannot be used."""
 
 
 def _check_data_dir(data_dir: str) -> None:

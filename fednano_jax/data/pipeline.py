@@ -1,6 +1,12 @@
-"""easy-VQA -> pretraining set, per-client federated train/test sets, tokenizer.
+"""Every dataset's splits in one schema, easy-VQA's loader, and the per-client federated sets.
 
-The training images are split once (seeded) into a held-aside set used only for
+`Splits` is what every dataset loader returns (easy-VQA here; ScienceQA and IconQA in
+their modules, chosen by `data.datasets`): an image table, held-aside pretraining
+examples, the federated train/test (and optional validation) pools, the tokenizer's
+source texts and the partition categories. Per-example `meta` carries what a
+dataset's official scorer reads.
+
+easy-VQA: the training images are split once (seeded) into a held-aside set used only for
 centralized backbone pretraining and a federated pool; the federated test set is
 easy-VQA's official test split. The same Dirichlet proportions over question
 categories split the train and test pools, so each client is evaluated on its own
@@ -29,15 +35,25 @@ class Examples:
     answers: list[str]
     categories: list[str]
     image_index: np.ndarray  # row in the image table
+    meta: list[dict] = dataclasses.field(default_factory=list)  # per example, for the official scorer; or empty
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
 
 @dataclasses.dataclass(frozen=True)
-class EasyVqaSplits:
-    images: np.ndarray  # [num_images, H, W, 3] uint8: train images then test images
+class Splits:
+    images: np.ndarray  # [num_images, H, W, 3] uint8
     pretrain: Examples
     federated_train: Examples
     federated_test: Examples
     vocabulary: list[str]  # every training text (pretraining and the whole federated pool): tokenizer source
+    category_order: tuple[str, ...] = easy_vqa.QUESTION_CATEGORIES  # partition categories, one Dirichlet row each
+    federated_val: Examples | None = None  # official validation split, partitioned like test (not evaluated)
+    lowercase: bool = True  # the word-level tokenizer lowercases (easy-VQA); letter answers need case kept
+
+
+EasyVqaSplits = Splits  # the schema's first name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +65,7 @@ class FederatedData:
     test_categories: list[str]
     client_train: list[np.ndarray]  # row indices into `train`
     client_test: list[np.ndarray]  # row indices into `test`
+    test_meta: list[dict] = dataclasses.field(default_factory=list)  # per test row, for the official scorer
 
 
 def _questions(records: list[ImageRecord], first_row: int) -> Examples:
@@ -89,17 +106,23 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
 
 
+def take(examples: Examples, rows) -> Examples:
+    """The examples at `rows`, in that order."""
+    rows = np.asarray(rows, np.int64)
+    return Examples([examples.prompts[i] for i in rows], [examples.answers[i] for i in rows],
+                    [examples.categories[i] for i in rows], examples.image_index[rows],
+                    [examples.meta[i] for i in rows] if examples.meta else [])
+
+
 def _subsample(examples: Examples, count: int, rng: np.random.Generator) -> Examples:
     if count <= 0 or count >= len(examples.prompts):
         return examples
-    keep = np.sort(rng.choice(len(examples.prompts), size=count, replace=False))
-    return Examples([examples.prompts[i] for i in keep], [examples.answers[i] for i in keep],
-                    [examples.categories[i] for i in keep], examples.image_index[keep])
+    return take(examples, np.sort(rng.choice(len(examples.prompts), size=count, replace=False)))
 
 
 def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_examples: int, seed: int,
                 caption_repeats: int = 4, questions_per_image: int = 3, image_size: int = 64,
-                pretrain_seed: int = 0) -> EasyVqaSplits:
+                pretrain_seed: int = 0) -> Splits:
     """`pretrain_seed` fixes the held-aside images and so the backbone; `seed` draws the federated questions."""
     train_records = load_image_records(data_dir, "train")
     test_records = load_image_records(data_dir, "test")
@@ -110,49 +133,60 @@ def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_e
     held_aside = sorted(order[:pretrain_images])
     federated = sorted(order[pretrain_images:])
     images = resize_images(np.stack([r.image for r in train_records] + [r.image for r in test_records]), image_size)
-    pretrain = _merge([_pretraining_examples(train_records[i], int(i), caption_repeats, questions_per_image, rng)
-                       for i in held_aside])
-    fed_train = _merge([_questions([train_records[i]], int(i)) for i in federated])
+    pretrain = merge_examples([_pretraining_examples(train_records[i], int(i), caption_repeats,
+                                                     questions_per_image, rng) for i in held_aside])
+    fed_train = merge_examples([_questions([train_records[i]], int(i)) for i in federated])
     fed_test = _questions(test_records, len(train_records))
     fed_rng = np.random.default_rng(seed)
-    return EasyVqaSplits(images, pretrain, _subsample(fed_train, train_examples, fed_rng),
+    return Splits(images, pretrain, _subsample(fed_train, train_examples, fed_rng),
                          _subsample(fed_test, test_examples, fed_rng), vocabulary=_vocabulary(pretrain, fed_train))
 
 
-def _merge(parts: list[Examples]) -> Examples:
+def merge_examples(parts: list[Examples]) -> Examples:
     return Examples(
         [p for e in parts for p in e.prompts],
         [a for e in parts for a in e.answers],
         [c for e in parts for c in e.categories],
-        np.concatenate([e.image_index for e in parts]).astype(np.int32),
+        np.concatenate([np.zeros(0, np.int32)] + [e.image_index for e in parts]).astype(np.int32),
+        [m for e in parts for m in e.meta],
     )
+
 
 
 def _vocabulary(pretrain: Examples, federated_pool: Examples) -> list[str]:
     return pretrain.prompts + pretrain.answers + federated_pool.prompts + federated_pool.answers
 
 
-def tokenizer_for(splits: EasyVqaSplits):
+def tokenizer_for(splits: Splits):
     """Word-level tokenizer over every training text; independent of the federated seed, like the backbone."""
-    return build_tokenizer(splits.vocabulary)
+    return build_tokenizer(splits.vocabulary, lowercase=splits.lowercase)
 
 
-def tokenize_pretraining(splits: EasyVqaSplits, tokenizer, num_image_tokens: int) -> TokenizedSet:
+def tokenize_pretraining(splits: Splits, tokenizer, num_image_tokens: int) -> TokenizedSet:
     p = splits.pretrain
     return tokenize_for_training(tokenizer, p.prompts, p.answers, p.image_index, num_image_tokens)
 
 
-def federated_data(splits: EasyVqaSplits, tokenizer, num_image_tokens: int, num_clients: int,
+def client_partition(splits: Splits, num_clients: int, alpha: float, seed: int) -> dict[str, list[np.ndarray]]:
+    """Per split ("train", "test" and "val" if present), each client's row indices; one Dirichlet draw over
+    `splits.category_order` for all splits, so every client is evaluated on its own distribution."""
+    order = splits.category_order
+    proportions = dirichlet_proportions(len(order), num_clients, alpha, seed)
+    pools = {"train": splits.federated_train, "test": splits.federated_test}
+    if splits.federated_val is not None:
+        pools["val"] = splits.federated_val
+    return {name: partition_by_proportions(pool.categories, proportions, order, seed + offset)
+            for offset, (name, pool) in enumerate(pools.items())}
+
+
+def federated_data(splits: Splits, tokenizer, num_image_tokens: int, num_clients: int,
                    alpha: float, seed: int) -> FederatedData:
     train, test = splits.federated_train, splits.federated_test
     if num_clients > len(train.prompts):
         raise ValueError(f"fed.num_clients ({num_clients}) exceeds the {len(train.prompts)} federated "
                          "training examples; lower it or raise data.train_examples.")
-    order = easy_vqa.QUESTION_CATEGORIES
-    proportions = dirichlet_proportions(len(order), num_clients, alpha, seed)
-    client_train = partition_by_proportions(train.categories, proportions, order, seed)
-    client_test = partition_by_proportions(test.categories, proportions, order, seed + 1)
-    empty = [k for k, rows in enumerate(client_train) if len(rows) == 0]
+    clients = client_partition(splits, num_clients, alpha, seed)
+    empty = [k for k, rows in enumerate(clients["train"]) if len(rows) == 0]
     if empty:
         raise ValueError(f"Clients {empty} received no training examples; raise data.train_examples or "
                          "data.dirichlet_alpha, or lower fed.num_clients.")
@@ -162,6 +196,7 @@ def federated_data(splits: EasyVqaSplits, tokenizer, num_image_tokens: int, num_
         test=tokenize_prompts(tokenizer, test.prompts, test.image_index, num_image_tokens),
         test_answers=test.answers,
         test_categories=test.categories,
-        client_train=client_train,
-        client_test=client_test,
+        client_train=clients["train"],
+        client_test=clients["test"],
+        test_meta=test.meta,
     )

@@ -81,3 +81,28 @@ def tokenize_prompts(tokenizer, prompts: list[str], image_index: np.ndarray, num
         input_ids[i, length - len(row):] = row
         attention_mask[i, length - len(row):] = True
     return TokenizedSet(input_ids, attention_mask, np.zeros_like(attention_mask), np.asarray(image_index, np.int32))
+
+
+# ------------------------------------------------- ScienceQA / IconQA question texts
+# LLaVA-1.5's ScienceQA prompt (the ScienceQA authors' "CQM-A" input: Context, Question, Multiple options,
+# then LLaVA-1.5's instruction to answer with the letter); IconQA's multiple choice uses the same lines
+# without a context, fill-in-the-blank LLaVA-1.5's short-answer instruction.
+OPTION_LETTERS = "ABCDEFGHIJ"
+LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+
+
+def options_line(choices) -> str:
+    if len(choices) > len(OPTION_LETTERS):
+        raise ValueError(f"Expected at most {len(OPTION_LETTERS)} choices, got {len(choices)}.")
+    return "Options: " + " ".join(f"({OPTION_LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
+
+
+def multiple_choice_question(question: str, choices, context: str | None = None) -> str:
+    """'Context: ...\\nQuestion: ...\\nOptions: (A) ... (B) ...\\nAnswer with the option's letter ...'."""
+    lines = [f"Context: {context}"] if context is not None else []
+    return "\n".join(lines + [f"Question: {question}", options_line(choices), LETTER_INSTRUCTION])
+
+
+def short_answer_question(question: str) -> str:
+    return f"Question: {question}\n{SHORT_ANSWER_INSTRUCTION}"

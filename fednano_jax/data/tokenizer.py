@@ -18,18 +18,20 @@ IMAGE = "<image>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)
 
 
-def _train_word_level(texts: Iterable[str]) -> Tokenizer:
+def _train_word_level(texts: Iterable[str], lowercase: bool) -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
-    tokenizer.normalizer = normalizers.Lowercase()
+    if lowercase:
+        tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS)))
     return tokenizer
 
 
-def build_tokenizer(texts: Iterable[str]) -> transformers.PreTrainedTokenizerFast:
-    """Lowercased words and punctuation marks as tokens; encoding adds no BOS/EOS (callers do)."""
+def build_tokenizer(texts: Iterable[str], lowercase: bool = True) -> transformers.PreTrainedTokenizerFast:
+    """Words (lowercased unless told not to: option letters must keep their case) and punctuation marks as
+    tokens; encoding adds no BOS/EOS (callers do)."""
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=_train_word_level(texts),
+        tokenizer_object=_train_word_level(texts, lowercase),
         pad_token=PAD,
         unk_token=UNK,
         bos_token=BOS,

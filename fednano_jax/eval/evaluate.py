@@ -1,4 +1,8 @@
-"""Evaluate adapters on every client's test set: greedy answers, exact match per client.
+"""Evaluate adapters on every client's test set: greedy answers, official accuracy per client.
+
+Answers are scored by the dataset's official rule (`eval.official_accuracy`); each result
+holds the per-client accuracy, their average and, for ScienceQA and IconQA, the
+breakdown the dataset's authors report, over all clients' test rows together.
 
 Three ways a method may answer: one shared (global) adapter for every client, each
 client with its own adapters (LocFT), or FedDPA-F's per-instance mix of a global and
@@ -14,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fednano_jax.data.pipeline import FederatedData
-from fednano_jax.eval.accuracy import exact_match, per_client_accuracy
+from fednano_jax.data.datasets import dataset_name
+from fednano_jax.eval.accuracy import per_client_accuracy
 from fednano_jax.eval.generate import greedy_generate
+from fednano_jax.eval.official_accuracy import SCORERS, breakdown
 from fednano_jax.federated.feddpa import instance_weights, mix_adapters
 from fednano_jax.models.mllm import merge_model
 
@@ -62,6 +68,7 @@ class Evaluator:
                            eos_id=tokenizer.eos_token_id)
         self.dpa_instances, self.dpa_max_weight = config.fed.dpa_instances, config.fed.dpa_max_weight
         self.seed = config.seed
+        self.scorer = SCORERS[dataset_name(config)]
 
     def _batches(self, rows: np.ndarray):
         """Fixed-size batches of test rows (the last padded by repeating row 0), so one compile serves all."""
@@ -77,9 +84,12 @@ class Evaluator:
 
     def _score(self, predictions: dict[int, str]) -> dict:
         rows = np.arange(len(self.data.test))
-        correct = exact_match([predictions[r] for r in rows], self.data.test_answers)
+        meta = self.data.test_meta
+        correct = self.scorer.correct([predictions[r] for r in rows], self.data.test_answers, meta)
         accuracy = per_client_accuracy(correct, self.data.client_test)
-        return {"accuracy": accuracy, "average": float(np.nanmean(accuracy))}
+        result = {"accuracy": accuracy, "average": float(np.nanmean(accuracy))}
+        groups = self.scorer.groups(meta) if meta else {}
+        return {**result, "breakdown": breakdown(correct, groups)} if groups else result
 
     def shared(self, adapters) -> dict:
         rows = np.arange(len(self.data.test))

@@ -1,4 +1,5 @@
-"""Table-2-style results: rows are methods, columns C1..CK and Avg (accuracy in %)."""
+"""Table-2-style results: rows are methods, columns C1..CK and Avg (accuracy in %); for ScienceQA
+and IconQA a second table with the official breakdown (overall, then each group's accuracy)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,28 @@ def results_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_table(rows: dict[str, dict]) -> str:
+    """Methods x breakdown groups (accuracy in %); '' when no row has a breakdown."""
+    columns = list(dict.fromkeys(k for result in rows.values() for k in result.get("breakdown", {})))
+    if not columns:
+        return ""
+    lines = ["| " + " | ".join(["Method"] + columns) + " |", "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+    for name, result in rows.items():
+        scores = result.get("breakdown", {})
+        cells = [f"{100 * scores[c]:.2f}" if c in scores else "-" for c in columns]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    return "\n".join(lines)
+
+
+def report_tables(rows: dict[str, dict]) -> str:
+    """The per-client table, then the breakdown table if there is one."""
+    groups = breakdown_table(rows)
+    return results_table(rows) + (f"\n\nOfficial accuracy by group (%), all clients' test sets:\n{groups}"
+                                  if groups else "")
+
+
 def write_report(workdir: str, rows: dict[str, dict], extra: dict) -> str:
-    table = results_table(rows)
+    table = report_tables(rows)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
     # Written last and atomically: its presence marks a finished run (the study runner relies on it).
