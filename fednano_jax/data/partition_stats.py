@@ -25,7 +25,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def split_sizes(clients: dict[str, list[np.ndarray]]) -> str:
     """Rows: clients, then the total; columns: the splits."""
-    names = list(clients)
+    names = [name for name in ("train", "val", "test") if name in clients]
     num_clients = len(clients[names[0]])
     rows = [[f"C{k + 1}"] + [len(clients[s][k]) for s in names] for k in range(num_clients)]
     totals = ["all"] + [sum(len(rows_k) for rows_k in clients[s]) for s in names]
@@ -52,8 +52,9 @@ def partition_report(config) -> str:
 
 def main(argv) -> None:
     del argv
-    from absl import flags
+    from absl import flags, logging
 
+    logging.set_verbosity(logging.WARNING)  # tfds logs every file it reads at INFO
     from fednano_jax.experiment_config import ConfigError, validate_data
 
     try:

@@ -187,9 +187,9 @@ def prepared(builder_class, data_dir: str, root: str, config_name: str, label: s
 
 
 def records(builder, split: str) -> list[dict]:
-    """A built split's records sorted by pid (the stored order is shuffled)."""
+    """A built split's records in pid order, numeric pids by number (the stored order is shuffled)."""
     source = builder.as_data_source()[split]
-    return sorted((source[i] for i in range(len(source))), key=lambda r: r["pid"])
+    return sorted((source[i] for i in range(len(source))), key=lambda r: (len(r["pid"]), r["pid"]))
 
 
 def text(value) -> str:
