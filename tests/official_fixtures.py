@@ -38,7 +38,8 @@ def scienceqa_problem(index: int, split: str) -> dict:
     """Every other problem has an image, every third a hint; 2 to 5 choices; grades 1 to 12."""
     topic = SCIENCEQA_TOPICS[index % len(SCIENCEQA_TOPICS)]
     num_choices = 2 + index % 4
-    return {"question": f"Which thing {index} is {topic}?", "choices": [f"thing {index} {c}" for c in range(num_choices)],
+    choices = [f"thing {index} {c}" for c in range(num_choices)]
+    return {"question": f"Which thing {index} is {topic}?", "choices": choices,
             "answer": index % num_choices, "hint": f"Hint about {topic}." if index % 3 == 0 else "",
             "image": "image.png" if index % 2 == 0 else None, "task": "closed choice",
             "grade": f"grade{1 + index % 12}", "subject": SCIENCEQA_SUBJECTS[topic], "topic": topic,

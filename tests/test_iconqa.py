@@ -9,11 +9,10 @@ import pytest
 from PIL import Image
 
 from fednano_jax.data import datasets
-from fednano_jax.data.errors import DataError
 from fednano_jax.data.iconqa import GAP, LABEL_HEIGHT, compose_choices
 from fednano_jax.data.tokenizer import IMAGE
 from official_fixtures import ICONQA_SKILLS, MULTI_SKILL_PID, SPLIT_SIZES, write_iconqa
-from test_scienceqa import run_module, tiny_config
+from test_scienceqa import broken_release_sentence, run_module, run_tiny, tiny_config
 
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
@@ -103,14 +102,8 @@ def test_a_choose_img_problem_shows_its_choices(release, tmp_path):
      "pid2skills.json lacks pid 1 that pid_splits.json lists under choose_img_train"),
 ])
 def test_a_broken_release_stops_with_one_sentence_naming_the_layout(tmp_path, breakage, message):
-    root = str(tmp_path / "release")
-    write_iconqa(root)
-    breakage(root)
-    with pytest.raises(DataError) as error:
-        datasets.load_splits(iconqa_config(root, tmp_path / "tfds"))
-    text = str(error.value)
+    text = broken_release_sentence(write_iconqa, breakage, iconqa_config(str(tmp_path / "release"), tmp_path / "t"))
     assert message in text and "https://github.com/lupantech/IconQA" in text and "pid2skills.json" in text
-    assert "\n" not in text and text.endswith(".")
 
 
 def test_paper_config_prints_its_partition_statistics(release, tmp_path):
@@ -125,16 +118,8 @@ def test_paper_config_prints_its_partition_statistics(release, tmp_path):
 
 
 def test_tiny_config_runs_end_to_end_with_the_iconqa_breakdown(release, tmp_path):
-    root, _ = release
-    result = run_module(
-        "fednano_jax.main", "iconqa_tiny", f"--config.data.root={root}", f"--config.data.dir={tmp_path / 'tfds'}",
-        f"--config.pretrain.cache_dir={tmp_path / 'cache'}", "--config.data.pretrain_examples=10",
-        "--config.data.train_examples=24", "--config.data.test_examples=12", "--config.pretrain.steps=5",
-        "--config.pretrain.batch_size=8", "--config.fed.num_clients=2", "--config.fed.rounds=1",
-        "--config.fed.methods=fedavg", "--config.eval.batch_size=12", "--config.checkpoint.every_rounds=0",
-        f"--workdir={tmp_path / 'run'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
+    result, results = run_tiny("iconqa_tiny", release[0], tmp_path, "--config.fed.num_clients=2",
+                               "--config.fed.methods=fedavg")
     assert list(results) == ["Untuned", "FedAvg"]
     for row in results.values():
         assert len(row["accuracy"]) == 2

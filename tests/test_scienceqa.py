@@ -116,14 +116,19 @@ def test_sample_sizes_are_capped(release, tmp_path):
     (lambda root: os.remove(os.path.join(root, "images", "test", "50", "image.png")), "image.png is missing"),
 ])
 def test_a_broken_release_stops_with_one_sentence_naming_the_layout(tmp_path, breakage, message):
-    root = str(tmp_path / "release")
-    write_scienceqa(root)
-    breakage(root)
-    with pytest.raises(DataError) as error:
-        datasets.load_splits(tiny_config(root, tmp_path / "tfds"))
-    text = str(error.value)
+    text = broken_release_sentence(write_scienceqa, breakage, tiny_config(str(tmp_path / "release"), tmp_path / "t"))
     assert message in text and "https://github.com/lupantech/ScienceQA" in text and "images/<split>/<pid>" in text
+
+
+def broken_release_sentence(write_release, breakage, config) -> str:
+    """The DataError that loading a release written at config.data.root, then broken, raises: one sentence."""
+    write_release(config.data.root)
+    breakage(config.data.root)
+    with pytest.raises(DataError) as error:
+        datasets.load_splits(config)
+    text = str(error.value)
     assert "\n" not in text and text.endswith(".")
+    return text
 
 
 def test_missing_parquet_split_names_the_mirror(tmp_path):
@@ -186,18 +191,24 @@ def test_bad_dataset_settings_stop_with_one_sentence(flag, message):
     assert result.stderr.strip().splitlines()[-1].startswith(message)
 
 
-def test_tiny_config_runs_end_to_end_with_the_scienceqa_breakdown(release, tmp_path):
-    root, _ = release
-    result = run_module(
-        "fednano_jax.main", "scienceqa_tiny", f"--config.data.root={root}", f"--config.data.dir={tmp_path / 'tfds'}",
-        f"--config.pretrain.cache_dir={tmp_path / 'cache'}", "--config.data.pretrain_examples=10",
-        "--config.data.train_examples=24", "--config.data.test_examples=12", "--config.pretrain.steps=5",
-        "--config.pretrain.batch_size=8", "--config.fed.num_clients=3", "--config.fed.rounds=1",
-        "--config.fed.methods=fednano", "--config.eval.batch_size=12", "--config.checkpoint.every_rounds=0",
-        f"--workdir={tmp_path / 'run'}")
+SMOKE_FLAGS = ("--config.data.pretrain_examples=10", "--config.data.train_examples=24",
+               "--config.data.test_examples=12", "--config.pretrain.steps=5", "--config.pretrain.batch_size=8",
+               "--config.fed.rounds=1", "--config.eval.batch_size=12", "--config.checkpoint.every_rounds=0")
+
+
+def run_tiny(config: str, root: str, tmp_path, *flags):
+    """A tiny config on a fixture release, smoke-sized -> (the finished process, results.json's results)."""
+    result = run_module("fednano_jax.main", config, f"--config.data.root={root}",
+                        f"--config.data.dir={tmp_path / 'tfds'}", f"--config.pretrain.cache_dir={tmp_path / 'cache'}",
+                        *SMOKE_FLAGS, *flags, f"--workdir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((tmp_path / "run" / "results.json").read_text())["results"]
+
+
+def test_tiny_config_runs_end_to_end_with_the_scienceqa_breakdown(release, tmp_path):
+    result, results = run_tiny("scienceqa_tiny", release[0], tmp_path, "--config.fed.num_clients=3",
+                               "--config.fed.methods=fednano")
     assert "| Method | overall | NAT | SOC | LAN | TXT | IMG | NO | G1-6 | G7-12 |" in result.stdout
-    results = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
     assert list(results) == ["Untuned", "FedNano"]
     for row in results.values():
         assert len(row["accuracy"]) == 3

@@ -75,7 +75,8 @@ class ImageTable:
 def _examples(problems: list[Problem], table: ImageTable) -> Examples:
     return Examples([render_prompt(p.question, has_image=p.image is not None) for p in problems],
                     [p.answer for p in problems], [p.category for p in problems],
-                    np.asarray([table.row(p) for p in problems], np.int32), [{"pid": p.pid, **p.meta} for p in problems])
+                    np.asarray([table.row(p) for p in problems], np.int32),
+                    [{"pid": p.pid, **p.meta} for p in problems])
 
 
 def _pretraining_examples(problem: Problem, table: ImageTable, caption_repeats: int) -> Examples:
