@@ -21,7 +21,7 @@ def get_config() -> ConfigDict:
         root="",  # the release's directory (problems.json, pid_splits.json, images/) or the parquet files'
         format="official",  # or "parquet" (derek-thomas/ScienceQA)
         dir="~/.cache/fednano_jax/tfds",  # the tfds build of the release goes here
-        pretrain_examples=2000,  # official train problems held aside for backbone pretraining only
+        pretrain_examples=2000,  # train problems held aside for backbone pretraining only (at most half the split)
         train_examples=400,  # federated training problems from the rest of the train split (0 = all)
         test_examples=200,  # federated test (and validation) problems from the official splits (0 = all)
         dirichlet_alpha=1.0,  # non-IID skew over ScienceQA's topics

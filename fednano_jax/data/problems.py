@@ -97,9 +97,13 @@ def _sample(problems: list[Problem], count: int, rng: np.random.Generator) -> li
 
 
 def _hold_aside(train: list[Problem], count: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    if not 0 <= count < len(train):
-        raise ValueError(f"data.pretrain_examples must be between 0 and {len(train) - 1} (the official train "
-                         f"split has {len(train)} problems), got {count}.")
+    """`count` seeded train problems for pretraining, at most half the split (a small copy keeps a pool)."""
+    if count < 0:
+        raise ValueError(f"data.pretrain_examples must be non-negative, got {count}.")
+    if count > len(train) // 2:
+        print(f"Holding aside {len(train) // 2} train problems for pretraining (half of the {len(train)}), "
+              f"not data.pretrain_examples={count}.")
+        count = len(train) // 2
     order = np.random.default_rng(seed).permutation(len(train))
     return [train[i] for i in sorted(order[:count])], [train[i] for i in sorted(order[count:])]
 
