@@ -106,7 +106,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
 
 
-def take(examples: Examples, rows) -> Examples:
+def _take(examples: Examples, rows) -> Examples:
     """The examples at `rows`, in that order."""
     rows = np.asarray(rows, np.int64)
     return Examples([examples.prompts[i] for i in rows], [examples.answers[i] for i in rows],
@@ -117,7 +117,7 @@ def take(examples: Examples, rows) -> Examples:
 def _subsample(examples: Examples, count: int, rng: np.random.Generator) -> Examples:
     if count <= 0 or count >= len(examples.prompts):
         return examples
-    return take(examples, np.sort(rng.choice(len(examples.prompts), size=count, replace=False)))
+    return _take(examples, np.sort(rng.choice(len(examples.prompts), size=count, replace=False)))
 
 
 def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_examples: int, seed: int,
@@ -139,7 +139,7 @@ def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_e
     fed_test = _questions(test_records, len(train_records))
     fed_rng = np.random.default_rng(seed)
     return Splits(images, pretrain, _subsample(fed_train, train_examples, fed_rng),
-                         _subsample(fed_test, test_examples, fed_rng), vocabulary=_vocabulary(pretrain, fed_train))
+                  _subsample(fed_test, test_examples, fed_rng), vocabulary=_vocabulary(pretrain, fed_train))
 
 
 def merge_examples(parts: list[Examples]) -> Examples:
@@ -150,7 +150,6 @@ def merge_examples(parts: list[Examples]) -> Examples:
         np.concatenate([np.zeros(0, np.int32)] + [e.image_index for e in parts]).astype(np.int32),
         [m for e in parts for m in e.meta],
     )
-
 
 
 def _vocabulary(pretrain: Examples, federated_pool: Examples) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -165,7 +166,6 @@ def decoder(png: bytes) -> Callable[[], Image.Image] | None:
         return None
 
     def decode() -> Image.Image:
-        import io
         with Image.open(io.BytesIO(png)) as image:
             return image.convert("RGB")
 
