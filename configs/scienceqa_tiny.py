@@ -27,7 +27,7 @@ def get_config() -> ConfigDict:
         dirichlet_alpha=1.0,  # non-IID skew over ScienceQA's topics
     ))
     config.pretrain = ConfigDict({k: v for k, v in config.pretrain.items() if k != "questions_per_image"})
-    config.pretrain.steps = 600
+    config.pretrain.steps = 300
     config.pretrain.caption_repeats = 1  # caption-like examples per held-aside image problem
     config.eval.batch_size = 100
     config.eval.max_new_tokens = 4
