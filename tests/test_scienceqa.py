@@ -15,7 +15,8 @@ from fednano_jax.data.images import mean_colour
 from fednano_jax.data.partition import dirichlet_proportions
 from fednano_jax.data.pipeline import client_partition, tokenizer_for
 from fednano_jax.data.tokenizer import IMAGE
-from fednano_jax.experiment_config import load_config_file
+from fednano_jax.experiment_config import load_config_file, method_names, validate
+from fednano_jax.federated.methods import METHODS
 from official_fixtures import SCIENCEQA_TOPICS, SPLIT_SIZES, write_scienceqa, write_scienceqa_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +179,19 @@ def test_paper_config_prints_its_partition_statistics(release, tmp_path):
     assert sum(int(s[1]) for s in sizes[:5]) == SPLIT_SIZES["train"]
     for topic in SCIENCEQA_TOPICS:
         assert f"| {topic} |" in out
+
+
+@pytest.mark.parametrize("name, dataset", [("scienceqa_llava15_7b", "scienceqa"), ("iconqa_llava15_7b", "iconqa")])
+def test_paper_configs_are_the_papers_setup(name, dataset):
+    config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
+    config.data.root = "/data"
+    validate(config, METHODS)
+    fed = config.fed
+    assert (fed.num_clients, fed.rounds, fed.local_epochs, fed.batch_size) == (5, 10, 1, 8)
+    assert config.model.adapter.rank == 64 and config.data.dirichlet_alpha == 1.0
+    assert set(method_names(config)) == set(METHODS)
+    assert config.model.path == "~/models/llava-1.5-7b-hf" and config.model.vision.image_size == 336
+    assert config.data.name == dataset and config.data.train_examples == config.data.test_examples == 0
 
 
 @pytest.mark.parametrize("flag, message", [
