@@ -64,6 +64,9 @@ def test_text_only_problems_point_at_the_blank_row_and_images_are_padded_to_squa
     assert has_image.any() and (~has_image).any()  # the fixture mixes both
     assert np.all(test.image_index[~has_image] == 0) and np.all(test.image_index[has_image] > 0)
     assert len(set(test.image_index[has_image].tolist())) == has_image.sum()
+    assert np.all(splits.federated_val.image_index == 0)  # validation is not evaluated: no image decoded for it
+    used = {*splits.pretrain.image_index.tolist(), *splits.federated_train.image_index.tolist(), *test.image_index}
+    assert len(splits.images) == len(used | {0})  # exactly the images a run uses, and the blank row
     for row, meta in zip(test.image_index[has_image], np.array(test.meta)[has_image]):
         image = splits.images[row]
         assert image.shape == (64, 64, 3)

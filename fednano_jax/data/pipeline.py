@@ -49,7 +49,7 @@ class Splits:
     federated_test: Examples
     vocabulary: list[str]  # every training text (pretraining and the whole federated pool): tokenizer source
     category_order: tuple[str, ...] = easy_vqa.QUESTION_CATEGORIES  # partition categories, one Dirichlet row each
-    federated_val: Examples | None = None  # official validation split, partitioned like test (not evaluated)
+    federated_val: Examples | None = None  # official val split, partitioned like test; not evaluated, no images
     lowercase: bool = True  # the word-level tokenizer lowercases (easy-VQA); letter answers need case kept
 
 

@@ -120,7 +120,9 @@ def problem_splits(by_split: dict[str, list[Problem]], sizes: Sizes, *, seed: in
               "test": _sample(by_split["test"], sizes.test_examples, rng)}
     table = ImageTable(image_size, with_images)
     pretrain = merge_examples([_pretraining_examples(p, table, caption_repeats) for p in held_aside])
-    federated = {name: _examples(problems, table) for name, problems in chosen.items()}
+    federated = {name: _examples(chosen[name], table) for name in ("train", "test")}
+    # Validation is partitioned (statistics) but not evaluated: its images are not decoded (rows point at 0).
+    federated["val"] = _examples(chosen["val"], ImageTable(image_size, with_images=False))
     pool_texts = [render_prompt(p.question, has_image=p.image is not None) for p in pool] + [p.answer for p in pool]
     categories = sorted({c for examples in federated.values() for c in examples.categories})
     return Splits(table.array(), pretrain, federated["train"], federated["test"],
