@@ -256,6 +256,14 @@ def _checked_path(path) -> str:
     return path
 
 
+def checkpoint_identity(path: str) -> dict:
+    """Size and modification time of a checkpoint's files: changes when the checkpoint is replaced."""
+    path = _checked_path(path)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".json", ".safetensors")))
+    return {os.path.basename(f): [os.path.getsize(f), int(os.path.getmtime(f))] for f in files}
+
+
 def checkpoint_config(path: str, dtype=None, adapter: AdapterConfig | None = None) -> MllmConfig:
     """The model config a checkpoint describes, read from its metadata only (no tensor is loaded)."""
     path = _checked_path(path)
