@@ -3,9 +3,10 @@
     python -m fednano_jax.accounting --config=configs/scienceqa_llava15_7b.py [--text_tokens=128]
 
 The model is built with `nnx.eval_shape`, so no weights are needed and nothing is
-allocated. The model section gives the shapes: a preset's `model.llm` and
-`model.vocab_size`, or the metadata of the checkpoint at `model.path` (its config.json
-or GGUF header; no tensor is read).
+allocated. The model section gives the shapes: `model.llm` and `model.vocab_size` (a
+preset's, even when `model.path` names a checkpoint not yet downloaded), or else the
+metadata of the checkpoint at `model.path` (its config.json or GGUF header; no
+tensor is read).
 
 Besides the adapter traffic the paper counts, a client trains its adapters by
 backpropagating through the server's frozen LLM: every local step sends the adapted
@@ -67,8 +68,8 @@ class Traffic:
 
 def shapes_from_config(config, vocab_size: int | None = None) -> MllmConfig:
     """The MllmConfig the experiment config describes, without reading any tensor."""
-    if config.model.get("path"):
-        return _checkpoint_shapes(config)
+    if config.model.get("path") and not config.model.get("llm"):
+        return _checkpoint_shapes(config)  # a config with preset shapes needs no checkpoint at hand
     vocab_size = vocab_size or config.model.get("vocab_size")
     if not vocab_size:
         raise ConfigError("This config's vocabulary comes from its data (model.vocab_size is unset); pass "

@@ -51,7 +51,9 @@ def llava15_7b_hf_config():
 
 
 def test_llava15_7b_adapters_are_the_papers_1_05m_and_components_match_transformers():
-    counts = parameter_counts(shapes_from_config(experiment(model_presets.llava15_7b(rank=64))))
+    model = model_presets.llava15_7b(rank=64)
+    model.path = "/nonexistent/llava-1.5-7b-hf"  # a paper config before the download: the preset shapes suffice
+    counts = parameter_counts(shapes_from_config(experiment(model)))
     assert counts["NanoAdapter A_I (image tokens)"] + counts["NanoAdapter A_T (text tokens)"] == 1_048_576
     hf = hf_llava_counts(llava15_7b_hf_config())
     assert counts["Vision tower"] == hf["Vision tower"]
