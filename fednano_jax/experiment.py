@@ -25,6 +25,7 @@ from fednano_jax.federated.client import device_dataset
 from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.simulation import run_federated
 from fednano_jax.models.mllm import MultimodalModel, count_params, split_model
+from fednano_jax.sharding import is_main_process, make_mesh, mesh_description
 from fednano_jax.weights.errors import WeightsError
 
 
@@ -81,8 +82,14 @@ def run_experiment(config, workdir: str) -> None:
 
     def log(record: dict) -> None:
         # Appended, tagged with this run's start time: rerunning into a workdir keeps earlier runs' metrics.
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"run": run_id, **record}) + "\n")
+        if is_main_process():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"run": run_id, **record}) + "\n")
+
+    # ---------------------------------------------------------------- Mesh
+    mesh = make_mesh(config.mesh) if "mesh" in config else None
+    if mesh is not None:
+        print(mesh_description(mesh))
 
     # ---------------------------------------------------------------- Data
     splits = pipeline.load_splits(os.path.expanduser(config.data.dir), config.data.pretrain_images,
@@ -121,7 +128,7 @@ def run_experiment(config, workdir: str) -> None:
         method_start = time.perf_counter()
         try:
             result = run_federated(method, graphdef, frozen, adapters, device_data, data.client_train, config,
-                                   evaluator, log, checkpoints)
+                                   evaluator, log, checkpoints, mesh)
         finally:
             if checkpoints:
                 checkpoints.close()
@@ -131,6 +138,8 @@ def run_experiment(config, workdir: str) -> None:
         rows[method.label] = {"accuracy": final["accuracy"], "average": final["average"]}
 
     # -------------------------------------------------------------- Report
+    if not is_main_process():
+        return
     table = write_report(workdir, rows, {"config": config.to_dict(), "client_train_examples": sizes,
                                          "method_seconds": seconds, "history": histories,
                                          "total_seconds": time.perf_counter() - started})

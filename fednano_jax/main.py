@@ -14,11 +14,17 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and results go (default: runs/<config.name>).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
+                                 "(one process per host, e.g. under SLURM; see launch/).")
 
 
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it writes at INFO
+    if _DISTRIBUTED.value:
+        from fednano_jax.sharding import initialize_distributed
+
+        initialize_distributed()
     from fednano_jax.experiment import run_experiment, user_errors
 
     labels = user_errors()
