@@ -20,6 +20,7 @@ def get_config() -> ConfigDict:
 
     config.model = ConfigDict()
     config.model.dtype = "float32"
+    config.model.remat = "none"  # per decoder layer: "none", "full" or "dots" (see models/llama.py)
     config.model.connector = "mlp2x_gelu"
     config.model.vision = ConfigDict(dict(
         image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
