@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import statistics
 import time
 
@@ -28,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fednano_jax import synthetic
-from fednano_jax.xla_stats import flops_of, memory_of, planned_total
+from fednano_jax.xla_stats import device_summary, write_json, flops_of, memory_of, planned_total
 from fednano_jax.experiment_config import parse_flags
 from fednano_jax.federated.client import LocalOptions, initial_carry, local_update, make_client_updates, train_step
 from fednano_jax.federated.simulation import make_optimizer
@@ -160,7 +158,7 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
                for mode in MODES if mode in modes}
     speedup = {f"vmap_over_{other}": results[other]["round_seconds"] / results["vmap"]["round_seconds"]
                for other in ("loop", "sequential") if other in results and "vmap" in results}
-    return {"device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+    return {"device": device_summary(),
             "dtype": p.dtype, "workload": {**dataclasses.asdict(p.work), "tokens_per_round": p.work.tokens_per_round},
             "flops_per_client_step": step_flops,
             "flops_source": "XLA cost_analysis() of the compiled single-client step (forward, backward to the "
@@ -187,11 +185,7 @@ def main(argv) -> None:
     modes = MODES if _MODE.value == "all" else (_MODE.value,)
     report = {"config": config.get("name"), "preset": _PRESET.value, **benchmark(problem, modes, _REPEATS.value)}
     print(summary(report))
-    if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"Written to {_OUT.value}")
+    write_json(_OUT.value, report)
 
 
 if __name__ == "__main__":

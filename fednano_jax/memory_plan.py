@@ -13,8 +13,6 @@ optimizer state) and generated code. One plan per remat policy in --remat.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -26,7 +24,7 @@ from fednano_jax.experiment_config import parse_flags
 from fednano_jax.federated.client import LocalOptions, make_client_updates
 from fednano_jax.federated.simulation import make_optimizer
 from fednano_jax.models.mllm import count_params
-from fednano_jax.xla_stats import memory_of, planned_total
+from fednano_jax.xla_stats import device_summary, write_json, memory_of, planned_total
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
 _PRESET = flags.DEFINE_string("preset", None, f"Replace the config's model by a preset: {sorted(synthetic.PRESETS)}.")
@@ -76,7 +74,6 @@ def main(argv) -> None:
     config = synthetic.with_preset(_CONFIG.value, _PRESET.value)
     if "mesh" not in config:
         raise app.UsageError("The config has no mesh section; copy the one in configs/easyvqa_tiny.py.")
-    device = jax.devices()[0]
     plans = []
     for policy in _REMAT.value:
         config.model.remat = policy
@@ -86,13 +83,9 @@ def main(argv) -> None:
               f"({ {k: round(v / GIB, 3) for k, v in result['per_device_bytes'].items()} } GiB), "
               f"compiled in {result['compile_seconds']:.0f} s")
     report = {"config": config.get("name"), "preset": _PRESET.value, "clients": _CLIENTS.value, "batch": _BATCH.value,
-              "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+              "device": device_summary(),
               "plans": plans}
-    if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"Written to {_OUT.value}")
+    write_json(_OUT.value, report)
 
 
 if __name__ == "__main__":

@@ -23,3 +23,23 @@ def memory_of(compiled) -> dict:
 def planned_total(memory: dict) -> int:
     """Arguments + outputs + temporaries + code, less what outputs alias (donated) arguments."""
     return sum(v for k, v in memory.items() if k != "alias_size_in_bytes") - memory.get("alias_size_in_bytes", 0)
+
+
+def device_summary() -> dict:
+    import jax
+
+    device = jax.devices()[0]
+    return {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()}
+
+
+def write_json(path: str | None, report: dict) -> None:
+    """A measurement report as JSON at `path` (nothing without a path)."""
+    import json
+    import os
+
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"Written to {path}")
