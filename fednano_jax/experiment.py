@@ -25,14 +25,14 @@ from fednano_jax.federated.client import device_dataset
 from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.simulation import run_federated
 from fednano_jax.models.mllm import MultimodalModel, count_params, split_model
-from fednano_jax.sharding import is_main_process, make_mesh, mesh_description
+from fednano_jax.sharding import MeshError, is_main_process, make_mesh, mesh_config_of, mesh_description
 from fednano_jax.weights.errors import WeightsError
 
 
 def user_errors() -> dict:
     """Exceptions a user's input causes -> the label main prints before their one sentence."""
     return {ConfigError: "Config error", CheckpointMismatch: "Checkpoint error", DataError: "Data error",
-            WeightsError: "Checkpoint error"}
+            WeightsError: "Checkpoint error", MeshError: "Config error"}
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -87,9 +87,8 @@ def run_experiment(config, workdir: str) -> None:
                 f.write(json.dumps({"run": run_id, **record}) + "\n")
 
     # ---------------------------------------------------------------- Mesh
-    mesh = make_mesh(config.mesh) if "mesh" in config else None
-    if mesh is not None:
-        print(mesh_description(mesh))
+    mesh = make_mesh(mesh_config_of(config))
+    print(mesh_description(mesh))
 
     # ---------------------------------------------------------------- Data
     splits = pipeline.load_splits(os.path.expanduser(config.data.dir), config.data.pretrain_images,

@@ -48,13 +48,14 @@ def _placed(tree, shardings):
 def plan(config, clients: int, batch: int, steps: int, text_tokens: int) -> dict:
     """Per-device memory of one round for the config's model, remat policy and mesh."""
     mcfg = synthetic.synthetic_model_config(config)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh_config = sharding.mesh_config_of(config)
+    mesh = sharding.make_mesh(mesh_config)
     work = synthetic.Workload(sharding.padded_cohort(clients, mesh), steps, batch,
                               synthetic.sequence_length(mcfg, text_tokens))
     graphdef, frozen, adapters = synthetic.abstract_model(mcfg)
     data, rows, valid = synthetic.abstract_data(mcfg, work)
     everywhere = sharding.replicated(mesh)
-    args = (_placed(adapters, everywhere), _placed(frozen, sharding.backbone_shardings(frozen, mesh, config.mesh)),
+    args = (_placed(adapters, everywhere), _placed(frozen, sharding.backbone_shardings(frozen, mesh, mesh_config)),
             _placed(data, everywhere), *_placed((rows, valid), sharding.client_sharding(mesh)))
     vmapped, _ = make_client_updates(graphdef, make_optimizer(config.fed), LocalOptions())
     program = jax.jit(vmapped, out_shardings=sharding.client_sharding(mesh))
@@ -72,8 +73,6 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     config = synthetic.with_preset(_CONFIG.value, _PRESET.value)
-    if "mesh" not in config:
-        raise app.UsageError("The config has no mesh section; copy the one in configs/easyvqa_tiny.py.")
     plans = []
     for policy in _REMAT.value:
         config.model.remat = policy

@@ -163,7 +163,7 @@ def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: 
     train_rows = training_clients(method, client_rows)
     programs = compile_programs(method, graphdef, fed, mesh)
     if mesh is not None:
-        frozen = sharding.place(frozen, sharding.backbone_shardings(frozen, mesh, config.mesh))
+        frozen = sharding.place(frozen, sharding.backbone_shardings(frozen, mesh, sharding.mesh_config_of(config)))
         device_data, init_adapters = sharding.place((device_data, init_adapters), sharding.replicated(mesh))
     num_examples = np.array([len(r) for r in train_rows])
     train_steps = steps_per_round(train_rows, fed.batch_size, fed.local_epochs)
