@@ -41,10 +41,6 @@ def synthetic_model_config(config: ConfigDict) -> MllmConfig:
     return model_config(config, vocab, image_token_id=vocab - 1)
 
 
-def _cast_floats(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def _as_abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
@@ -60,20 +56,23 @@ def _frozen_dtype(dtype, mcfg: MllmConfig):
     return jnp.dtype(mcfg.llm.dtype) if jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
+def _random_like(abstract, key):
+    """Normal(0, 0.02) matrices and all-ones vectors (norm scales, biases), made directly in their dtype."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    keys = jax.random.split(key, len(leaves))
+    made = [jax.random.normal(k, x.shape, x.dtype) * 0.02 if x.ndim >= 2 else jnp.ones(x.shape, x.dtype)
+            for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, made)
+
+
 def random_model(mcfg: MllmConfig, seed: int = 0):
-    """-> (graphdef, frozen, adapters) with random weights, built on the device in one jitted program.
-
-    `up` gets small random values instead of zeros so gradients reach both adapter matrices.
-    """
-    graphdef, _, _ = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(seed))))
-
-    @jax.jit
-    def build():
-        _, frozen, adapters = split_model(MultimodalModel(mcfg, nnx.Rngs(seed)))
-        adapters = jax.tree.map(lambda x: x + 1e-3, adapters)
-        return _cast_floats(frozen, jnp.dtype(mcfg.llm.dtype)), adapters
-
-    frozen, adapters = build()
+    """-> (graphdef, frozen, adapters) with random weights, generated on the device in their final dtypes
+    (a 7B bf16 backbone never exists in float32). Adapters get random `up` too, so gradients reach both
+    adapter matrices."""
+    graphdef, frozen, adapters = abstract_model(mcfg)
+    frozen_key, adapter_key = jax.random.split(jax.random.key(seed))
+    frozen = jax.jit(lambda key: _random_like(frozen, key))(frozen_key)
+    adapters = jax.jit(lambda key: _random_like(adapters, key))(adapter_key)
     return graphdef, frozen, adapters
 
 
