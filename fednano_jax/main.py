@@ -16,6 +16,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and results go (default: runs/<config.name>).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
                                  "(one process per host, e.g. under SLURM; see launch/).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--distributed outside SLURM/MPI: host:port of "
+                                   "process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed outside SLURM/MPI: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed outside SLURM/MPI: this process's index.")
 
 
 def main(argv) -> None:
@@ -24,7 +28,7 @@ def main(argv) -> None:
     if _DISTRIBUTED.value:
         from fednano_jax.sharding import initialize_distributed
 
-        initialize_distributed()
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from fednano_jax.experiment import run_experiment, user_errors
 
     labels = user_errors()

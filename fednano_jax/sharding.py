@@ -151,14 +151,26 @@ def sharded_client_program(program, mesh: Mesh, per_client_args: tuple[int, ...]
     return run
 
 
+def to_host(x) -> np.ndarray:
+    """A (possibly clients-sharded, possibly multi-host) array as one numpy array on every process."""
+    if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def mesh_description(mesh: Mesh) -> str:
     return (f"Mesh: {mesh.shape[CLIENTS]} (clients) x {mesh.shape[MODEL]} (model) over {mesh.devices.size} "
             f"{mesh.devices.flat[0].platform} devices, {jax.process_count()} process(es)")
 
 
-def initialize_distributed() -> None:
-    """Multi-host start-up: `jax.distributed.initialize()` reads the cluster (SLURM, ...) itself."""
-    jax.distributed.initialize()
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Multi-host start-up. With no arguments `jax.distributed.initialize()` reads the cluster (SLURM,
+    Open MPI, ...) itself; elsewhere pass all three. CPU processes exchange data through gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
     print(f"Process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
           f"{jax.device_count()} in all")
 

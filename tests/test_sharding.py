@@ -138,3 +138,30 @@ def test_eight_device_tests_in_a_subprocess():
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout and "skipped" not in result.stdout
+
+
+@pytest.mark.skipif(jax.device_count() >= 8, reason="runs from the 1-device suite")
+def test_two_processes_give_the_one_device_round(tiny_config):
+    """2 processes x 2 CPU devices (jax.distributed, gloo): a padded cohort gives the 1-device result."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": f"{ROOT}:{os.path.join(ROOT, 'tests')}"}
+    script = os.path.join(ROOT, "tests", "multihost_round.py")
+    processes = [subprocess.Popen([sys.executable, script, port, str(i)], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    results = []
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    single = federated_run(tiny_config, "fedavg", num_clients=4, cohort=3)
+    assert [r["devices"] for r in results] == [4, 4]
+    for r in results:
+        np.testing.assert_allclose(r["loss"], single.history[0]["train_loss"], rtol=1e-5)
+        for got, want in zip(r["adapters"], jax.tree.leaves(single.state["global"])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -153,7 +153,7 @@ def _federated_round(programs: RoundPrograms, state: dict, frozen, device_data, 
         fishers = programs.extra_fisher(trained, frozen, device_data, *fisher_schedule())
     uploads = ClientUploads(trained, fishers, jnp.asarray(counts))
     new_global, used = programs.aggregate(uploads, jnp.asarray(reporting), state["global"])
-    return {**state, "global": new_global}, losses, np.asarray(used)
+    return {**state, "global": new_global}, losses, sharding.to_host(used)
 
 
 def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: dict,
@@ -198,7 +198,7 @@ def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: 
                                                 client_rows, fed, config.seed, round_index + 1)
         record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
                   "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
-                  "train_loss": np.asarray(losses).tolist(), "uploaded_bytes": int(upload_bytes * reporting.sum()),
+                  "train_loss": sharding.to_host(losses).tolist(), "uploaded_bytes": int(upload_bytes * reporting.sum()),
                   "round_seconds": time.perf_counter() - start}
         _warn_about_faults(record, used)
         if last or (config.eval.every_rounds and (round_index + 1) % config.eval.every_rounds == 0):
