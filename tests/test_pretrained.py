@@ -276,3 +276,29 @@ def test_smollm2_answers_a_chat_prompt_as_transformers_does():
     theirs = theirs.numpy()
     np.testing.assert_array_equal(ours[: len(theirs)], theirs)
     assert "Paris" in model.tokenizer.decode(ours, skip_special_tokens=True)
+
+
+def test_images_are_prepared_as_llava_with_the_checkpoints_statistics(tmp_path):
+    from PIL import Image
+
+    reference = save_llava(tmp_path, seed=3)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                   image_mean=mean, image_std=std)
+    processor.save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path), dtype="float32")
+    rng = np.random.default_rng(6)
+    square = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    wide = Image.fromarray(np.full((20, 40, 3), 200, np.uint8))
+    prepared = model.preprocess([square, wide])
+    assert prepared.dtype == np.uint8 and prepared.shape == (2, 32, 32, 3)
+    # LLaVA-1.5 pads a wide image above and below with the mean colour, int(mean * 255).
+    np.testing.assert_array_equal(prepared[1, 0, 0], [127, 102, 76])
+    np.testing.assert_array_equal(prepared[1, 16, 16], [200, 200, 200])
+    # The square image needs no padding: the logits equal transformers' on its own processor's pixels.
+    ids, mask = padded_batch(rng, [20], 20, left=False, image_tokens=16)
+    pixels = processor(images=[square], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor(ids), pixel_values=pixels,
+                             attention_mask=torch.tensor(mask.astype(np.int64))).logits
+    assert_logits_match(model.logits(ids, prepared[:1], mask), expected, mask)

@@ -1,0 +1,112 @@
+"""The parameter and traffic accounting (paper Table 1), checked against transformers' own module sizes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import ConfigDict
+
+from fednano_jax import model_presets
+from fednano_jax.accounting import communication, parameter_counts, report, shapes_from_config
+from fednano_jax.experiment_config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def experiment(model: ConfigDict, train_examples=2000) -> ConfigDict:
+    config = ConfigDict()
+    config.name = "accounting"
+    config.model = model
+    config.data = ConfigDict(dict(train_examples=train_examples))
+    config.fed = ConfigDict(dict(num_clients=5, batch_size=8, local_epochs=1))
+    return config
+
+
+def hf_llava_counts(hf_config) -> dict:
+    """transformers' LLaVA on the meta device (no memory): parameters per FedNano component."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        model = transformers.LlavaForConditionalGeneration(hf_config)
+    size = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    vision = model.model.vision_tower
+    embed = model.model.language_model.embed_tokens
+    # LLaVA reads hidden_states[-2]: the tower's post_layernorm (and with it the last layer's output) is unused.
+    unused = size(vision.post_layernorm)
+    return {"Vision tower": size(vision) - unused, "Connector": size(model.model.multi_modal_projector),
+            "Token embeddings": size(embed), "LLM": size(model) - size(vision) - size(model.model.multi_modal_projector)
+            - size(embed)}
+
+
+def llava15_7b_hf_config():
+    transformers = pytest.importorskip("transformers")
+    vision = transformers.CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                                           num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+    text = transformers.LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                    num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+    return transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                                    vision_feature_layer=-2)
+
+
+def test_llava15_7b_adapters_are_the_papers_1_05m_and_components_match_transformers():
+    model = model_presets.llava15_7b(rank=64)
+    model.path = "/nonexistent/llava-1.5-7b-hf"  # a paper config before the download: the preset shapes suffice
+    counts = parameter_counts(shapes_from_config(experiment(model)))
+    assert counts["NanoAdapter A_I (image tokens)"] + counts["NanoAdapter A_T (text tokens)"] == 1_048_576
+    hf = hf_llava_counts(llava15_7b_hf_config())
+    assert counts["Vision tower"] == hf["Vision tower"]
+    assert counts["Connector"] == hf["Connector"]
+    assert counts["Token embeddings"] == hf["Token embeddings"]
+    assert counts["LLM (decoder, final norm, LM head)"] == hf["LLM"]
+
+
+def test_a_checkpoint_is_accounted_from_its_metadata(tmp_path):
+    from test_pretrained import llava_hf_config, save_llava
+
+    save_llava(tmp_path)
+    model = ConfigDict(dict(path=str(tmp_path), dtype="float32", connector="mlp2x_gelu",
+                            adapter=dict(rank=4, alpha=8.0, image=True, text=True)))
+    counts = parameter_counts(shapes_from_config(experiment(model)))
+    hf = hf_llava_counts(llava_hf_config())
+    assert counts["Vision tower"] == hf["Vision tower"] and counts["Connector"] == hf["Connector"]
+    assert counts["LLM (decoder, final norm, LM head)"] == hf["LLM"]
+    assert counts["NanoAdapter A_T (text tokens)"] == 2 * 64 * 4
+
+
+def test_traffic_counts_adapters_fisher_and_split_learning_activations():
+    figures = report(experiment(model_presets.llava15_7b(rank=64), train_examples=100), text_tokens=64)
+    traffic, rows = figures["traffic"], figures["per_client_per_round"]
+    assert traffic["sequence_length"] == 576 + 64 and traffic["local_steps"] == 3  # 20 examples, batch 8
+    adapter_bytes = 4 * 1_048_576
+    assert rows["FedAvg"]["upload_bytes"] == adapter_bytes == rows["FedAvg"]["download_bytes"]
+    assert rows["FedNano"]["upload_bytes"] == 2 * adapter_bytes  # adapters plus their diagonal Fisher
+    assert rows["LocFT"]["upload_bytes"] == 0 and "Centralized" not in rows
+    step = 8 * 640 * 4096 * 2  # batch x tokens x hidden x bf16 bytes
+    assert rows["FedAvg"]["embeddings_up_bytes"] == 3 * step == rows["FedAvg"]["gradients_down_bytes"]
+    assert rows["FedNano"]["embeddings_up_bytes"] == 3 * step + 20 * 640 * 4096 * 2  # plus the Fisher pass
+    assert rows["FedNano-EF"]["embeddings_up_bytes"] == 3 * step
+
+
+def test_a_config_without_a_vocabulary_asks_for_one():
+    config = experiment(ConfigDict(dict(dtype="float32", connector="mlp2x_gelu",
+                                        vision=model_presets.llava15_7b().vision.to_dict(),
+                                        llm=model_presets.llava15_7b().llm.to_dict(),
+                                        adapter=dict(rank=4, alpha=8.0, image=True, text=True))))
+    with pytest.raises(ConfigError, match="--vocab_size"):
+        shapes_from_config(config)
+
+
+def test_command_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "accounting.json"
+    result = subprocess.run([sys.executable, "-m", "fednano_jax.accounting", "--config=configs/easyvqa_tiny.py",
+                             "--vocab_size=64", f"--out={out}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Trained and uploaded (NanoAdapters)" in result.stdout and "| FedNano |" in result.stdout
+    figures = json.loads(out.read_text())
+    assert figures["adapters"] == 2 * 2 * 128 * 16  # two adapters, d=128, rank 16
+    missing = subprocess.run([sys.executable, "-m", "fednano_jax.accounting", "--config=configs/easyvqa_tiny.py"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("Config error:")
