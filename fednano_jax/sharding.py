@@ -99,6 +99,8 @@ def place(tree, shardings):
         return jax.device_put(tree, shardings)
 
     def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)  # already global: reshard
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
