@@ -120,6 +120,9 @@ def padded_cohort(cohort_size: int, mesh: Mesh) -> int:
     return -(-cohort_size // size) * size
 
 
+_ANNOUNCED_PADDING = set()  # (cohort, clients-axis size) pairs already reported, to say it once per run
+
+
 def _pad_clients(tree, count: int):
     """Append `count` all-zero dummy clients: zero rows, no valid step, zero (identity) adapters."""
     if not count:
@@ -135,13 +138,12 @@ def sharded_client_program(program, mesh: Mesh, per_client_args: tuple[int, ...]
     the clients axis and sharded. Every output has a leading clients axis, trimmed back.
     """
     jitted = jax.jit(program, out_shardings=client_sharding(mesh))
-    announced = []
 
     def run(*args):
         count = jax.tree.leaves(args[per_client_args[0]])[0].shape[0]
         extra = padded_cohort(count, mesh) - count
-        if extra and not announced:
-            announced.append(True)
+        if extra and (count, mesh.shape[CLIENTS]) not in _ANNOUNCED_PADDING:
+            _ANNOUNCED_PADDING.add((count, mesh.shape[CLIENTS]))
             print(f"Cohort of {count} clients padded with {extra} masked dummy clients to fill the "
                   f"{mesh.shape[CLIENTS]}-device clients axis; a cohort it divides wastes nothing.")
         args = list(args)
