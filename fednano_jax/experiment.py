@@ -6,6 +6,7 @@ study runner runs once per grid cell.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -71,6 +72,16 @@ def pretrained_backbone(config, splits):
     return graphdef, frozen, adapters, tokenizer, mcfg
 
 
+def with_remat(graphdef, mcfg, policy: str):
+    """The model graph with decoder layers rematerialised by `policy` (parameters unchanged), whatever
+    built the backbone (pretraining, a cache, a checkpoint)."""
+    if mcfg.llm.remat == policy:
+        return graphdef, mcfg
+    mcfg = dataclasses.replace(mcfg, llm=dataclasses.replace(mcfg.llm, remat=policy))
+    graphdef, _, _ = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(0))))
+    return graphdef, mcfg
+
+
 def run_experiment(config, workdir: str) -> None:
     """Everything one config describes; results land in `workdir` (results.json is written last)."""
     # -------------------------------------------------------------- Config
@@ -98,6 +109,7 @@ def run_experiment(config, workdir: str) -> None:
 
     # ------------------------------------------------- Pretrained backbone
     graphdef, frozen, adapters, tokenizer, mcfg = pretrained_backbone(config, splits)
+    graphdef, mcfg = with_remat(graphdef, mcfg, config.model.get("remat", "none"))
     print(f"Backbone: {count_params(frozen):,} frozen parameters; NanoAdapters: {count_params(adapters):,} "
           f"trainable parameters per client")
 

@@ -74,3 +74,14 @@ def test_memory_plan_command_plans_each_remat_policy(tmp_path):
     for p in plans:
         assert p["per_device_bytes"]["argument_size_in_bytes"] > 0 and p["per_device_total_gib"] > 0
         assert p["clients_planned"] == 3 and p["seq_len"] == 21
+
+
+def test_with_remat_rebuilds_the_graph_for_the_same_parameters(tiny_config):
+    from fednano_jax.experiment import with_remat
+
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    remat_graphdef, remat_config = with_remat(graphdef, tiny_config, "full")
+    assert remat_config.llm.remat == "full" and with_remat(graphdef, tiny_config, "none") == (graphdef, tiny_config)
+    loss, _ = adapter_value_and_grad(graphdef, frozen, adapters, data)
+    remat_loss, _ = adapter_value_and_grad(remat_graphdef, frozen, adapters, data)
+    np.testing.assert_allclose(loss, remat_loss, rtol=1e-6)
