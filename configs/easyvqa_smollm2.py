@@ -60,6 +60,8 @@ def get_config() -> ConfigDict:
     config.fed.dpa_max_weight = 0.5  # FedDPA-F: largest weight the local adapter can get
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
 
+    config.mesh = ConfigDict(dict(clients=-1, model=1, backbone="replicated", fsdp_min_size=2**20))  # see easyvqa_tiny
+
     config.checkpoint = ConfigDict()
     config.checkpoint.every_rounds = 1  # server state + metrics to <workdir>/checkpoints/<method>; 0 = off
     config.checkpoint.keep = 3

@@ -20,6 +20,7 @@ def get_config() -> ConfigDict:
 
     config.model = ConfigDict()
     config.model.dtype = "float32"
+    config.model.remat = "none"  # per decoder layer: "none", "full" or "dots" (see models/llama.py)
     config.model.connector = "mlp2x_gelu"
     config.model.vision = ConfigDict(dict(
         image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
@@ -56,6 +57,12 @@ def get_config() -> ConfigDict:
     config.fed.dpa_instances = 5  # FedDPA-F: local training inputs compared with each test input
     config.fed.dpa_max_weight = 0.5  # FedDPA-F: largest weight the local adapter can get
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
+
+    config.mesh = ConfigDict()  # devices: clients x model (-1 = the rest); see fednano_jax/sharding.py
+    config.mesh.clients = -1  # the cohort is spread over this axis (padded with masked dummies if not divisible)
+    config.mesh.model = 1  # backbone axis
+    config.mesh.backbone = "replicated"  # or "fsdp": large frozen matrices sharded over the model axis
+    config.mesh.fsdp_min_size = 2**20  # fsdp: matrices with fewer elements stay replicated
 
     config.checkpoint = ConfigDict()
     config.checkpoint.every_rounds = 1  # server state + metrics to <workdir>/checkpoints/<method>; 0 = off

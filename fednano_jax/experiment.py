@@ -6,6 +6,7 @@ study runner runs once per grid cell.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,13 +26,14 @@ from fednano_jax.federated.client import device_dataset
 from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.simulation import run_federated
 from fednano_jax.models.mllm import MultimodalModel, count_params, split_model
+from fednano_jax.sharding import MeshError, is_main_process, make_mesh, mesh_config_of, mesh_description
 from fednano_jax.weights.errors import WeightsError
 
 
 def user_errors() -> dict:
     """Exceptions a user's input causes -> the label main prints before their one sentence."""
     return {ConfigError: "Config error", CheckpointMismatch: "Checkpoint error", DataError: "Data error",
-            WeightsError: "Checkpoint error"}
+            WeightsError: "Checkpoint error", MeshError: "Config error"}
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -70,6 +72,16 @@ def pretrained_backbone(config, splits):
     return graphdef, frozen, adapters, tokenizer, mcfg
 
 
+def with_remat(graphdef, mcfg, policy: str):
+    """The model graph with decoder layers rematerialised by `policy` (parameters unchanged), whatever
+    built the backbone (pretraining, a cache, a checkpoint)."""
+    if mcfg.llm.remat == policy:
+        return graphdef, mcfg
+    mcfg = dataclasses.replace(mcfg, llm=dataclasses.replace(mcfg.llm, remat=policy))
+    graphdef, _, _ = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(0))))
+    return graphdef, mcfg
+
+
 def run_experiment(config, workdir: str) -> None:
     """Everything one config describes; results land in `workdir` (results.json is written last)."""
     # -------------------------------------------------------------- Config
@@ -81,8 +93,13 @@ def run_experiment(config, workdir: str) -> None:
 
     def log(record: dict) -> None:
         # Appended, tagged with this run's start time: rerunning into a workdir keeps earlier runs' metrics.
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"run": run_id, **record}) + "\n")
+        if is_main_process():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"run": run_id, **record}) + "\n")
+
+    # ---------------------------------------------------------------- Mesh
+    mesh = make_mesh(mesh_config_of(config))
+    print(mesh_description(mesh))
 
     # ---------------------------------------------------------------- Data
     try:
@@ -94,6 +111,7 @@ def run_experiment(config, workdir: str) -> None:
 
     # ------------------------------------------------- Pretrained backbone
     graphdef, frozen, adapters, tokenizer, mcfg = pretrained_backbone(config, splits)
+    graphdef, mcfg = with_remat(graphdef, mcfg, config.model.get("remat", "none"))
     print(f"Backbone: {count_params(frozen):,} frozen parameters; NanoAdapters: {count_params(adapters):,} "
           f"trainable parameters per client")
 
@@ -123,7 +141,7 @@ def run_experiment(config, workdir: str) -> None:
         method_start = time.perf_counter()
         try:
             result = run_federated(method, graphdef, frozen, adapters, device_data, data.client_train, config,
-                                   evaluator, log, checkpoints)
+                                   evaluator, log, checkpoints, mesh)
         finally:
             if checkpoints:
                 checkpoints.close()
@@ -133,6 +151,8 @@ def run_experiment(config, workdir: str) -> None:
         rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown") if key in final}
 
     # -------------------------------------------------------------- Report
+    if not is_main_process():
+        return
     table = write_report(workdir, rows, {"config": config.to_dict(), "client_train_examples": sizes,
                                          "method_seconds": seconds, "history": histories,
                                          "total_seconds": time.perf_counter() - started})

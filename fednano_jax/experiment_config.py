@@ -12,7 +12,7 @@ import sys
 
 from ml_collections import ConfigDict
 
-from fednano_jax.models.llama import LlamaConfig
+from fednano_jax.models.llama import REMAT_POLICIES, LlamaConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig
 from fednano_jax.models.vision import VisionConfig
 
@@ -67,6 +67,8 @@ def validate(config: ConfigDict, known_methods) -> None:
     _require(0.0 <= fed.dpa_max_weight <= 1.0, f"fed.dpa_max_weight must lie in [0, 1], got {fed.dpa_max_weight}.")
     _require(data.dirichlet_alpha > 0, f"data.dirichlet_alpha must be positive, got {data.dirichlet_alpha}.")
     _require(config.pretrain.steps >= 0, f"pretrain.steps must be non-negative, got {config.pretrain.steps}.")
+    _require(config.model.get("remat", "none") in REMAT_POLICIES,
+             f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {config.model.get('remat')!r}.")
     methods = method_names(config)
     _require(len(methods) > 0, "fed.methods must name at least one method.")
     for name in methods:
@@ -101,7 +103,7 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
     llm = LlamaConfig(
         vocab_size=vocab_size, hidden_size=l.hidden_size, intermediate_size=l.intermediate_size,
         num_layers=l.num_layers, num_heads=l.num_heads, num_kv_heads=l.num_kv_heads,
-        rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps, dtype=m.dtype,
+        rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps, dtype=m.dtype, remat=m.get("remat", "none"),
     )
     return MllmConfig(vision_config(config), llm, adapter_config(config), image_token_id, m.connector)
 

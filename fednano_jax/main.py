@@ -14,11 +14,21 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and results go (default: runs/<config.name>).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
+                                 "(one process per host, e.g. under SLURM; see launch/).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--distributed outside SLURM/MPI: host:port of "
+                                   "process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--distributed outside SLURM/MPI: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--distributed outside SLURM/MPI: this process's index.")
 
 
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # tfds logs every file it writes at INFO
+    if _DISTRIBUTED.value:
+        from fednano_jax.sharding import initialize_distributed
+
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from fednano_jax.experiment import run_experiment, user_errors
 
     labels = user_errors()

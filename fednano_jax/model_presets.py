@@ -22,3 +22,17 @@ def llava15_7b(rank: int = 64, alpha: float = 16.0) -> ConfigDict:
         vocab_size=32064,  # the checkpoint's text vocabulary, <image> (id 32000) and padding included
         adapter=dict(rank=rank, alpha=alpha, image=True, text=True),
     ))
+
+
+def smollm2_135m(rank: int = 16, alpha: float = 32.0) -> ConfigDict:
+    """HuggingFaceTB/SmolLM2-135M(-Instruct) as the LLM, with the small 64 px vision tower of configs/easyvqa_*."""
+    return ConfigDict(dict(
+        dtype="bfloat16",
+        connector="mlp2x_gelu",
+        vision=dict(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                    feature_layer=-2),
+        llm=dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                 rope_theta=100000.0, rms_norm_eps=1e-5),
+        vocab_size=49152,
+        adapter=dict(rank=rank, alpha=alpha, image=True, text=True),
+    ))

@@ -54,6 +54,26 @@ class LocalOptions:
     accumulate_fisher: bool = False  # FedNano-EF: sum of squared mini-batch gradients
 
 
+def train_step(graphdef, optimizer: optax.GradientTransformation, options: LocalOptions, start_adapters, frozen,
+               data, carry, step_rows, step_valid):
+    """One optimizer step on one batch: carry (adapters, optimizer state, squared-gradient sums | None)
+    -> (new carry, loss)."""
+    adapters, opt_state, squares = carry
+    batch = gather_batch(data, step_rows, step_valid)
+    loss, grads = adapter_value_and_grad(graphdef, frozen, adapters, batch)
+    if options.prox_mu:
+        grads = jax.tree.map(lambda g, a, s: g + options.prox_mu * (a - s), grads, adapters, start_adapters)
+    if options.accumulate_fisher:
+        squares = jax.tree.map(lambda total, g: total + jnp.square(g), squares, grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, adapters)
+    return (optax.apply_updates(adapters, updates), new_opt_state, squares), loss
+
+
+def initial_carry(optimizer: optax.GradientTransformation, options: LocalOptions, start_adapters):
+    squares = jax.tree.map(jnp.zeros_like, start_adapters) if options.accumulate_fisher else None
+    return start_adapters, optimizer.init(start_adapters), squares
+
+
 def local_update(graphdef, optimizer: optax.GradientTransformation, options: LocalOptions, start_adapters, frozen,
                  data, rows, valid):
     """One client's local training from `start_adapters`. rows, valid: [steps, batch].
@@ -63,20 +83,12 @@ def local_update(graphdef, optimizer: optax.GradientTransformation, options: Loc
     step_active = valid.any(axis=1)
 
     def step(carry, inputs):
-        adapters, opt_state, squares = carry
         step_rows, step_valid, active = inputs
-        batch = gather_batch(data, step_rows, step_valid)
-        loss, grads = adapter_value_and_grad(graphdef, frozen, adapters, batch)
-        if options.prox_mu:
-            grads = jax.tree.map(lambda g, a, s: g + options.prox_mu * (a - s), grads, adapters, start_adapters)
-        if options.accumulate_fisher:
-            squares = jax.tree.map(lambda total, g: total + jnp.square(g), squares, grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, adapters)
-        new_carry = (optax.apply_updates(adapters, updates), new_opt_state, squares)
+        new_carry, loss = train_step(graphdef, optimizer, options, start_adapters, frozen, data, carry, step_rows,
+                                     step_valid)
         return tree_select(active, new_carry, carry), loss
 
-    squares = jax.tree.map(jnp.zeros_like, start_adapters) if options.accumulate_fisher else None
-    carry = (start_adapters, optimizer.init(start_adapters), squares)
+    carry = initial_carry(optimizer, options, start_adapters)
     (adapters, _, squares), losses = jax.lax.scan(step, carry, (rows, valid, step_active))
     mean_loss = jnp.sum(losses * step_active) / jnp.maximum(step_active.sum(), 1)
     return adapters, mean_loss, squares

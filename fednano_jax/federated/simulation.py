@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
+from fednano_jax import sharding
 from fednano_jax.checkpoint import CheckpointMismatch, RoundCheckpoints
 from fednano_jax.federated.client import make_client_updates
 from fednano_jax.federated.fisher import make_client_fishers
@@ -120,14 +122,19 @@ class RoundPrograms:
     aggregate: Callable | None  # (uploads, reporting, previous global) -> (global, used)
 
 
-def compile_programs(method: Method, graphdef, fed) -> RoundPrograms:
-    vmapped, sequential = make_client_updates(graphdef, make_optimizer(fed), method.local_options(fed),
-                                              personal=method.personal == "local")
+def compile_programs(method: Method, graphdef, fed, mesh: Mesh | None = None) -> RoundPrograms:
+    """With a mesh (vmap mode), clients run sharded over its `clients` axis (see sharding.py)."""
+    personal = method.personal == "local"
+    vmapped, sequential = make_client_updates(graphdef, make_optimizer(fed), method.local_options(fed), personal)
+    extra_fisher = make_client_fishers(graphdef) if method.fisher == "extra_pass" else None
+    if mesh is not None and fed.mode == "vmap":
+        vmapped = sharding.sharded_client_program(vmapped, mesh, (3, 4, 0) if personal else (3, 4))
+        if extra_fisher is not None:
+            extra_fisher = sharding.sharded_client_program(extra_fisher, mesh, (3, 4, 0))
     aggregate = None
     if method.aggregate is not None:
         aggregate = jax.jit(functools.partial(aggregate_uploads, lambda a, f, n: method.aggregate(a, f, n, fed)))
-    return RoundPrograms(vmapped if fed.mode == "vmap" else sequential,
-                         make_client_fishers(graphdef) if method.fisher == "extra_pass" else None, aggregate)
+    return RoundPrograms(vmapped if fed.mode == "vmap" else sequential, extra_fisher, aggregate)
 
 
 def _local_round(programs: RoundPrograms, state: dict, frozen, device_data, cohort, rows, valid):
@@ -146,15 +153,18 @@ def _federated_round(programs: RoundPrograms, state: dict, frozen, device_data, 
         fishers = programs.extra_fisher(trained, frozen, device_data, *fisher_schedule())
     uploads = ClientUploads(trained, fishers, jnp.asarray(counts))
     new_global, used = programs.aggregate(uploads, jnp.asarray(reporting), state["global"])
-    return {**state, "global": new_global}, losses, np.asarray(used)
+    return {**state, "global": new_global}, losses, sharding.to_host(used)
 
 
 def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: dict,
                   client_rows: list[np.ndarray], config, evaluator, log: Callable,
-                  checkpoints: RoundCheckpoints | None = None) -> RunResult:
+                  checkpoints: RoundCheckpoints | None = None, mesh: Mesh | None = None) -> RunResult:
     fed = config.fed
     train_rows = training_clients(method, client_rows)
-    programs = compile_programs(method, graphdef, fed)
+    programs = compile_programs(method, graphdef, fed, mesh)
+    if mesh is not None:
+        frozen = sharding.place(frozen, sharding.backbone_shardings(frozen, mesh, sharding.mesh_config_of(config)))
+        device_data, init_adapters = sharding.place((device_data, init_adapters), sharding.replicated(mesh))
     num_examples = np.array([len(r) for r in train_rows])
     train_steps = steps_per_round(train_rows, fed.batch_size, fed.local_epochs)
     fisher_steps = steps_per_round(train_rows, fed.batch_size, 1)
@@ -188,7 +198,7 @@ def run_federated(method: Method, graphdef, frozen, init_adapters, device_data: 
                                                 client_rows, fed, config.seed, round_index + 1)
         record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
                   "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
-                  "train_loss": np.asarray(losses).tolist(), "uploaded_bytes": int(upload_bytes * reporting.sum()),
+                  "train_loss": sharding.to_host(losses).tolist(), "uploaded_bytes": int(upload_bytes * reporting.sum()),
                   "round_seconds": time.perf_counter() - start}
         _warn_about_faults(record, used)
         if last or (config.eval.every_rounds and (round_index + 1) % config.eval.every_rounds == 0):

@@ -27,6 +27,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     dtype: str = "float32"
+    remat: str = "none"  # rematerialisation per decoder layer in training passes: a key of REMAT_POLICIES
 
     @property
     def resolved_head_dim(self) -> int:
@@ -52,6 +53,36 @@ class KVCache:
             valid=jnp.zeros((batch, max_len), bool),
             index=jnp.zeros((), jnp.int32),
         )
+
+
+# What a decoder layer keeps for the backward pass; everything else is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # only each layer's input: least memory, ~1 extra forward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+}
+
+
+def _layer_output(layer, x, positions, mask):
+    return layer(x, positions, mask)[0]
+
+
+def layer_forward(policy: str):
+    """(layer, x, positions, mask) -> x, rematerialised per layer by the named policy.
+
+    The layer is split into (graphdef, state) so `jax.checkpoint` sees plain arrays.
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat policy {policy!r}; expected one of {sorted(REMAT_POLICIES)}.")
+    if REMAT_POLICIES[policy] is None:
+        return _layer_output
+
+    def forward(layer, x, positions, mask):
+        graphdef, state = nnx.split(layer)
+        pure = lambda s, h: _layer_output(nnx.merge(graphdef, s), h, positions, mask)  # noqa: E731
+        return jax.checkpoint(pure, policy=REMAT_POLICIES[policy])(state, x)
+
+    return forward
 
 
 class RMSNorm(nnx.Module):
@@ -166,8 +197,9 @@ class LlamaDecoder(nnx.Module):
         mask = causal[None] & valid[:, None, :]
         positions = positions_from_mask(attention_mask)
         x = embeds
+        forward = layer_forward(self.config.remat)
         for layer in self.layers:
-            x, _ = layer(x, positions, mask)
+            x = forward(layer, x, positions, mask)
         return self.norm(x)
 
     def __call__(self, embeds, attention_mask):

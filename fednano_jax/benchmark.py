@@ -1,0 +1,193 @@
+"""How fast a round of local client updates runs, three ways, with random weights and synthetic batches.
+
+    python -m fednano_jax.benchmark --config=configs/easyvqa_tiny.py --clients=16 --out=docs/bench/cpu_tiny.json
+    python -m fednano_jax.benchmark --config=configs/easyvqa_tiny.py --preset=llava15_7b --clients=1 --mode=vmap
+
+Modes (each compiled once, then timed over --repeats rounds after a warm-up round):
+  vmap        all clients in one jitted program: vmap over clients, lax.scan over steps (what simulation runs)
+  sequential  one jitted program per client (scan over its steps), clients looped in Python (fed.mode=sequential)
+  loop        one jitted optimizer step per call, a Python loop over clients and steps: how PyTorch
+              federated frameworks run a round
+Reported per mode: compile seconds, round seconds, steps/s, tokens/s, client updates/s, memory, and
+FLOP/s with MFU where the device's peak is known. FLOPs per client step come from XLA's cost analysis
+of the compiled single step (the loop mode's program); a round does clients x steps of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fednano_jax import synthetic
+from fednano_jax.xla_stats import device_summary, write_json, flops_of, memory_of, planned_total
+from fednano_jax.experiment_config import parse_flags
+from fednano_jax.federated.client import LocalOptions, initial_carry, local_update, make_client_updates, train_step
+from fednano_jax.federated.simulation import make_optimizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
+_PRESET = flags.DEFINE_string("preset", None, f"Replace the config's model by a preset: {sorted(synthetic.PRESETS)}.")
+_CLIENTS = flags.DEFINE_integer("clients", 16, "Clients trained per round.")
+_STEPS = flags.DEFINE_integer("steps", 4, "Local steps per client per round.")
+_BATCH = flags.DEFINE_integer("batch", 0, "Sequences per step (0: config.fed.batch_size).")
+_TEXT = flags.DEFINE_integer("text_tokens", 32, "Text tokens per sequence, after <s> and the image tokens.")
+_MODE = flags.DEFINE_enum("mode", "all", ["all", "vmap", "sequential", "loop"], "Which ways to run a round.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds per mode (the median is reported).")
+_OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
+
+MODES = ("loop", "sequential", "vmap")  # smallest memory first: a device's peak-memory counter only grows
+# Dense peak FLOP/s per device (spec sheets), by a substring of jax's device_kind and the compute dtype.
+PEAK_FLOPS = {("H100", "bfloat16"): 989e12, ("H200", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12}
+
+
+@dataclasses.dataclass
+class Problem:
+    graphdef: object
+    frozen: object
+    adapters: object
+    data: dict
+    rows: np.ndarray
+    valid: np.ndarray
+    optimizer: object
+    work: synthetic.Workload
+    dtype: str
+
+
+def build_problem(config, preset, clients, steps, batch, text_tokens, seed=0) -> Problem:
+    config = synthetic.with_preset(config, preset)
+    mcfg = synthetic.synthetic_model_config(config)
+    work = synthetic.Workload(clients, steps, batch or config.fed.batch_size, synthetic.sequence_length(mcfg, text_tokens))
+    graphdef, frozen, adapters = synthetic.random_model(mcfg, seed)
+    data, rows, valid = synthetic.synthetic_data(mcfg, work, seed)
+    return Problem(graphdef, frozen, adapters, data, rows, valid, make_optimizer(config.fed), work, mcfg.llm.dtype)
+
+
+def _timed(function):
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def _compiled(jitted, *args):
+    return _timed(lambda: jitted.lower(*args).compile())
+
+
+def vmap_round(p: Problem):
+    """-> (compiled program, compile seconds, run one round)."""
+    vmapped, _ = make_client_updates(p.graphdef, p.optimizer, LocalOptions())
+    compiled, seconds = _compiled(vmapped, p.adapters, p.frozen, p.data, p.rows, p.valid)
+    return compiled, seconds, lambda: jax.block_until_ready(compiled(p.adapters, p.frozen, p.data, p.rows, p.valid))
+
+
+def sequential_round(p: Problem):
+    single = jax.jit(functools.partial(local_update, p.graphdef, p.optimizer, LocalOptions()))
+    compiled, seconds = _compiled(single, p.adapters, p.frozen, p.data, p.rows[0], p.valid[0])
+    clients = range(p.work.clients)
+    return compiled, seconds, lambda: jax.block_until_ready(
+        [compiled(p.adapters, p.frozen, p.data, p.rows[k], p.valid[k]) for k in clients])
+
+
+def loop_round(p: Problem):
+    step = jax.jit(functools.partial(train_step, p.graphdef, p.optimizer, LocalOptions()))
+    start = initial_carry(p.optimizer, LocalOptions(), p.adapters)
+    compiled, seconds = _compiled(step, p.adapters, p.frozen, p.data, start, p.rows[0, 0], p.valid[0, 0])
+
+    def run():
+        finals = []
+        for k in range(p.work.clients):
+            carry = start
+            for s in range(p.work.steps):
+                carry, _ = compiled(p.adapters, p.frozen, p.data, carry, p.rows[k, s], p.valid[k, s])
+            finals.append(carry[0])
+        return jax.block_until_ready(finals)
+
+    return compiled, seconds, run
+
+
+ROUNDS = {"vmap": vmap_round, "sequential": sequential_round, "loop": loop_round}
+
+
+def device_peak_bytes() -> int | None:
+    """The device allocator's peak so far (GPU/TPU); None where the backend keeps no such count (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def peak_memory(compiled) -> dict:
+    """The allocator's peak where the device keeps one, else XLA's plan: arguments + outputs + temporaries + code."""
+    planned = memory_of(compiled)
+    measured = device_peak_bytes()
+    return {"peak_memory_bytes": measured if measured is not None else planned_total(planned),
+            "peak_memory_source": "device memory_stats()" if measured is not None else "compiled memory_analysis()",
+            "compiled_memory_bytes": planned}
+
+
+def peak_flops(device, dtype: str) -> float | None:
+    return next((peak for (kind, kind_dtype), peak in PEAK_FLOPS.items()
+                 if kind in device.device_kind and kind_dtype == dtype), None)
+
+
+def measure(prepared, p: Problem, repeats: int, step_flops: float | None, peak: float | None) -> dict:
+    """`prepared`: a mode's (compiled program, compile seconds, run one round)."""
+    compiled, compile_seconds, run = prepared
+    run()  # warm-up: first-call dispatch costs stay out of the timings
+    seconds = statistics.median(_timed(run)[1] for _ in range(repeats))
+    w = p.work
+    result = {"compile_seconds": compile_seconds, "round_seconds": seconds, "steps_per_second": w.steps / seconds,
+              "client_steps_per_second": w.clients * w.steps / seconds, "tokens_per_second": w.tokens_per_round / seconds,
+              "client_updates_per_second": w.clients / seconds, **peak_memory(compiled)}
+    if step_flops:
+        achieved = step_flops * w.clients * w.steps / seconds
+        result["flops_per_second"] = achieved
+        result["mfu"] = achieved / peak if peak else None
+    return result
+
+
+def benchmark(p: Problem, modes, repeats: int) -> dict:
+    device = jax.devices()[0]
+    loop = loop_round(p)
+    step_flops = flops_of(loop[0])
+    peak = peak_flops(device, p.dtype)
+    results = {mode: measure(loop if mode == "loop" else ROUNDS[mode](p), p, repeats, step_flops, peak)
+               for mode in MODES if mode in modes}
+    speedup = {f"vmap_over_{other}": results[other]["round_seconds"] / results["vmap"]["round_seconds"]
+               for other in ("loop", "sequential") if other in results and "vmap" in results}
+    return {"device": device_summary(),
+            "dtype": p.dtype, "workload": {**dataclasses.asdict(p.work), "tokens_per_round": p.work.tokens_per_round},
+            "flops_per_client_step": step_flops,
+            "flops_source": "XLA cost_analysis() of the compiled single-client step (forward, backward to the "
+                            "adapters through the frozen backbone, optimizer update)",
+            "peak_flops_per_second": peak, "modes": results, "speedup": speedup}
+
+
+def summary(report: dict) -> str:
+    lines = [f"{report['device']['kind']} x{report['device']['count']}, {report['dtype']}, {report['workload']}"]
+    for mode, r in report["modes"].items():
+        mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+        lines.append(f"  {mode:10s} compile {r['compile_seconds']:6.1f} s  round {r['round_seconds']:8.4f} s  "
+                     f"{r['client_steps_per_second']:8.1f} client-steps/s  {r['tokens_per_second']:10.0f} tokens/s  "
+                     f"{r['client_updates_per_second']:7.2f} client-updates/s{mfu}")
+    lines += [f"  {name}: {value:.2f}x" for name, value in report["speedup"].items()]
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    problem = build_problem(config, _PRESET.value, _CLIENTS.value, _STEPS.value, _BATCH.value, _TEXT.value)
+    modes = MODES if _MODE.value == "all" else (_MODE.value,)
+    report = {"config": config.get("name"), "preset": _PRESET.value, **benchmark(problem, modes, _REPEATS.value)}
+    print(summary(report))
+    write_json(_OUT.value, report)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main, flags_parser=parse_flags)

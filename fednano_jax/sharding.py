@@ -1,0 +1,184 @@
+"""Device meshes: clients spread over a `clients` axis, the frozen backbone replicated or FSDP-sharded.
+
+The mesh has two axes, `clients` and `model` (`config.mesh.clients` x `config.mesh.model`
+devices, -1 = the rest). Every per-client tree (adapters, optimizer state, Fisher, the
+row schedule and its mask) has a leading clients axis, sharded over `clients`, so each
+device holds and computes only its own clients. The frozen backbone is placed by
+rules, as MaxText's logical-axis rules do: `mesh.backbone="replicated"` copies it to
+every device; `"fsdp"` shards each large matrix (at least `mesh.fsdp_min_size`
+elements) along its first dimension that the `model` axis divides, and XLA gathers
+it layer by layer. The shared dataset and the global adapters are replicated.
+
+A cohort the `clients` axis does not divide is padded with dummy clients that have
+no valid step (they change nothing, like padded steps) and whose outputs are dropped
+before aggregation; the padding is announced once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from fednano_jax.experiment_config import ConfigError
+
+CLIENTS, MODEL = "clients", "model"
+BACKBONE_LAYOUTS = ("replicated", "fsdp")
+
+
+class MeshError(ConfigError):
+    """A mesh shape the devices cannot form."""
+
+
+def mesh_shape(clients: int, model: int, device_count: int) -> tuple[int, int]:
+    """(clients, model) sizes with -1 resolved to the devices left over."""
+    if clients == -1 and model == -1:
+        raise MeshError("mesh.clients and mesh.model cannot both be -1; set one of them.")
+    if clients == -1:
+        clients = device_count // model if model > 0 and device_count % model == 0 else 0
+    if model == -1:
+        model = device_count // clients if clients > 0 and device_count % clients == 0 else 0
+    if clients < 1 or model < 1 or clients * model != device_count:
+        raise MeshError(f"mesh.clients x mesh.model must use all {device_count} devices, got {clients} x {model}.")
+    return clients, model
+
+
+def default_mesh_config() -> ConfigDict:
+    """All devices on the clients axis, backbone replicated: what a config without a mesh section gets."""
+    return ConfigDict(dict(clients=-1, model=1, backbone="replicated", fsdp_min_size=2**20))
+
+
+def mesh_config_of(config: ConfigDict) -> ConfigDict:
+    return config.mesh if "mesh" in config else default_mesh_config()
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+    """The (clients, model) mesh a config's `mesh` section describes, over all (or the given) devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config.clients, mesh_config.model, len(devices))
+    if mesh_config.backbone not in BACKBONE_LAYOUTS:
+        raise MeshError(f"mesh.backbone must be one of {BACKBONE_LAYOUTS}, got {mesh_config.backbone!r}.")
+    return Mesh(np.asarray(devices).reshape(shape), (CLIENTS, MODEL))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def client_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (clients) axis over the `clients` mesh axis, everything else whole."""
+    return NamedSharding(mesh, P(CLIENTS))
+
+
+def backbone_spec(shape: tuple[int, ...], layout: str, model_size: int, min_size: int) -> P:
+    """The rule for one frozen leaf: replicated, or (fsdp) its first dimension `model` divides."""
+    if layout != "fsdp" or model_size == 1 or len(shape) < 2 or int(np.prod(shape)) < min_size:
+        return P()
+    for axis, size in enumerate(shape):
+        if size % model_size == 0:
+            return P(*([None] * axis + [MODEL]))
+    return P()
+
+
+def backbone_shardings(frozen, mesh: Mesh, mesh_config):
+    """A NamedSharding per frozen leaf (a tree like `frozen`)."""
+    model_size = mesh.shape[MODEL]
+    return jax.tree.map(lambda x: NamedSharding(mesh, backbone_spec(x.shape, mesh_config.backbone, model_size,
+                                                                    mesh_config.fsdp_min_size)), frozen)
+
+
+def place(tree, shardings):
+    """Put a tree's arrays on the mesh (`shardings`: one sharding, or a tree of them).
+
+    Works across hosts too: each process contributes the slices its devices hold of
+    the (identical on every host) value.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)  # already global: reshard
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    if isinstance(shardings, NamedSharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
+def shard_clients(tree, mesh: Mesh):
+    """A stacked per-client tree (leading axis = clients) spread over the `clients` axis."""
+    return place(tree, client_sharding(mesh))
+
+
+def padded_cohort(cohort_size: int, mesh: Mesh) -> int:
+    """The smallest multiple of the clients-axis size that holds the cohort."""
+    size = mesh.shape[CLIENTS]
+    return -(-cohort_size // size) * size
+
+
+_ANNOUNCED_PADDING = set()  # (cohort, clients-axis size) pairs already reported, to say it once per run
+
+
+def _pad_clients(tree, count: int):
+    """Append `count` all-zero dummy clients: zero rows, no valid step, zero (identity) adapters."""
+    if not count:
+        return tree
+    return jax.tree.map(lambda x: jnp.pad(x, [(0, count)] + [(0, 0)] * (x.ndim - 1)), tree)
+
+
+def sharded_client_program(program, mesh: Mesh, per_client_args: tuple[int, ...]):
+    """Wrap a vmapped per-client program to run its clients sharded over the mesh.
+
+    Arguments at positions `per_client_args` have a leading clients axis (the first of
+    them fixes the cohort size); they are padded with dummy clients to a multiple of
+    the clients axis and sharded. Every output has a leading clients axis, trimmed back.
+    """
+    jitted = jax.jit(program, out_shardings=client_sharding(mesh))
+
+    def run(*args):
+        count = jax.tree.leaves(args[per_client_args[0]])[0].shape[0]
+        extra = padded_cohort(count, mesh) - count
+        if extra and (count, mesh.shape[CLIENTS]) not in _ANNOUNCED_PADDING:
+            _ANNOUNCED_PADDING.add((count, mesh.shape[CLIENTS]))
+            print(f"Cohort of {count} clients padded with {extra} masked dummy clients to fill the "
+                  f"{mesh.shape[CLIENTS]}-device clients axis; a cohort it divides wastes nothing.")
+        args = list(args)
+        for i in per_client_args:
+            args[i] = shard_clients(_pad_clients(args[i], extra), mesh)
+        outputs = jitted(*args)
+        return jax.tree.map(lambda x: x[:count], outputs) if extra else outputs
+
+    return run
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly clients-sharded, possibly multi-host) array as one numpy array on every process."""
+    if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def mesh_description(mesh: Mesh) -> str:
+    return (f"Mesh: {mesh.shape[CLIENTS]} (clients) x {mesh.shape[MODEL]} (model) over {mesh.devices.size} "
+            f"{mesh.devices.flat[0].platform} devices, {jax.process_count()} process(es)")
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Multi-host start-up. With no arguments `jax.distributed.initialize()` reads the cluster (SLURM,
+    Open MPI, ...) itself; elsewhere pass all three. CPU processes exchange data through gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    print(f"Process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
+          f"{jax.device_count()} in all")
+
+
+def is_main_process() -> bool:
+    """Only process 0 writes logs, tables and results (orbax coordinates checkpoints itself)."""
+    return jax.process_index() == 0

@@ -1,0 +1,126 @@
+"""Random-weight models and synthetic token batches of a config's shapes, for benchmarks and memory plans.
+
+No dataset, tokenizer or checkpoint is needed: the model section (or a preset from
+`model_presets`) fixes every shape, and the frozen backbone is cast to the model
+dtype (bf16 for the 7B preset) while adapters stay float32 master weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from fednano_jax import model_presets
+from fednano_jax.experiment_config import ConfigError, model_config
+from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
+
+PRESETS = {"llava15_7b": model_presets.llava15_7b, "smollm2_135m": model_presets.smollm2_135m}
+DEFAULT_VOCAB = 256  # a config without model.vocab_size (its tokenizer decides) gets this many token ids
+
+
+def with_preset(config: ConfigDict, preset: str | None) -> ConfigDict:
+    """The config with its model section replaced by a named preset's shapes (none: unchanged)."""
+    if not preset:
+        return config
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown --preset {preset!r}; expected one of {sorted(PRESETS)}.")
+    config = ConfigDict(config.to_dict())
+    remat = config.model.get("remat", "none")
+    config.model = PRESETS[preset]()
+    config.model.remat = remat
+    return config
+
+
+def synthetic_model_config(config: ConfigDict) -> MllmConfig:
+    vocab = config.model.get("vocab_size", DEFAULT_VOCAB)
+    return model_config(config, vocab, image_token_id=vocab - 1)
+
+
+def _as_abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def abstract_model(mcfg: MllmConfig):
+    """-> (graphdef, frozen, adapters) as shapes only: frozen in the model dtype, adapters float32."""
+    graphdef, frozen, adapters = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(0))))
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, _frozen_dtype(x.dtype, mcfg)), frozen)
+    return graphdef, frozen, _as_abstract(adapters)
+
+
+def _frozen_dtype(dtype, mcfg: MllmConfig):
+    return jnp.dtype(mcfg.llm.dtype) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def _random_like(abstract, key):
+    """Normal(0, 0.02) matrices and all-ones vectors (norm scales, biases), made directly in their dtype."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    keys = jax.random.split(key, len(leaves))
+    made = [jax.random.normal(k, x.shape, x.dtype) * 0.02 if x.ndim >= 2 else jnp.ones(x.shape, x.dtype)
+            for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, made)
+
+
+def random_model(mcfg: MllmConfig, seed: int = 0):
+    """-> (graphdef, frozen, adapters) with random weights, generated on the device in their final dtypes
+    (a 7B bf16 backbone never exists in float32). Adapters get random `up` too, so gradients reach both
+    adapter matrices."""
+    graphdef, frozen, adapters = abstract_model(mcfg)
+    frozen_key, adapter_key = jax.random.split(jax.random.key(seed))
+    frozen = jax.jit(lambda key: _random_like(frozen, key))(frozen_key)
+    adapters = jax.jit(lambda key: _random_like(adapters, key))(adapter_key)
+    return graphdef, frozen, adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one round computes: `clients` x `steps` local steps of `batch` sequences of `seq_len` tokens."""
+
+    clients: int
+    steps: int
+    batch: int
+    seq_len: int
+
+    @property
+    def tokens_per_round(self) -> int:
+        return self.clients * self.steps * self.batch * self.seq_len
+
+
+def sequence_length(mcfg: MllmConfig, text_tokens: int) -> int:
+    """<s>, the image tokens, then `text_tokens` of text (prompt and answer)."""
+    return 1 + (mcfg.vision.num_image_tokens if mcfg.vision else 0) + text_tokens
+
+
+def synthetic_data(mcfg: MllmConfig, work: Workload, seed: int = 0, answer_tokens: int = 4):
+    """-> (dataset dict, rows [K, steps, batch], valid [K, steps, batch]): every row distinct and valid."""
+    rng = np.random.default_rng(seed)
+    count = work.clients * work.steps * work.batch
+    vocab = mcfg.llm.vocab_size
+    ids = rng.integers(3, vocab - 1, size=(count, work.seq_len)).astype(np.int32)
+    ids[:, 0] = 1
+    image_tokens = mcfg.vision.num_image_tokens if mcfg.vision else 0
+    ids[:, 1: 1 + image_tokens] = mcfg.image_token_id
+    loss = np.zeros_like(ids, bool)
+    loss[:, -answer_tokens:] = True
+    size = mcfg.vision.image_size if mcfg.vision else 1
+    data = {"input_ids": ids, "attention_mask": np.ones_like(ids, bool), "loss_mask": loss,
+            "image_index": np.arange(count, dtype=np.int32),
+            "images": rng.integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)}
+    rows = np.arange(count, dtype=np.int32).reshape(work.clients, work.steps, work.batch)
+    return {k: jnp.asarray(v) for k, v in data.items()}, rows, np.ones_like(rows, bool)
+
+
+def abstract_data(mcfg: MllmConfig, work: Workload):
+    """synthetic_data's shapes without the arrays."""
+    count = work.clients * work.steps * work.batch
+    size = mcfg.vision.image_size if mcfg.vision else 1
+    sds = jax.ShapeDtypeStruct
+    data = {"input_ids": sds((count, work.seq_len), jnp.int32), "attention_mask": sds((count, work.seq_len), bool),
+            "loss_mask": sds((count, work.seq_len), bool), "image_index": sds((count,), jnp.int32),
+            "images": sds((count, size, size, 3), jnp.uint8)}
+    schedule = (work.clients, work.steps, work.batch)
+    return data, sds(schedule, jnp.int32), sds(schedule, bool)

@@ -1,0 +1,87 @@
+"""Remat policies change memory, not numbers; the benchmark and memory-plan commands write their JSON."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from fednano_jax.experiment_config import ConfigError, validate
+from fednano_jax.federated.methods import METHODS
+from fednano_jax.federated.objective import adapter_value_and_grad
+from fednano_jax.models.mllm import MultimodalModel, split_model
+from test_federated import tiny_setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_MODEL = ["--config.model.llm.hidden_size=32", "--config.model.llm.intermediate_size=64",
+               "--config.model.llm.num_layers=1", "--config.model.vision.num_layers=1"]
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_policies_give_the_same_loss_and_gradients(tiny_config, policy):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    remat_config = dataclasses.replace(tiny_config, llm=dataclasses.replace(tiny_config.llm, remat=policy))
+    remat_graphdef, _, _ = split_model(MultimodalModel(remat_config, nnx.Rngs(0)))
+    loss, grads = adapter_value_and_grad(graphdef, frozen, adapters, data)
+    remat_loss, remat_grads = adapter_value_and_grad(remat_graphdef, frozen, adapters, data)
+    np.testing.assert_allclose(loss, remat_loss, rtol=1e-6)
+    for g, r in zip(nnx.to_flat_state(grads), nnx.to_flat_state(remat_grads)):
+        np.testing.assert_allclose(g[1][...], r[1][...], rtol=1e-5, atol=1e-8)
+
+
+def test_unknown_remat_policy_is_a_config_error():
+    from configs.easyvqa_tiny import get_config
+
+    config = get_config()
+    config.model.remat = "some"
+    with pytest.raises(ConfigError, match=r"model.remat must be one of \['dots', 'full', 'none'\], got 'some'."):
+        validate(config, METHODS)
+
+
+def run_module(module, *flags):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", module, "--config=configs/easyvqa_tiny.py", *SMALL_MODEL, *flags]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_benchmark_command_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    run_module("fednano_jax.benchmark", "--clients=2", "--steps=2", "--batch=2", "--text_tokens=4", "--repeats=1",
+               f"--out={out}")
+    report = json.loads(out.read_text())
+    assert report["workload"] == {"clients": 2, "steps": 2, "batch": 2, "seq_len": 21, "tokens_per_round": 168}
+    assert report["flops_per_client_step"] > 0 and set(report["speedup"]) == {"vmap_over_loop", "vmap_over_sequential"}
+    for mode in ("vmap", "sequential", "loop"):
+        figures = report["modes"][mode]
+        for key in ("compile_seconds", "round_seconds", "steps_per_second", "tokens_per_second",
+                    "client_updates_per_second", "peak_memory_bytes", "flops_per_second"):
+            assert figures[key] > 0, (mode, key)
+        assert "mfu" in figures  # None on a CPU: its peak is unknown
+
+
+def test_memory_plan_command_plans_each_remat_policy(tmp_path):
+    out = tmp_path / "plan.json"
+    run_module("fednano_jax.memory_plan", "--clients=3", "--batch=2", "--text_tokens=4", "--remat=none,full",
+               f"--out={out}")
+    plans = json.loads(out.read_text())["plans"]
+    assert [p["remat"] for p in plans] == ["none", "full"]
+    for p in plans:
+        assert p["per_device_bytes"]["argument_size_in_bytes"] > 0 and p["per_device_total_gib"] > 0
+        assert p["clients_planned"] == 3 and p["seq_len"] == 21
+
+
+def test_with_remat_rebuilds_the_graph_for_the_same_parameters(tiny_config):
+    from fednano_jax.experiment import with_remat
+
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    remat_graphdef, remat_config = with_remat(graphdef, tiny_config, "full")
+    assert remat_config.llm.remat == "full" and with_remat(graphdef, tiny_config, "none") == (graphdef, tiny_config)
+    loss, _ = adapter_value_and_grad(graphdef, frozen, adapters, data)
+    remat_loss, _ = adapter_value_and_grad(remat_graphdef, frozen, adapters, data)
+    np.testing.assert_allclose(loss, remat_loss, rtol=1e-6)

@@ -1,0 +1,167 @@
+"""Clients sharded over a device mesh give the 1-device results, and each device holds only its clients.
+
+The multi-device tests need 8 devices: run this file with
+XLA_FLAGS=--xla_force_host_platform_device_count=8, or let
+`test_eight_device_tests_in_a_subprocess` do that (the rest of the suite keeps 1 device).
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from fednano_jax import sharding
+from fednano_jax.federated.methods import get_method
+from fednano_jax.federated.simulation import compile_programs, run_federated
+from test_federated import tiny_setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EIGHT = "--xla_force_host_platform_device_count=8"
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS=" + EIGHT + ")")
+
+
+def mesh_config(clients=-1, model=1, backbone="replicated"):
+    return ConfigDict(dict(clients=clients, model=model, backbone=backbone, fsdp_min_size=256))
+
+
+def run_config(num_clients, cohort, rounds=1):
+    from configs.easyvqa_tiny import get_config
+
+    config = get_config()
+    config.fed.update(dict(num_clients=num_clients, clients_per_round=cohort, rounds=rounds, batch_size=2,
+                           learning_rate=1e-2))
+    config.eval.every_rounds = 0
+    config.checkpoint.every_rounds = 0
+    return config
+
+
+class NoEvaluation:
+    def shared(self, adapters):
+        return {}
+
+    def personal(self, adapters):
+        return {}
+
+
+def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=None, rounds=1):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=3 * num_clients)
+    client_rows = np.array_split(np.arange(3 * num_clients), num_clients)
+    config = run_config(num_clients, cohort, rounds)
+    config.mesh = mesh_cfg or mesh_config()
+    return run_federated(get_method(method), graphdef, frozen, adapters, data, client_rows, config,
+                         NoEvaluation(), lambda record: None, mesh=mesh)
+
+
+def test_mesh_shape_resolves_the_rest_and_refuses_impossible_shapes():
+    assert sharding.mesh_shape(-1, 1, 8) == (8, 1)
+    assert sharding.mesh_shape(-1, 2, 8) == (4, 2)
+    assert sharding.mesh_shape(2, -1, 8) == (2, 4)
+    with pytest.raises(sharding.MeshError, match="must use all 8 devices, got 3 x 0"):
+        sharding.mesh_shape(3, -1, 8)
+    with pytest.raises(sharding.MeshError, match="cannot both be -1"):
+        sharding.mesh_shape(-1, -1, 8)
+
+
+def test_fsdp_rule_shards_only_large_matrices_on_a_divisible_dimension():
+    P = jax.sharding.PartitionSpec
+    assert sharding.backbone_spec((4096, 11008), "fsdp", 8, 1024) == P("model")
+    assert sharding.backbone_spec((30, 4096), "fsdp", 8, 1024) == P(None, "model")
+    assert sharding.backbone_spec((4096,), "fsdp", 8, 1024) == P()  # norms stay replicated
+    assert sharding.backbone_spec((16, 16), "fsdp", 8, 1024) == P()  # too small to be worth it
+    assert sharding.backbone_spec((4096, 11008), "replicated", 8, 1024) == P()
+
+
+def test_round_time_follows_the_cohort_not_the_population(tiny_config, monkeypatch):
+    """1000 clients, a cohort of 4: each round's program sees only the cohort's 4 clients."""
+    from fednano_jax.federated import simulation
+
+    seen = []
+    original = simulation.compile_programs
+
+    def spying(*args, **kwargs):
+        programs = original(*args, **kwargs)
+
+        def update(start, frozen, data, rows, valid):
+            seen.append(rows.shape)
+            return programs.update_clients(start, frozen, data, rows, valid)
+
+        return simulation.RoundPrograms(update, programs.extra_fisher, programs.aggregate)
+
+    monkeypatch.setattr(simulation, "compile_programs", spying)
+    result = federated_run(tiny_config, "fedavg", num_clients=1000, cohort=4, rounds=2)
+    assert [s[0] for s in seen] == [4, 4]
+    assert len(result.history[0]["clients"]) == 4 and result.history[0]["clients"] != result.history[1]["clients"]
+
+
+@needs_8
+@pytest.mark.parametrize("method, num_clients, cohort, clients, model, backbone", [
+    # A cohort of 5 padded to 8 on 4 client devices x 2 FSDP devices; the Fisher pass is sharded too.
+    ("fednano", 6, 5, 4, 2, "fsdp"),
+    ("locft", 8, 8, -1, 1, "replicated"),  # one client per device; personal adapters sharded as inputs
+])
+def test_sharded_round_matches_one_device(tiny_config, method, num_clients, cohort, clients, model, backbone):
+    cfg = mesh_config(clients, model, backbone)
+    single = federated_run(tiny_config, method, num_clients, cohort)
+    sharded = federated_run(tiny_config, method, num_clients, cohort, sharding.make_mesh(cfg), cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single.state, sharded.state)
+    np.testing.assert_allclose(single.history[0]["train_loss"], sharded.history[0]["train_loss"], rtol=1e-5)
+
+
+@needs_8
+def test_each_device_holds_only_its_clients(tiny_config):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=16)
+    mesh = sharding.make_mesh(mesh_config())
+    programs = compile_programs(get_method("fedavg"), graphdef, run_config(8, 8).fed, mesh)
+    rows = np.arange(16).reshape(8, 1, 2)
+    trained, losses, _ = programs.update_clients(adapters, frozen, data, rows, np.ones_like(rows, bool))
+    devices_seen = set()
+    for leaf in jax.tree.leaves(trained) + [losses]:
+        assert leaf.sharding.spec[0] == sharding.CLIENTS
+        for shard in leaf.addressable_shards:
+            client = shard.index[0].start
+            assert shard.data.shape[0] == 1 and shard.index[0].stop == client + 1
+            np.testing.assert_array_equal(shard.data[0], np.asarray(leaf)[client])
+            devices_seen.add((shard.device, client))
+    assert len({device for device, _ in devices_seen}) == 8
+    assert len({client for _, client in devices_seen}) == 8
+
+
+@pytest.mark.skipif(jax.device_count() >= 8, reason="already running on 8 devices")
+def test_eight_device_tests_in_a_subprocess():
+    env = {**os.environ, "XLA_FLAGS": EIGHT, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider", __file__,
+               "-k", "matches_one_device or holds_only"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "3 passed" in result.stdout and "skipped" not in result.stdout
+
+
+@pytest.mark.skipif(jax.device_count() >= 8, reason="runs from the 1-device suite")
+def test_two_processes_give_the_one_device_round(tiny_config):
+    """2 processes x 2 CPU devices (jax.distributed, gloo): a padded cohort gives the 1-device result."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": f"{ROOT}:{os.path.join(ROOT, 'tests')}"}
+    script = os.path.join(ROOT, "tests", "multihost_round.py")
+    processes = [subprocess.Popen([sys.executable, script, port, str(i)], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    results = []
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    single = federated_run(tiny_config, "fedavg", num_clients=4, cohort=3)
+    assert [r["devices"] for r in results] == [4, 4]
+    for r in results:
+        np.testing.assert_allclose(r["loss"], single.history[0]["train_loss"], rtol=1e-5)
+        for got, want in zip(r["adapters"], jax.tree.leaves(single.state["global"])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
