@@ -33,14 +33,6 @@ from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
 from fednano_jax.weights.errors import WeightsError
 from fednano_jax.weights.fill import flatten
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).", lock_config=True)
-_VOCAB = flags.DEFINE_integer("vocab_size", None, "Embedding rows, for a config whose model section has no "
-                              "vocab_size and no checkpoint path (a tokenizer built from the data).")
-_TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 128, "Text tokens per training sequence (image tokens are added).")
-_EXAMPLES = flags.DEFINE_integer("examples_per_client", None, "Local training examples per client (default: "
-                                 "data.train_examples / fed.num_clients).")
-_OUT = flags.DEFINE_string("out", None, "Also write the figures to this JSON file.")
-
 COMPONENTS = (  # (row label, parameter-path prefix, side)
     ("Vision tower", "edge/vision/", "client"),
     ("Connector", "edge/connector/", "client"),
@@ -173,9 +165,10 @@ def report(config, vocab_size=None, text_tokens: int = 128, examples_per_client:
 
 def main(argv) -> None:
     del argv
-    config = _CONFIG.value
+    args = flags.FLAGS
+    config = args.config
     try:
-        figures = report(config, _VOCAB.value, _TEXT_TOKENS.value, _EXAMPLES.value)
+        figures = report(config, args.vocab_size, args.text_tokens, args.examples_per_client)
     except ConfigError as error:
         sys.exit(f"Config error: {error}")
     except WeightsError as error:
@@ -188,13 +181,25 @@ def main(argv) -> None:
           f"x {traffic.hidden_size} x {traffic.activation_bytes} bytes ({traffic.examples_per_client} local "
           f"examples), plus FedNano's Fisher pass over them once.\n")
     print(traffic_table(figures["per_client_per_round"], traffic))
-    if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w") as f:
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
             json.dump(figures, f, indent=2)
-        print(f"\nWritten to {_OUT.value}")
+        print(f"\nWritten to {args.out}")
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).", lock_config=True)
+    flags.DEFINE_integer("vocab_size", None, "Embedding rows, for a config whose model section has no vocab_size "
+                         "and no checkpoint path (a tokenizer built from the data).")
+    flags.DEFINE_integer("text_tokens", 128, "Text tokens per training sequence (image tokens are added).")
+    flags.DEFINE_integer("examples_per_client", None, "Local training examples per client (default: "
+                         "data.train_examples / fed.num_clients).")
+    flags.DEFINE_string("out", None, "Also write the figures to this JSON file.")
+    flags.mark_flag_as_required("config")
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
+    define_flags()
     app.run(main, flags_parser=parse_flags)
