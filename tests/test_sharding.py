@@ -15,6 +15,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from fednano_jax import sharding
+from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.simulation import compile_programs, run_federated
 from test_federated import tiny_setup
@@ -47,13 +48,33 @@ class NoEvaluation:
         return {}
 
 
-def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=None, rounds=1):
+class DecodingEvaluation:
+    """Greedy answers to the first rows, decoded on one device with the unplaced backbone, as the Evaluator does."""
+
+    def __init__(self, graphdef, frozen, data):
+        self.graphdef = graphdef
+        self.frozen = jax.device_put(frozen, jax.devices()[0])  # committed to device 0, as a loaded backbone is
+        self.inputs = (data["input_ids"][:2], data["attention_mask"][:2], data["images"][:2])
+
+    def shared(self, adapters):
+        tokens = greedy_generate(self.graphdef, self.frozen, adapters, *self.inputs, max_new_tokens=2, pad_id=0,
+                                 eos_id=1)
+        return {"answers": np.asarray(tokens).tolist()}
+
+    def personal(self, stacked):
+        return {"answers": [self.shared(jax.tree.map(lambda x: x[k], stacked))["answers"]
+                            for k in range(jax.tree.leaves(stacked)[0].shape[0])]}
+
+
+def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=None, rounds=1, evaluate=False):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=3 * num_clients)
     client_rows = np.array_split(np.arange(3 * num_clients), num_clients)
     config = run_config(num_clients, cohort, rounds)
     config.mesh = mesh_cfg or mesh_config()
+    config.eval.every_rounds = int(evaluate)
+    evaluator = DecodingEvaluation(graphdef, frozen, data) if evaluate else NoEvaluation()
     return run_federated(get_method(method), graphdef, frozen, adapters, data, client_rows, config,
-                         NoEvaluation(), lambda record: None, mesh=mesh)
+                         evaluator, lambda record: None, mesh=mesh)
 
 
 def test_mesh_shape_resolves_the_rest_and_refuses_impossible_shapes():
@@ -112,6 +133,16 @@ def test_sharded_round_matches_one_device(tiny_config, method, num_clients, coho
 
 
 @needs_8
+@pytest.mark.parametrize("method", ["fedavg", "locft"])
+def test_evaluation_of_mesh_trained_adapters_matches_one_device(tiny_config, method):
+    """The evaluator's one-device programs take adapters trained on the mesh (global, or personal and sharded)."""
+    cfg = mesh_config()
+    single = federated_run(tiny_config, method, 8, 8, evaluate=True)
+    sharded = federated_run(tiny_config, method, 8, 8, sharding.make_mesh(cfg), cfg, evaluate=True)
+    assert sharded.history[0]["answers"] == single.history[0]["answers"]
+
+
+@needs_8
 def test_each_device_holds_only_its_clients(tiny_config):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=16)
     mesh = sharding.make_mesh(mesh_config())
@@ -137,7 +168,7 @@ def test_eight_device_tests_in_a_subprocess():
                "-k", "matches_one_device or holds_only"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "3 passed" in result.stdout and "skipped" not in result.stdout
+    assert "5 passed" in result.stdout and "skipped" not in result.stdout
 
 
 @pytest.mark.skipif(jax.device_count() >= 8, reason="runs from the 1-device suite")

@@ -225,6 +225,9 @@ def _local_finetune(update_clients, global_adapters, frozen, device_data, client
 
 
 def _evaluate(method: Method, evaluator, state: dict, client_rows, last: bool) -> dict:
+    # The evaluator decodes on one device with the unplaced backbone; adapters trained on a mesh come to the host
+    # first (they are small), so its programs never mix one-device and mesh arrays.
+    state = jax.tree.map(sharding.to_host, state)
     if method.personal == "local":
         return evaluator.personal(state["personal"])
     if method.personal == "dpa" and last:
