@@ -4,12 +4,16 @@
     python -m fednano_jax.benchmark --config=configs/easyvqa_tiny.py --preset=llava15_7b --clients=1 --mode=vmap
 
 Modes (each compiled once, then timed over --repeats rounds after a warm-up round):
-  vmap        all clients in one jitted program: vmap over clients, lax.scan over steps (what simulation runs)
-  sequential  one jitted program per client (scan over its steps), clients looped in Python (fed.mode=sequential)
-  loop        one jitted optimizer step per call, a Python loop over clients and steps: how PyTorch
-              federated frameworks run a round
-Reported per mode: compile seconds, round seconds, steps/s, tokens/s, client updates/s, memory, and
-FLOP/s with MFU where the device's peak is known. FLOPs per client step come from XLA's cost analysis
+  vmap        all clients in one jitted program: vmap over clients, lax.scan over steps, clients sharded
+              over the config's mesh (every device by default), exactly as the simulation runs a round
+  sequential  one jitted program per client (scan over its steps), clients looped in Python on one device
+              (fed.mode=sequential)
+  loop        one jitted optimizer step per call, a Python loop over clients and steps on one device: how
+              PyTorch federated frameworks run a round
+On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=<cores> makes each core a device, so the vmap
+mode's clients run on all cores at once (see README, "Scaling").
+Reported per mode: compile seconds, round seconds, steps/s, tokens/s, client updates/s, memory (per
+device), and FLOP/s with MFU (over the devices the mode uses) where the device's peak is known. FLOPs per client step come from XLA's cost analysis
 of the compiled single step (the loop mode's program); a round does clients x steps of them.
 """
 
@@ -22,10 +26,11 @@ import time
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fednano_jax import synthetic
+from fednano_jax import sharding, synthetic
 from fednano_jax.xla_stats import device_summary, write_json, flops_of, memory_of, planned_total
 from fednano_jax.experiment_config import parse_flags
 from fednano_jax.federated.client import LocalOptions, initial_carry, local_update, make_client_updates, train_step
@@ -57,6 +62,8 @@ class Problem:
     optimizer: object
     work: synthetic.Workload
     dtype: str
+    mesh: Mesh
+    mesh_config: object
 
 
 def build_problem(config, preset, clients, steps, batch, text_tokens, seed=0) -> Problem:
@@ -65,7 +72,9 @@ def build_problem(config, preset, clients, steps, batch, text_tokens, seed=0) ->
     work = synthetic.Workload(clients, steps, batch or config.fed.batch_size, synthetic.sequence_length(mcfg, text_tokens))
     graphdef, frozen, adapters = synthetic.random_model(mcfg, seed)
     data, rows, valid = synthetic.synthetic_data(mcfg, work, seed)
-    return Problem(graphdef, frozen, adapters, data, rows, valid, make_optimizer(config.fed), work, mcfg.llm.dtype)
+    mesh_config = sharding.mesh_config_of(config)
+    return Problem(graphdef, frozen, adapters, data, rows, valid, make_optimizer(config.fed), work, mcfg.llm.dtype,
+                   sharding.make_mesh(mesh_config), mesh_config)
 
 
 def _timed(function):
@@ -79,10 +88,15 @@ def _compiled(jitted, *args):
 
 
 def vmap_round(p: Problem):
-    """-> (compiled program, compile seconds, run one round)."""
+    """-> (compiled program, compile seconds, run one round). Placed on the mesh as the simulation places it:
+    backbone by the mesh rules, dataset and global adapters replicated, clients (padded) over `clients`."""
     vmapped, _ = make_client_updates(p.graphdef, p.optimizer, LocalOptions())
-    compiled, seconds = _compiled(vmapped, p.adapters, p.frozen, p.data, p.rows, p.valid)
-    return compiled, seconds, lambda: jax.block_until_ready(compiled(p.adapters, p.frozen, p.data, p.rows, p.valid))
+    program = jax.jit(vmapped, out_shardings=sharding.client_sharding(p.mesh))
+    frozen = sharding.place(p.frozen, sharding.backbone_shardings(p.frozen, p.mesh, p.mesh_config))
+    adapters, data = sharding.place((p.adapters, p.data), sharding.replicated(p.mesh))
+    args, _ = sharding.shard_client_args((adapters, frozen, data, p.rows, p.valid), p.mesh, (3, 4))
+    compiled, seconds = _compiled(program, *args)
+    return compiled, seconds, lambda: jax.block_until_ready(compiled(*args))
 
 
 def sequential_round(p: Problem):
@@ -133,20 +147,28 @@ def peak_flops(device, dtype: str) -> float | None:
                  if kind in device.device_kind and kind_dtype == dtype), None)
 
 
-def measure(prepared, p: Problem, repeats: int, step_flops: float | None, peak: float | None) -> dict:
-    """`prepared`: a mode's (compiled program, compile seconds, run one round)."""
-    compiled, compile_seconds, run = prepared
-    run()  # warm-up: first-call dispatch costs stay out of the timings
-    seconds = statistics.median(_timed(run)[1] for _ in range(repeats))
+def figures(p: Problem, compile_seconds: float, seconds: float, memory: dict, step_flops: float | None,
+            peak: float | None, devices: int) -> dict:
+    """A mode's throughput figures from its median round time; `devices`: how many it runs on."""
     w = p.work
     result = {"compile_seconds": compile_seconds, "round_seconds": seconds, "steps_per_second": w.steps / seconds,
               "client_steps_per_second": w.clients * w.steps / seconds, "tokens_per_second": w.tokens_per_round / seconds,
-              "client_updates_per_second": w.clients / seconds, **peak_memory(compiled)}
+              "client_updates_per_second": w.clients / seconds, "devices": devices, **memory}
     if step_flops:
         achieved = step_flops * w.clients * w.steps / seconds
         result["flops_per_second"] = achieved
-        result["mfu"] = achieved / peak if peak else None
+        result["mfu"] = achieved / (peak * devices) if peak else None
     return result
+
+
+def timed_rounds(prepared: dict, repeats: int) -> dict:
+    """Median round seconds per mode. The modes take turns, round by round, so load that drifts over the
+    run (other processes, thermal limits) weighs on every mode alike."""
+    times = {mode: [] for mode in prepared}
+    for _ in range(repeats):
+        for mode, (_, _, run) in prepared.items():
+            times[mode].append(_timed(run)[1])
+    return {mode: statistics.median(t) for mode, t in times.items()}
 
 
 def benchmark(p: Problem, modes, repeats: int) -> dict:
@@ -154,11 +176,17 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
     loop = loop_round(p)
     step_flops = flops_of(loop[0])
     peak = peak_flops(device, p.dtype)
-    results = {mode: measure(loop if mode == "loop" else ROUNDS[mode](p), p, repeats, step_flops, peak)
-               for mode in MODES if mode in modes}
+    prepared = {mode: loop if mode == "loop" else ROUNDS[mode](p) for mode in MODES if mode in modes}
+    memory = {}
+    for mode, (compiled, _, run) in prepared.items():  # in MODES order: the peak counter only grows
+        run()  # warm-up: first-call dispatch costs stay out of the timings
+        memory[mode] = peak_memory(compiled)
+    seconds = timed_rounds(prepared, repeats)
+    results = {mode: figures(p, prepared[mode][1], seconds[mode], memory[mode], step_flops, peak,
+                             p.mesh.size if mode == "vmap" else 1) for mode in prepared}
     speedup = {f"vmap_over_{other}": results[other]["round_seconds"] / results["vmap"]["round_seconds"]
                for other in ("loop", "sequential") if other in results and "vmap" in results}
-    return {"device": device_summary(),
+    return {"device": device_summary(), "mesh": dict(p.mesh.shape),
             "dtype": p.dtype, "workload": {**dataclasses.asdict(p.work), "tokens_per_round": p.work.tokens_per_round},
             "flops_per_client_step": step_flops,
             "flops_source": "XLA cost_analysis() of the compiled single-client step (forward, backward to the "
@@ -167,10 +195,11 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
 
 
 def summary(report: dict) -> str:
-    lines = [f"{report['device']['kind']} x{report['device']['count']}, {report['dtype']}, {report['workload']}"]
+    lines = [f"{report['device']['kind']} x{report['device']['count']}, {report['dtype']}, {report['workload']}, "
+             f"vmap mesh {report['mesh']}"]
     for mode, r in report["modes"].items():
         mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""
-        lines.append(f"  {mode:10s} compile {r['compile_seconds']:6.1f} s  round {r['round_seconds']:8.4f} s  "
+        lines.append(f"  {mode:10s} {r['devices']} dev  compile {r['compile_seconds']:6.1f} s  round {r['round_seconds']:8.4f} s  "
                      f"{r['client_steps_per_second']:8.1f} client-steps/s  {r['tokens_per_second']:10.0f} tokens/s  "
                      f"{r['client_updates_per_second']:7.2f} client-updates/s{mfu}")
     lines += [f"  {name}: {value:.2f}x" for name, value in report["speedup"].items()]

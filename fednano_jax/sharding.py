@@ -130,27 +130,37 @@ def _pad_clients(tree, count: int):
     return jax.tree.map(lambda x: jnp.pad(x, [(0, count)] + [(0, 0)] * (x.ndim - 1)), tree)
 
 
+def shard_client_args(args: tuple, mesh: Mesh, per_client_args: tuple[int, ...]) -> tuple[tuple, int]:
+    """Pad the per-client arguments (positions `per_client_args`, leading clients axis; the first of them
+    fixes the cohort size) with dummy clients to a multiple of the clients axis and shard them.
+
+    -> (arguments, cohort size before padding).
+    """
+    count = jax.tree.leaves(args[per_client_args[0]])[0].shape[0]
+    extra = padded_cohort(count, mesh) - count
+    if extra and (count, mesh.shape[CLIENTS]) not in _ANNOUNCED_PADDING:
+        _ANNOUNCED_PADDING.add((count, mesh.shape[CLIENTS]))
+        print(f"Cohort of {count} clients padded with {extra} masked dummy clients to fill the "
+              f"{mesh.shape[CLIENTS]}-device clients axis; a cohort it divides wastes nothing.")
+    args = list(args)
+    for i in per_client_args:
+        args[i] = shard_clients(_pad_clients(args[i], extra), mesh)
+    return tuple(args), count
+
+
 def sharded_client_program(program, mesh: Mesh, per_client_args: tuple[int, ...]):
     """Wrap a vmapped per-client program to run its clients sharded over the mesh.
 
-    Arguments at positions `per_client_args` have a leading clients axis (the first of
-    them fixes the cohort size); they are padded with dummy clients to a multiple of
-    the clients axis and sharded. Every output has a leading clients axis, trimmed back.
+    Arguments at positions `per_client_args` are padded and sharded (`shard_client_args`);
+    every output has a leading clients axis, trimmed back to the cohort.
     """
     jitted = jax.jit(program, out_shardings=client_sharding(mesh))
 
     def run(*args):
-        count = jax.tree.leaves(args[per_client_args[0]])[0].shape[0]
-        extra = padded_cohort(count, mesh) - count
-        if extra and (count, mesh.shape[CLIENTS]) not in _ANNOUNCED_PADDING:
-            _ANNOUNCED_PADDING.add((count, mesh.shape[CLIENTS]))
-            print(f"Cohort of {count} clients padded with {extra} masked dummy clients to fill the "
-                  f"{mesh.shape[CLIENTS]}-device clients axis; a cohort it divides wastes nothing.")
-        args = list(args)
-        for i in per_client_args:
-            args[i] = shard_clients(_pad_clients(args[i], extra), mesh)
+        args, count = shard_client_args(args, mesh, per_client_args)
         outputs = jitted(*args)
-        return jax.tree.map(lambda x: x[:count], outputs) if extra else outputs
+        padded = jax.tree.leaves(args[per_client_args[0]])[0].shape[0]
+        return jax.tree.map(lambda x: x[:count], outputs) if padded != count else outputs
 
     return run
 
