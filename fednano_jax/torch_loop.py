@@ -1,0 +1,174 @@
+"""The PyTorch baseline of the benchmark: the same MLLM and NanoAdapters, a round run the way PyTorch
+federated frameworks run it.
+
+The backbone is transformers' `LlavaForConditionalGeneration` built from our model
+config (CLIP vision tower cut after the feature layer, as ours computes no later layer;
+mlp2x_gelu projector; LLaMA decoder), frozen; the two NanoAdapters are the only
+parameters with gradients. A round loops clients in Python; each client loads the
+global adapters, makes a fresh AdamW, and for each step takes its batch from the host
+dataset, runs forward, backward and `optimizer.step()`, then copies its adapters out
+as its upload. Eager PyTorch, no `torch.compile`, as those frameworks run.
+
+Needs torch (requirements-test.txt); nothing else in fednano_jax imports this module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+from torch import nn
+
+from fednano_jax.experiment_config import ConfigError
+from fednano_jax.models.mllm import MllmConfig
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTERS = {"image": "adapter_image", "text": "adapter_text"}  # torch name -> our NanoEdge attribute
+# fed.optimizer -> the torch optimizer with the settings of simulation.OPTIMIZERS
+OPTIMIZERS = {"adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+              "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+              "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr)}
+
+
+def hf_llava_config(mcfg: MllmConfig) -> transformers.LlavaConfig:
+    """transformers' LLaVA of the same shapes, its vision tower holding only the layers ours computes."""
+    v, t = mcfg.vision, mcfg.llm
+    if v is None or mcfg.connector != "mlp2x_gelu":
+        raise ConfigError("The PyTorch loop mirrors LLaVA-1.5: it needs a vision tower and model.connector="
+                          f"'mlp2x_gelu' (got vision={'yes' if v else 'none'}, connector={mcfg.connector!r}).")
+    if mcfg.embed_vocab_size not in (None, t.vocab_size):
+        raise ConfigError("The PyTorch loop needs one vocabulary for the embeddings and the LM head; this model "
+                          f"embeds {mcfg.embed_vocab_size} ids and predicts {t.vocab_size}.")
+    vision = transformers.CLIPVisionConfig(
+        image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size, num_hidden_layers=v.layers_used, num_attention_heads=v.num_heads,
+        layer_norm_eps=v.layer_norm_eps, hidden_act=v.activation)
+    text = transformers.LlamaConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+        head_dim=t.resolved_head_dim, rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps,
+        tie_word_embeddings=False, max_position_embeddings=4096)
+    return transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=mcfg.image_token_id,
+                                    vision_feature_layer=-1, vision_feature_select_strategy=v.select_strategy,
+                                    projector_hidden_act="gelu", tie_word_embeddings=False)
+
+
+class TorchNanoAdapter(nn.Module):
+    """`x + (alpha / r) * up(down(x))`, float32 master weights cast to the activations' dtype."""
+
+    def __init__(self, dim: int, rank: int, alpha: float):
+        super().__init__()
+        self.down = nn.Parameter(torch.zeros(dim, rank))
+        self.up = nn.Parameter(torch.zeros(rank, dim))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return x + self.scale * ((x @ self.down.to(x.dtype)) @ self.up.to(x.dtype))
+
+
+class TorchFedNanoModel(nn.Module):
+    """Frozen LLaVA plus NanoAdapters on the projected image tokens (A_I) and the text embeddings (A_T)."""
+
+    def __init__(self, mcfg: MllmConfig, llava: transformers.LlavaForConditionalGeneration):
+        super().__init__()
+        self.llava = llava.requires_grad_(False)
+        a, d = mcfg.adapter, mcfg.llm.hidden_size
+        enabled = {"image": a.image, "text": a.text}
+        self.adapters = nn.ModuleDict({name: TorchNanoAdapter(d, a.rank, a.alpha)
+                                       for name, on in enabled.items() if on})
+        v = mcfg.vision
+        self.register_buffer("mean", torch.tensor(v.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(v.image_std).view(1, 3, 1, 1), persistent=False)
+        self.image_token_id = mcfg.image_token_id
+
+    def _adapt(self, name, x):
+        return self.adapters[name](x) if name in self.adapters else x
+
+    def image_features(self, images_uint8):
+        """uint8 [B, H, W, 3] -> adapted image tokens [B, N, D] (CLIP normalisation, as our tower does)."""
+        pixels = (images_uint8.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        pixels = pixels.to(self.llava.dtype)
+        # The tower holds only the layers up to the feature layer, so its last hidden state (before CLIP's
+        # post-layernorm, which only the pooled output gets) is that layer's.
+        hidden = self.llava.model.vision_tower(pixels).last_hidden_state
+        if self.llava.config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        return self._adapt("image", self.llava.model.multi_modal_projector(hidden))
+
+    def logits(self, input_ids, attention_mask, images_uint8):
+        embeds = self._adapt("text", self.llava.model.get_input_embeddings()(input_ids))
+        is_image = (input_ids == self.image_token_id).unsqueeze(-1)
+        features = self.image_features(images_uint8).to(embeds.dtype)
+        embeds = embeds.masked_scatter(is_image, features)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.llava.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask.long(),
+                                                 position_ids=positions).last_hidden_state
+        return self.llava.lm_head(hidden)
+
+    def loss(self, batch: dict):
+        """Mean negative log-likelihood of the answer tokens (our `mean_answer_nll`)."""
+        logits = self.logits(batch["input_ids"], batch["attention_mask"], batch["images"])
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        picked = log_probs.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        mask = batch["loss_mask"][:, 1:].float()
+        return -(picked * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def random_model(mcfg: MllmConfig, device: torch.device, seed: int = 0) -> TorchFedNanoModel:
+    """The frozen backbone with transformers' random initialisation, in the model dtype."""
+    torch.manual_seed(seed)
+    llava = transformers.LlavaForConditionalGeneration(hf_llava_config(mcfg))
+    return TorchFedNanoModel(mcfg, llava.to(TORCH_DTYPES[mcfg.llm.dtype])).to(device)
+
+
+def adapters_from_jax(adapters) -> dict[str, torch.Tensor]:
+    """Our adapter state as the torch model's `adapters` state dict."""
+    edge = nnx.to_pure_dict(adapters)["edge"]
+    return {f"{name}.{part}": torch.from_numpy(np.array(edge[ours][part], np.float32))
+            for name, ours in ADAPTERS.items() if ours in edge for part in ("down", "up")}
+
+
+def host_dataset(data: dict) -> dict[str, np.ndarray]:
+    """The benchmark's dataset as host arrays (a PyTorch Dataset's storage)."""
+    return {key: np.asarray(value) for key, value in data.items()}
+
+
+def host_batch(data: dict[str, np.ndarray], rows: np.ndarray, valid: np.ndarray, device: torch.device) -> dict:
+    """One step's batch, gathered on the host and moved to the device, as a DataLoader delivers it."""
+    valid = valid[:, None]
+    batch = {"input_ids": data["input_ids"][rows].astype(np.int64),
+             "attention_mask": data["attention_mask"][rows] & valid,
+             "loss_mask": data["loss_mask"][rows] & valid,
+             "images": data["images"][data["image_index"][rows]]}
+    return {key: torch.from_numpy(np.ascontiguousarray(value)).to(device) for key, value in batch.items()}
+
+
+def client_update(model: TorchFedNanoModel, start: dict[str, torch.Tensor], data: dict[str, np.ndarray],
+                  rows: np.ndarray, valid: np.ndarray, optimizer: str, learning_rate: float) -> tuple[dict, list[float]]:
+    """One client's local training: rows, valid [steps, batch] -> (uploaded adapters on the host, losses)."""
+    device = next(model.adapters.parameters()).device
+    model.adapters.load_state_dict(start)
+    optimizer = OPTIMIZERS[optimizer](model.adapters.parameters(), learning_rate)
+    losses = []
+    for step_rows, step_valid in zip(rows, valid):
+        if not step_valid.any():
+            continue
+        loss = model.loss(host_batch(data, step_rows, step_valid, device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    upload = {name: value.detach().to("cpu", copy=True) for name, value in model.adapters.state_dict().items()}
+    return upload, losses
+
+
+def run_round(model: TorchFedNanoModel, start: dict[str, torch.Tensor], data: dict[str, np.ndarray],
+              rows: np.ndarray, valid: np.ndarray, optimizer: str, learning_rate: float) -> list[dict]:
+    """Every client's update from the global adapters, one client after another."""
+    return [client_update(model, start, data, rows[k], valid[k], optimizer, learning_rate)[0]
+            for k in range(rows.shape[0])]
