@@ -9,7 +9,10 @@ Modes (each compiled once, then timed over --repeats rounds after a warm-up roun
   sequential  one jitted program per client (scan over its steps), clients looped in Python on one device
               (fed.mode=sequential)
   loop        one jitted optimizer step per call, a Python loop over clients and steps on one device: how
-              PyTorch federated frameworks run a round
+              PyTorch federated frameworks run a round, with our jitted step
+  torch       that loop in eager PyTorch (fednano_jax/torch_loop.py): transformers' LLaVA of the same shapes,
+              host batches per step, a fresh optimizer per client; needs torch (requirements-test.txt),
+              and `all` leaves it out, saying so, where torch is not installed
 On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=<cores> makes each core a device, so the vmap
 mode's clients run on all cores at once (see README, "Scaling").
 Reported per mode: compile seconds, round seconds, steps/s, tokens/s, client updates/s, memory (per
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import statistics
 import time
 
@@ -42,11 +46,11 @@ _CLIENTS = flags.DEFINE_integer("clients", 16, "Clients trained per round.")
 _STEPS = flags.DEFINE_integer("steps", 4, "Local steps per client per round.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Sequences per step (0: config.fed.batch_size).")
 _TEXT = flags.DEFINE_integer("text_tokens", 32, "Text tokens per sequence, after <s> and the image tokens.")
-_MODE = flags.DEFINE_enum("mode", "all", ["all", "vmap", "sequential", "loop"], "Which ways to run a round.")
+_MODE = flags.DEFINE_enum("mode", "all", ["all", "vmap", "sequential", "loop", "torch"], "Which ways to run a round.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds per mode (the median is reported).")
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
 
-MODES = ("loop", "sequential", "vmap")  # smallest memory first: a device's peak-memory counter only grows
+MODES = ("loop", "sequential", "vmap", "torch")  # JAX's smallest memory first: a device's peak counter only grows
 # Dense peak FLOP/s per device (spec sheets), by a substring of jax's device_kind and the compute dtype.
 PEAK_FLOPS = {("H100", "bfloat16"): 989e12, ("H200", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12}
 
@@ -64,6 +68,8 @@ class Problem:
     dtype: str
     mesh: Mesh
     mesh_config: object
+    mcfg: object
+    fed: object
 
 
 def build_problem(config, preset, clients, steps, batch, text_tokens, seed=0) -> Problem:
@@ -74,7 +80,7 @@ def build_problem(config, preset, clients, steps, batch, text_tokens, seed=0) ->
     data, rows, valid = synthetic.synthetic_data(mcfg, work, seed)
     mesh_config = sharding.mesh_config_of(config)
     return Problem(graphdef, frozen, adapters, data, rows, valid, make_optimizer(config.fed), work, mcfg.llm.dtype,
-                   sharding.make_mesh(mesh_config), mesh_config)
+                   sharding.make_mesh(mesh_config), mesh_config, mcfg, config.fed)
 
 
 def _timed(function):
@@ -124,7 +130,41 @@ def loop_round(p: Problem):
     return compiled, seconds, run
 
 
-ROUNDS = {"vmap": vmap_round, "sequential": sequential_round, "loop": loop_round}
+def torch_round(p: Problem):
+    """-> (None, model build seconds, run one round): eager PyTorch has nothing to compile."""
+    from fednano_jax import torch_loop  # imports torch, which only this mode needs
+
+    (model, seconds) = _timed(lambda: torch_loop.random_model(p.mcfg, torch_loop.default_device()))
+    start = torch_loop.adapters_from_jax(p.adapters)
+    data, rows, valid = torch_loop.host_dataset(p.data), np.asarray(p.rows), np.asarray(p.valid)
+    return None, seconds, lambda: torch_loop.run_round(model, start, data, rows, valid, p.fed.optimizer,
+                                                       p.fed.learning_rate)
+
+
+def torch_memory() -> dict:
+    import torch
+
+    measured = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"peak_memory_bytes": measured, "peak_memory_source": "torch.cuda.max_memory_allocated()" if measured
+            else "not kept by PyTorch on a CPU", "torch_threads": torch.get_num_threads()}
+
+
+ROUNDS = {"vmap": vmap_round, "sequential": sequential_round, "loop": loop_round, "torch": torch_round}
+
+
+def available_modes(requested: str) -> tuple[tuple[str, ...], dict]:
+    """-> (modes to run, {mode left out: why}). `all` runs the torch mode only where torch is installed."""
+    if requested != "all":
+        return (requested,), {}
+    without_torch = tuple(m for m in MODES if m != "torch")
+    if importlib.util.find_spec("torch") is None:
+        return without_torch, {"torch": "PyTorch is not installed (pip install -r requirements-test.txt)"}
+    import torch
+
+    if jax.default_backend() != "cpu" and not torch.cuda.is_available():
+        return without_torch, {"torch": f"JAX runs on {jax.default_backend()} but this torch build has no CUDA; "
+                                        "a CPU PyTorch loop would be no comparison (install a CUDA torch)"}
+    return MODES, {}
 
 
 def device_peak_bytes() -> int | None:
@@ -147,11 +187,11 @@ def peak_flops(device, dtype: str) -> float | None:
                  if kind in device.device_kind and kind_dtype == dtype), None)
 
 
-def figures(p: Problem, compile_seconds: float, seconds: float, memory: dict, step_flops: float | None,
+def figures(p: Problem, setup: dict, seconds: float, memory: dict, step_flops: float | None,
             peak: float | None, devices: int) -> dict:
     """A mode's throughput figures from its median round time; `devices`: how many it runs on."""
     w = p.work
-    result = {"compile_seconds": compile_seconds, "round_seconds": seconds, "steps_per_second": w.steps / seconds,
+    result = {**setup, "round_seconds": seconds, "steps_per_second": w.steps / seconds,
               "client_steps_per_second": w.clients * w.steps / seconds, "tokens_per_second": w.tokens_per_round / seconds,
               "client_updates_per_second": w.clients / seconds, "devices": devices, **memory}
     if step_flops:
@@ -180,12 +220,14 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
     memory = {}
     for mode, (compiled, _, run) in prepared.items():  # in MODES order: the peak counter only grows
         run()  # warm-up: first-call dispatch costs stay out of the timings
-        memory[mode] = peak_memory(compiled)
+        memory[mode] = torch_memory() if mode == "torch" else peak_memory(compiled)
     seconds = timed_rounds(prepared, repeats)
-    results = {mode: figures(p, prepared[mode][1], seconds[mode], memory[mode], step_flops, peak,
+    setup = {mode: {"model_build_seconds" if mode == "torch" else "compile_seconds": prepared[mode][1]}
+             for mode in prepared}
+    results = {mode: figures(p, setup[mode], seconds[mode], memory[mode], step_flops, peak,
                              p.mesh.size if mode == "vmap" else 1) for mode in prepared}
     speedup = {f"vmap_over_{other}": results[other]["round_seconds"] / results["vmap"]["round_seconds"]
-               for other in ("loop", "sequential") if other in results and "vmap" in results}
+               for other in ("loop", "sequential", "torch") if other in results and "vmap" in results}
     return {"device": device_summary(), "mesh": dict(p.mesh.shape),
             "dtype": p.dtype, "workload": {**dataclasses.asdict(p.work), "tokens_per_round": p.work.tokens_per_round},
             "flops_per_client_step": step_flops,
@@ -199,10 +241,13 @@ def summary(report: dict) -> str:
              f"vmap mesh {report['mesh']}"]
     for mode, r in report["modes"].items():
         mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""
-        lines.append(f"  {mode:10s} {r['devices']} dev  compile {r['compile_seconds']:6.1f} s  round {r['round_seconds']:8.4f} s  "
+        setup = f"compile {r['compile_seconds']:6.1f} s" if "compile_seconds" in r else \
+            f"build   {r['model_build_seconds']:6.1f} s"
+        lines.append(f"  {mode:10s} {r['devices']} dev  {setup}  round {r['round_seconds']:8.4f} s  "
                      f"{r['client_steps_per_second']:8.1f} client-steps/s  {r['tokens_per_second']:10.0f} tokens/s  "
                      f"{r['client_updates_per_second']:7.2f} client-updates/s{mfu}")
     lines += [f"  {name}: {value:.2f}x" for name, value in report["speedup"].items()]
+    lines += [f"  {mode} mode left out: {why}" for mode, why in report.get("left_out", {}).items()]
     return "\n".join(lines)
 
 
@@ -211,8 +256,9 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     problem = build_problem(config, _PRESET.value, _CLIENTS.value, _STEPS.value, _BATCH.value, _TEXT.value)
-    modes = MODES if _MODE.value == "all" else (_MODE.value,)
-    report = {"config": config.get("name"), "preset": _PRESET.value, **benchmark(problem, modes, _REPEATS.value)}
+    modes, left_out = available_modes(_MODE.value)
+    report = {"config": config.get("name"), "preset": _PRESET.value, **benchmark(problem, modes, _REPEATS.value),
+              "left_out": left_out}
     print(summary(report))
     write_json(_OUT.value, report)
 

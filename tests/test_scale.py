@@ -56,13 +56,39 @@ def test_benchmark_command_writes_every_figure(tmp_path):
                f"--out={out}")
     report = json.loads(out.read_text())
     assert report["workload"] == {"clients": 2, "steps": 2, "batch": 2, "seq_len": 21, "tokens_per_round": 168}
-    assert report["flops_per_client_step"] > 0 and set(report["speedup"]) == {"vmap_over_loop", "vmap_over_sequential"}
-    for mode in ("vmap", "sequential", "loop"):
+    assert report["flops_per_client_step"] > 0 and report["left_out"] == {}  # the test environment has torch
+    assert set(report["speedup"]) == {"vmap_over_loop", "vmap_over_sequential", "vmap_over_torch"}
+    for mode in ("vmap", "sequential", "loop", "torch"):
         figures = report["modes"][mode]
-        for key in ("compile_seconds", "round_seconds", "steps_per_second", "tokens_per_second",
-                    "client_updates_per_second", "peak_memory_bytes", "flops_per_second"):
+        for key in ("round_seconds", "steps_per_second", "tokens_per_second", "client_updates_per_second",
+                    "flops_per_second"):
             assert figures[key] > 0, (mode, key)
         assert "mfu" in figures  # None on a CPU: its peak is unknown
+    for mode in ("vmap", "sequential", "loop"):
+        assert report["modes"][mode]["compile_seconds"] > 0 and report["modes"][mode]["peak_memory_bytes"] > 0
+    assert report["modes"]["torch"]["model_build_seconds"] > 0 and report["modes"]["torch"]["torch_threads"] >= 1
+
+
+def test_benchmark_leaves_the_torch_mode_out_where_torch_is_missing(monkeypatch):
+    from fednano_jax import benchmark
+
+    real_find_spec = benchmark.importlib.util.find_spec
+    monkeypatch.setattr(benchmark.importlib.util, "find_spec", lambda name: None if name == "torch" else
+                        real_find_spec(name))
+    modes, left_out = benchmark.available_modes("all")
+    assert modes == ("loop", "sequential", "vmap") and "PyTorch is not installed" in left_out["torch"]
+    assert benchmark.available_modes("torch") == (("torch",), {})
+
+
+def test_benchmark_leaves_a_cpu_torch_out_of_a_gpu_comparison(monkeypatch):
+    import torch
+
+    from fednano_jax import benchmark
+
+    monkeypatch.setattr(benchmark.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    modes, left_out = benchmark.available_modes("all")
+    assert "torch" not in modes and "no CUDA" in left_out["torch"]
 
 
 def test_memory_plan_command_plans_each_remat_policy(tmp_path):
