@@ -120,10 +120,13 @@ def default_device() -> torch.device:
 
 
 def random_model(mcfg: MllmConfig, device: torch.device, seed: int = 0) -> TorchFedNanoModel:
-    """The frozen backbone with transformers' random initialisation, in the model dtype."""
+    """The frozen backbone with transformers' random initialisation, made on the device in the model dtype
+    (a 7B bf16 backbone never exists in float32 on the host)."""
     torch.manual_seed(seed)
-    llava = transformers.LlavaForConditionalGeneration(hf_llava_config(mcfg))
-    return TorchFedNanoModel(mcfg, llava.to(TORCH_DTYPES[mcfg.llm.dtype])).to(device)
+    with torch.device(device):
+        llava = transformers.LlavaForConditionalGeneration._from_config(hf_llava_config(mcfg),
+                                                                         dtype=TORCH_DTYPES[mcfg.llm.dtype])
+        return TorchFedNanoModel(mcfg, llava)
 
 
 def adapters_from_jax(adapters) -> dict[str, torch.Tensor]:
