@@ -40,16 +40,6 @@ from fednano_jax.experiment_config import parse_flags
 from fednano_jax.federated.client import LocalOptions, initial_carry, local_update, make_client_updates, train_step
 from fednano_jax.federated.simulation import make_optimizer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
-_PRESET = flags.DEFINE_string("preset", None, f"Replace the config's model by a preset: {sorted(synthetic.PRESETS)}.")
-_CLIENTS = flags.DEFINE_integer("clients", 16, "Clients trained per round.")
-_STEPS = flags.DEFINE_integer("steps", 4, "Local steps per client per round.")
-_BATCH = flags.DEFINE_integer("batch", 0, "Sequences per step (0: config.fed.batch_size).")
-_TEXT = flags.DEFINE_integer("text_tokens", 32, "Text tokens per sequence, after <s> and the image tokens.")
-_MODE = flags.DEFINE_enum("mode", "all", ["all", "vmap", "sequential", "loop", "torch"], "Which ways to run a round.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds per mode (the median is reported).")
-_OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
-
 MODES = ("loop", "sequential", "vmap", "torch")  # JAX's smallest memory first: a device's peak counter only grows
 # Dense peak FLOP/s per device (spec sheets), by a substring of jax's device_kind and the compute dtype.
 PEAK_FLOPS = {("H100", "bfloat16"): 989e12, ("H200", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12}
@@ -254,15 +244,30 @@ def summary(report: dict) -> str:
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
-    problem = build_problem(config, _PRESET.value, _CLIENTS.value, _STEPS.value, _BATCH.value, _TEXT.value)
-    modes, left_out = available_modes(_MODE.value)
-    report = {"config": config.get("name"), "preset": _PRESET.value, **benchmark(problem, modes, _REPEATS.value),
+    args = flags.FLAGS
+    config = args.config
+    problem = build_problem(config, args.preset, args.clients, args.steps, args.batch, args.text_tokens)
+    modes, left_out = available_modes(args.mode)
+    report = {"config": config.get("name"), "preset": args.preset, **benchmark(problem, modes, args.repeats),
               "left_out": left_out}
     print(summary(report))
-    write_json(_OUT.value, report)
+    write_json(args.out, report)
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
+    flags.DEFINE_string("preset", None, f"Replace the config's model by a preset: {sorted(synthetic.PRESETS)}.")
+    flags.DEFINE_integer("clients", 16, "Clients trained per round.")
+    flags.DEFINE_integer("steps", 4, "Local steps per client per round.")
+    flags.DEFINE_integer("batch", 0, "Sequences per step (0: config.fed.batch_size).")
+    flags.DEFINE_integer("text_tokens", 32, "Text tokens per sequence, after <s> and the image tokens.")
+    flags.DEFINE_enum("mode", "all", ["all", *MODES], "Which ways to run a round.")
+    flags.DEFINE_integer("repeats", 3, "Timed rounds per mode (the median is reported).")
+    flags.DEFINE_string("out", None, "Write the results here as JSON.")
+    flags.mark_flag_as_required("config")
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -26,14 +26,6 @@ from fednano_jax.federated.simulation import make_optimizer
 from fednano_jax.models.mllm import count_params
 from fednano_jax.xla_stats import device_summary, write_json, memory_of, planned_total
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
-_PRESET = flags.DEFINE_string("preset", None, f"Replace the config's model by a preset: {sorted(synthetic.PRESETS)}.")
-_CLIENTS = flags.DEFINE_integer("clients", 5, "Clients vmapped in one round program.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Sequences per local step.")
-_STEPS = flags.DEFINE_integer("steps", 1, "Local steps in the planned round (memory does not grow with them).")
-_TEXT = flags.DEFINE_integer("text_tokens", 63, "Text tokens per sequence after <s> and the image tokens.")
-_REMAT = flags.DEFINE_list("remat", ["none", "full"], "Remat policies to plan (models/llama.py REMAT_POLICIES).")
-_OUT = flags.DEFINE_string("out", None, "Write the plans here as JSON.")
 
 GIB = 2**30
 
@@ -72,21 +64,35 @@ def plan(config, clients: int, batch: int, steps: int, text_tokens: int) -> dict
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = synthetic.with_preset(_CONFIG.value, _PRESET.value)
+    args = flags.FLAGS
+    config = synthetic.with_preset(args.config, args.preset)
     plans = []
-    for policy in _REMAT.value:
+    for policy in args.remat:
         config.model.remat = policy
-        result = plan(config, _CLIENTS.value, _BATCH.value, _STEPS.value, _TEXT.value)
+        result = plan(config, args.clients, args.batch, args.steps, args.text_tokens)
         plans.append(result)
         print(f"remat={policy}: {result['per_device_total_gib']:.2f} GiB per device "
               f"({ {k: round(v / GIB, 3) for k, v in result['per_device_bytes'].items()} } GiB), "
               f"compiled in {result['compile_seconds']:.0f} s")
-    report = {"config": config.get("name"), "preset": _PRESET.value, "clients": _CLIENTS.value, "batch": _BATCH.value,
+    report = {"config": config.get("name"), "preset": args.preset, "clients": args.clients, "batch": args.batch,
               "device": device_summary(),
               "plans": plans}
-    write_json(_OUT.value, report)
+    write_json(args.out, report)
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
+    flags.DEFINE_string("preset", None, f"Replace the config's model by a preset: {sorted(synthetic.PRESETS)}.")
+    flags.DEFINE_integer("clients", 5, "Clients vmapped in one round program.")
+    flags.DEFINE_integer("batch", 8, "Sequences per local step.")
+    flags.DEFINE_integer("steps", 1, "Local steps in the planned round (memory does not grow with them).")
+    flags.DEFINE_integer("text_tokens", 63, "Text tokens per sequence after <s> and the image tokens.")
+    flags.DEFINE_list("remat", ["none", "full"], "Remat policies to plan (models/llama.py REMAT_POLICIES).")
+    flags.DEFINE_string("out", None, "Write the plans here as JSON.")
+    flags.mark_flag_as_required("config")
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -28,10 +28,6 @@ from ml_collections import config_flags
 
 from fednano_jax.experiment_config import parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).", lock_config=False)
-_STUDY = flags.DEFINE_enum("study", "main", ["main", "adapters", "rank", "frequency"], "Which study to run.")
-_SEEDS = flags.DEFINE_integer("seeds", 1, "Number of seeds (0..seeds-1); tables show mean and std over them.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Study directory (default: runs/<config.name>/study_<study>).")
 
 MAIN_METHODS = ("centralized", "locft", "fedavg", "fedprox", "feddpa_f", "fednano", "fednano_ef")
 COMPARED = ("fedavg", "fednano")
@@ -205,21 +201,31 @@ def main(argv) -> None:
     from fednano_jax.experiment import user_errors
 
     labels = user_errors()
-    config, study = _CONFIG.value, _STUDY.value
-    if _SEEDS.value < 1:
-        sys.exit(f"Config error: --seeds must be at least 1, got {_SEEDS.value}.")
-    workdir = _WORKDIR.value or os.path.join("runs", config.name, f"study_{study}")
+    args = flags.FLAGS
+    config, study, seeds = args.config, args.study, args.seeds
+    if seeds < 1:
+        sys.exit(f"Config error: --seeds must be at least 1, got {seeds}.")
+    workdir = args.workdir or os.path.join("runs", config.name, f"study_{study}")
     started = time.perf_counter()
     try:
-        results = run_grid(config, study, _SEEDS.value, workdir)
+        results = run_grid(config, study, seeds, workdir)
     except tuple(labels) as error:
         sys.exit(f"{labels[type(error)]}: {error}")
-    table = (main_table(results, _SEEDS.value, workdir) if study == "main"
-             else sweep_table(study, results, _SEEDS.value, workdir, config))
-    print(f"\n{study} study, {_SEEDS.value} seed(s), average client accuracy (%):\n{table}")
+    table = (main_table(results, seeds, workdir) if study == "main"
+             else sweep_table(study, results, seeds, workdir, config))
+    print(f"\n{study} study, {seeds} seed(s), average client accuracy (%):\n{table}")
     print(f"\nTables and plots in {workdir} ({time.perf_counter() - started:.0f} s)")
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).", lock_config=False)
+    flags.DEFINE_enum("study", "main", ["main", "adapters", "rank", "frequency"], "Which study to run.")
+    flags.DEFINE_integer("seeds", 1, "Number of seeds (0..seeds-1); tables show mean and std over them.")
+    flags.DEFINE_string("workdir", None, "Study directory (default: runs/<config.name>/study_<study>).")
     flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

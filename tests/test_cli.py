@@ -85,3 +85,14 @@ def test_more_clients_than_examples_is_refused(easy_vqa_dir):
     tokenizer = pipeline.tokenizer_for(splits)
     with pytest.raises(ValueError, match=r"fed.num_clients \(31\) exceeds the 30 federated training examples"):
         pipeline.federated_data(splits, tokenizer, 16, num_clients=31, alpha=1.0, seed=0)
+
+
+def test_command_modules_import_together_without_defining_flags():
+    """Each command defines its flags only when run, so importing several (a test, a notebook) never clashes."""
+    modules = ["main", "study", "benchmark", "memory_plan", "accounting", "data.partition_stats"]
+    code = ("from absl import flags\n" + "".join(f"import fednano_jax.{m}\n" for m in modules) +
+            "defined = [name for name in ('config', 'workdir', 'out', 'clients') if name in flags.FLAGS]\n"
+            "assert not defined, defined\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
