@@ -152,11 +152,12 @@ def host_batch(data: dict[str, np.ndarray], rows: np.ndarray, valid: np.ndarray,
 
 
 def client_update(model: TorchFedNanoModel, start: dict[str, torch.Tensor], data: dict[str, np.ndarray],
-                  rows: np.ndarray, valid: np.ndarray, optimizer: str, learning_rate: float) -> tuple[dict, list[float]]:
+                  rows: np.ndarray, valid: np.ndarray, optimizer_name: str,
+                  learning_rate: float) -> tuple[dict, list[float]]:
     """One client's local training: rows, valid [steps, batch] -> (uploaded adapters on the host, losses)."""
     device = next(model.adapters.parameters()).device
     model.adapters.load_state_dict(start)
-    optimizer = OPTIMIZERS[optimizer](model.adapters.parameters(), learning_rate)
+    optimizer = OPTIMIZERS[optimizer_name](model.adapters.parameters(), learning_rate)
     losses = []
     for step_rows, step_valid in zip(rows, valid):
         if not step_valid.any():
@@ -171,7 +172,7 @@ def client_update(model: TorchFedNanoModel, start: dict[str, torch.Tensor], data
 
 
 def run_round(model: TorchFedNanoModel, start: dict[str, torch.Tensor], data: dict[str, np.ndarray],
-              rows: np.ndarray, valid: np.ndarray, optimizer: str, learning_rate: float) -> list[dict]:
+              rows: np.ndarray, valid: np.ndarray, optimizer_name: str, learning_rate: float) -> list[dict]:
     """Every client's update from the global adapters, one client after another."""
-    return [client_update(model, start, data, rows[k], valid[k], optimizer, learning_rate)[0]
+    return [client_update(model, start, data, rows[k], valid[k], optimizer_name, learning_rate)[0]
             for k in range(rows.shape[0])]
