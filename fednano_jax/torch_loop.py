@@ -21,6 +21,7 @@ from flax import nnx
 from torch import nn
 
 from fednano_jax.experiment_config import ConfigError
+from fednano_jax.federated.client import gather_batch
 from fednano_jax.models.mllm import MllmConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,12 +143,10 @@ def host_dataset(data: dict) -> dict[str, np.ndarray]:
 
 
 def host_batch(data: dict[str, np.ndarray], rows: np.ndarray, valid: np.ndarray, device: torch.device) -> dict:
-    """One step's batch, gathered on the host and moved to the device, as a DataLoader delivers it."""
-    valid = valid[:, None]
-    batch = {"input_ids": data["input_ids"][rows].astype(np.int64),
-             "attention_mask": data["attention_mask"][rows] & valid,
-             "loss_mask": data["loss_mask"][rows] & valid,
-             "images": data["images"][data["image_index"][rows]]}
+    """One step's batch, gathered on the host (by our `gather_batch`, on numpy arrays) and moved to the device,
+    as a DataLoader delivers it."""
+    batch = gather_batch(data, rows, valid)
+    batch["input_ids"] = batch["input_ids"].astype(np.int64)  # torch indexes with int64
     return {key: torch.from_numpy(np.ascontiguousarray(value)).to(device) for key, value in batch.items()}
 
 
