@@ -51,6 +51,7 @@ def get_config() -> ConfigDict:
     config.fed.batch_size = 8
     config.fed.optimizer = "adamw"
     config.fed.learning_rate = 1e-3
+    config.fed.weight_decay = 0.0  # AdamW's decoupled weight decay (0: Adam)
     config.fed.fisher_floor = 1e-6  # FedNano / FedNano-EF: floor on the diagonal Fisher
     config.fed.prox_mu = 0.01  # FedProx: weight of mu/2 * ||adapters - global||^2
     config.fed.dpa_local_epochs = 1  # FedDPA-F: local fine-tuning of the local adapter after the rounds

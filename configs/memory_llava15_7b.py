@@ -7,7 +7,7 @@ For a federated run, set model.path to the checkpoint (see configs/easyvqa_smoll
 """
 
 from configs.easyvqa_tiny import get_config as tiny_config
-from fednano_jax.model_presets import llava15_7b
+from fednano_jax.backbone.presets import llava15_7b
 
 
 def get_config():

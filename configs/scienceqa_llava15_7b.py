@@ -10,7 +10,7 @@ import runpy
 
 from ml_collections import ConfigDict
 
-from fednano_jax.model_presets import llava15_7b
+from fednano_jax.backbone.presets import llava15_7b
 
 
 def paper_setup(config: ConfigDict) -> ConfigDict:

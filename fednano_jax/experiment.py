@@ -6,34 +6,23 @@ study runner runs once per grid cell.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 
-from flax import nnx
-
-from fednano_jax import checkpoint, pretrain
-from fednano_jax.backbone_from_checkpoint import checkpoint_backbone
-from fednano_jax.checkpoint import CheckpointMismatch, RoundCheckpoints
+from fednano_jax.backbone import pretrain
+from fednano_jax.backbone.build import experiment_backbone, with_remat
+from fednano_jax.config import method_names, resume_fingerprint, validate
 from fednano_jax.data import datasets, pipeline
-from fednano_jax.data.errors import DataError
-from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
+from fednano_jax.data.batches import device_dataset
+from fednano_jax.errors import ConfigError, DataError
 from fednano_jax.eval.evaluate import Evaluator
 from fednano_jax.eval.report import write_report
-from fednano_jax.experiment_config import ConfigError, method_names, model_config, resume_fingerprint, validate
-from fednano_jax.federated.client import device_dataset
+from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.methods import METHODS, get_method
-from fednano_jax.federated.simulation import run_federated
-from fednano_jax.models.mllm import MultimodalModel, count_params, split_model
-from fednano_jax.sharding import MeshError, is_main_process, make_mesh, mesh_config_of, mesh_description
-from fednano_jax.weights.errors import WeightsError
-
-
-def user_errors() -> dict:
-    """Exceptions a user's input causes -> the label main prints before their one sentence."""
-    return {ConfigError: "Config error", CheckpointMismatch: "Checkpoint error", DataError: "Data error",
-            WeightsError: "Checkpoint error", MeshError: "Config error"}
+from fednano_jax.federated.rounds import run_method
+from fednano_jax.models.mllm import count_params
+from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_config_of, mesh_description
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -44,42 +33,6 @@ def prepare_workdir(workdir: str) -> str:
     if not os.access(workdir, os.W_OK):
         raise ConfigError(f"--workdir {workdir!r} is not writable; pass a writable directory.")
     return workdir
-
-
-def pretrained_backbone(config, splits):
-    """-> (graphdef, frozen, adapters, tokenizer, model config): from the cache, or pretrained and cached."""
-    if config.model.get("path"):
-        return checkpoint_backbone(config, splits)
-    backbone_dir = pretrain.cache_dir(config)
-    if checkpoint.backbone_is_cached(backbone_dir):
-        tokenizer = load_tokenizer(os.path.join(backbone_dir, checkpoint.TOKENIZER))
-        mcfg = model_config(config, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
-        graphdef, frozen, adapters = split_model(MultimodalModel(mcfg, nnx.Rngs(config.pretrain.seed)))
-        try:
-            frozen = checkpoint.load_backbone(backbone_dir, frozen)
-            print(f"Using the pretrained backbone cached in {backbone_dir}")
-            return graphdef, frozen, adapters, tokenizer, mcfg
-        except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
-            print(f"Warning: the cached backbone in {backbone_dir} is unreadable ({type(error).__name__}); "
-                  "pretraining it again.")
-    tokenizer = pipeline.tokenizer_for(splits)
-    mcfg = model_config(config, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
-    graphdef, frozen, adapters = split_model(MultimodalModel(mcfg, nnx.Rngs(config.pretrain.seed)))
-    tokens = pipeline.tokenize_pretraining(splits, tokenizer, mcfg.vision.num_image_tokens)
-    print(f"Pretraining the backbone on {len(tokens)} held-aside examples (cached in {backbone_dir})")
-    frozen = pretrain.pretrain_backbone(graphdef, frozen, adapters, tokens, splits.images, config)
-    checkpoint.save_backbone(backbone_dir, frozen, tokenizer)
-    return graphdef, frozen, adapters, tokenizer, mcfg
-
-
-def with_remat(graphdef, mcfg, policy: str):
-    """The model graph with decoder layers rematerialised by `policy` (parameters unchanged), whatever
-    built the backbone (pretraining, a cache, a checkpoint)."""
-    if mcfg.llm.remat == policy:
-        return graphdef, mcfg
-    mcfg = dataclasses.replace(mcfg, llm=dataclasses.replace(mcfg.llm, remat=policy))
-    graphdef, _, _ = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(0))))
-    return graphdef, mcfg
 
 
 def run_experiment(config, workdir: str) -> None:
@@ -110,7 +63,7 @@ def run_experiment(config, workdir: str) -> None:
         raise ConfigError(str(error)) from error
 
     # ------------------------------------------------- Pretrained backbone
-    graphdef, frozen, adapters, tokenizer, mcfg = pretrained_backbone(config, splits)
+    graphdef, frozen, adapters, tokenizer, mcfg = experiment_backbone(config, splits)
     graphdef, mcfg = with_remat(graphdef, mcfg, config.model.get("remat", "none"))
     print(f"Backbone: {count_params(frozen):,} frozen parameters; NanoAdapters: {count_params(adapters):,} "
           f"trainable parameters per client")
@@ -133,15 +86,15 @@ def run_experiment(config, workdir: str) -> None:
     methods = method_names(config)
     seconds, histories = {}, {}
     for name in methods:
-        method = get_method(name)
+        method = get_method(name, config.fed)
         checkpoints = None
         if config.checkpoint.every_rounds:
             checkpoints = RoundCheckpoints(os.path.join(workdir, "checkpoints", name), config.checkpoint.keep,
                                            fingerprint)
         method_start = time.perf_counter()
         try:
-            result = run_federated(method, graphdef, frozen, adapters, device_data, data.client_train, config,
-                                   evaluator, log, checkpoints, mesh)
+            result = run_method(method, graphdef, frozen, adapters, device_data, data.client_train, config,
+                                evaluator, log, checkpoints, mesh)
         finally:
             if checkpoints:
                 checkpoints.close()

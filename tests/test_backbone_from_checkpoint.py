@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from fednano_jax.backbone_from_checkpoint import VISION_SIDE, attach_vision_tower, checkpoint_backbone
+from fednano_jax.backbone.from_checkpoint import VISION_SIDE, attach_vision_tower, checkpoint_backbone
 from fednano_jax.data import pipeline
-from fednano_jax.experiment_config import load_config_file
-from fednano_jax.pretrained import load_pretrained
+from fednano_jax.config import load_config_file
+from fednano_jax.backbone.pretrained import load_pretrained
 from fednano_jax.weights.fill import flatten
 
 torch = pytest.importorskip("torch", reason="the checkpoint is written with transformers' PyTorch LLaMA")

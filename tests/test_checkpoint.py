@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fednano_jax.checkpoint import CheckpointMismatch, RoundCheckpoints
+from fednano_jax.federated.checkpoints import CheckpointMismatch, RoundCheckpoints
 from test_cli import ROOT, run_main
 
 FINGERPRINT = {"seed": 0, "fed": {"num_clients": 5}, "model": {"adapter": {"rank": 16}}}
@@ -119,8 +119,8 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(easy_
     assert per_round(ck_a["meta"]["history"]) == per_round(ck_b["meta"]["history"])
     for name in ("down", "up"):
         for side in ("adapter_image", "adapter_text"):
-            np.testing.assert_array_equal(ck_a["state"]["global"]["edge"][side][name],
-                                          ck_b["state"]["global"]["edge"][side][name])
+            np.testing.assert_array_equal(ck_a["state"]["server"]["adapters"]["edge"][side][name],
+                                          ck_b["state"]["server"]["adapters"]["edge"][side][name])
 
     other_rank = run_main(*flags, "--config.model.adapter.rank=8", f"--workdir={tmp_path / 'b'}")
     assert other_rank.returncode != 0

@@ -43,7 +43,7 @@ def test_small_experiment_end_to_end_and_cached_backbone(easy_vqa_dir, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Using the pretrained backbone cached" in second.stdout
     round_one = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][1]
-    assert round_one["dropped"] == np.flatnonzero(~reporting_clients(3, 0.5, 0, 0)).tolist()
+    assert round_one["dropped"] == np.flatnonzero(~reporting_clients(np.arange(3), 0.5, 0, 0)).tolist()
     untuned_a = results["Untuned"]
     untuned_b = json.loads((tmp_path / "b" / "results.json").read_text())["results"]["Untuned"]
     assert untuned_a == untuned_b  # the cached backbone is the same model
@@ -89,7 +89,8 @@ def test_more_clients_than_examples_is_refused(easy_vqa_dir):
 
 def test_command_modules_import_together_without_defining_flags():
     """Each command defines its flags only when run, so importing several (a test, a notebook) never clashes."""
-    modules = ["main", "study", "benchmark", "memory_plan", "accounting", "data.partition_stats"]
+    modules = ["main", "study", "benchmark", "memory_plan", "accounting", "data.partition_stats", "commands.study",
+               "commands.benchmark", "commands.memory_plan", "commands.accounting", "commands.partition_stats"]
     code = ("from absl import flags\n" + "".join(f"import fednano_jax.{m}\n" for m in modules) +
             "defined = [name for name in ('config', 'workdir', 'out', 'clients') if name in flags.FLAGS]\n"
             "assert not defined, defined\n")

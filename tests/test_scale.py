@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fednano_jax.experiment_config import ConfigError, validate
+from fednano_jax.config import ConfigError, validate
 from fednano_jax.federated.methods import METHODS
 from fednano_jax.federated.objective import adapter_value_and_grad
 from fednano_jax.models.mllm import MultimodalModel, split_model
@@ -70,7 +70,7 @@ def test_benchmark_command_writes_every_figure(tmp_path):
 
 
 def test_benchmark_leaves_the_torch_mode_out_where_torch_is_missing(monkeypatch):
-    from fednano_jax import benchmark
+    from fednano_jax.commands import benchmark
 
     real_find_spec = benchmark.importlib.util.find_spec
     monkeypatch.setattr(benchmark.importlib.util, "find_spec", lambda name: None if name == "torch" else
@@ -83,7 +83,7 @@ def test_benchmark_leaves_the_torch_mode_out_where_torch_is_missing(monkeypatch)
 def test_benchmark_leaves_a_cpu_torch_out_of_a_gpu_comparison(monkeypatch):
     import torch
 
-    from fednano_jax import benchmark
+    from fednano_jax.commands import benchmark
 
     monkeypatch.setattr(benchmark.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -103,7 +103,7 @@ def test_memory_plan_command_plans_each_remat_policy(tmp_path):
 
 
 def test_with_remat_rebuilds_the_graph_for_the_same_parameters(tiny_config):
-    from fednano_jax.experiment import with_remat
+    from fednano_jax.backbone.build import with_remat
 
     graphdef, frozen, adapters, data = tiny_setup(tiny_config)
     remat_graphdef, remat_config = with_remat(graphdef, tiny_config, "full")

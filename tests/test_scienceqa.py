@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from fednano_jax.data import datasets
-from fednano_jax.data.errors import DataError
+from fednano_jax.errors import DataError
 from fednano_jax.data.images import mean_colour
 from fednano_jax.data.partition import dirichlet_proportions
 from fednano_jax.data.pipeline import client_partition, tokenizer_for
 from fednano_jax.data.tokenizer import IMAGE
-from fednano_jax.experiment_config import load_config_file, method_names, validate
+from fednano_jax.config import load_config_file, method_names, validate
 from fednano_jax.federated.methods import METHODS
 from official_fixtures import SCIENCEQA_TOPICS, SPLIT_SIZES, write_scienceqa, write_scienceqa_parquet
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from fednano_jax import sharding
+from fednano_jax.parallel import mesh as sharding
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.federated.methods import get_method
-from fednano_jax.federated.simulation import compile_programs, run_federated
+from fednano_jax.federated.client import ClientInputs
+from fednano_jax.federated.rounds import compile_programs, run_method
 from test_federated import tiny_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,8 +74,8 @@ def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=
     config.mesh = mesh_cfg or mesh_config()
     config.eval.every_rounds = int(evaluate)
     evaluator = DecodingEvaluation(graphdef, frozen, data) if evaluate else NoEvaluation()
-    return run_federated(get_method(method), graphdef, frozen, adapters, data, client_rows, config,
-                         evaluator, lambda record: None, mesh=mesh)
+    return run_method(get_method(method, config.fed), graphdef, frozen, adapters, data, client_rows, config,
+                      evaluator, lambda record: None, mesh=mesh)
 
 
 def test_mesh_shape_resolves_the_rest_and_refuses_impossible_shapes():
@@ -98,21 +99,21 @@ def test_fsdp_rule_shards_only_large_matrices_on_a_divisible_dimension():
 
 def test_round_time_follows_the_cohort_not_the_population(tiny_config, monkeypatch):
     """1000 clients, a cohort of 4: each round's program sees only the cohort's 4 clients."""
-    from fednano_jax.federated import simulation
+    from fednano_jax.federated import rounds
 
     seen = []
-    original = simulation.compile_programs
+    original = rounds.compile_programs
 
     def spying(*args, **kwargs):
         programs = original(*args, **kwargs)
 
-        def update(start, frozen, data, rows, valid):
-            seen.append(rows.shape)
-            return programs.update_clients(start, frozen, data, rows, valid)
+        def local(frozen, data, broadcast, clients):
+            seen.append(clients.rows.shape)
+            return programs.local(frozen, data, broadcast, clients)
 
-        return simulation.RoundPrograms(update, programs.extra_fisher, programs.aggregate)
+        return rounds.RoundPrograms(local, programs.server, programs.plain_local)
 
-    monkeypatch.setattr(simulation, "compile_programs", spying)
+    monkeypatch.setattr(rounds, "compile_programs", spying)
     result = federated_run(tiny_config, "fedavg", num_clients=1000, cohort=4, rounds=2)
     assert [s[0] for s in seen] == [4, 4]
     assert len(result.history[0]["clients"]) == 4 and result.history[0]["clients"] != result.history[1]["clients"]
@@ -128,7 +129,8 @@ def test_sharded_round_matches_one_device(tiny_config, method, num_clients, coho
     cfg = mesh_config(clients, model, backbone)
     single = federated_run(tiny_config, method, num_clients, cohort)
     sharded = federated_run(tiny_config, method, num_clients, cohort, sharding.make_mesh(cfg), cfg)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), single.state, sharded.state)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, (single.server, single.clients), (sharded.server, sharded.clients))
     np.testing.assert_allclose(single.history[0]["train_loss"], sharded.history[0]["train_loss"], rtol=1e-5)
 
 
@@ -146,11 +148,12 @@ def test_evaluation_of_mesh_trained_adapters_matches_one_device(tiny_config, met
 def test_each_device_holds_only_its_clients(tiny_config):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=16)
     mesh = sharding.make_mesh(mesh_config())
-    programs = compile_programs(get_method("fedavg"), graphdef, run_config(8, 8).fed, mesh)
+    fed = run_config(8, 8).fed
+    programs = compile_programs(get_method("fedavg", fed), graphdef, fed, 1, mesh)
     rows = np.arange(16).reshape(8, 1, 2)
-    trained, losses, _ = programs.update_clients(adapters, frozen, data, rows, np.ones_like(rows, bool))
+    outputs = programs.local(frozen, data, {"adapters": adapters}, ClientInputs(rows, np.ones_like(rows, bool)))
     devices_seen = set()
-    for leaf in jax.tree.leaves(trained) + [losses]:
+    for leaf in jax.tree.leaves(outputs.upload) + [outputs.loss]:
         assert leaf.sharding.spec[0] == sharding.CLIENTS
         for shard in leaf.addressable_shards:
             client = shard.index[0].start
@@ -194,5 +197,5 @@ def test_two_processes_give_the_one_device_round(tiny_config):
     assert [r["devices"] for r in results] == [4, 4]
     for r in results:
         np.testing.assert_allclose(r["loss"], single.history[0]["train_loss"], rtol=1e-5)
-        for got, want in zip(r["adapters"], jax.tree.leaves(single.state["global"])):
+        for got, want in zip(r["adapters"], jax.tree.leaves(single.server["adapters"])):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

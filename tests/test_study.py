@@ -43,7 +43,7 @@ def test_main_study_runs_every_method_over_seeds_and_resumes(easy_vqa_dir, tmp_p
 def test_sweep_grids():
     from ml_collections import ConfigDict
 
-    from fednano_jax.study import cells, frequency_grid, with_overrides
+    from fednano_jax.commands.study import cells, frequency_grid, with_overrides
 
     config = ConfigDict({"seed": 0, "fed": {"rounds": 6, "local_epochs": 1, "methods": ("fedavg",)},
                          "model": {"adapter": {"rank": 16, "image": True, "text": True}}})

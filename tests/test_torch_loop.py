@@ -6,11 +6,14 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch baseline needs torch==2.13.0 (requirements-test.txt)")
 
-from fednano_jax import load_pretrained, synthetic, torch_loop  # noqa: E402
-from fednano_jax.experiment_config import ConfigError  # noqa: E402
-from fednano_jax.federated.client import LocalOptions, local_update  # noqa: E402
+from fednano_jax import load_pretrained
+from fednano_jax.backbone import synthetic
+from fednano_jax.commands import torch_loop  # noqa: E402
+from fednano_jax.errors import ConfigError  # noqa: E402
+from fednano_jax.federated.client import ClientInputs, local_update  # noqa: E402
+from fednano_jax.federated.methods.fedavg import FedAvg  # noqa: E402
 from fednano_jax.federated.objective import adapter_value_and_grad  # noqa: E402
-from fednano_jax.federated.simulation import make_optimizer  # noqa: E402
+from fednano_jax.federated.rounds import make_optimizer  # noqa: E402
 from conftest import make_batch  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -44,16 +47,17 @@ def test_loss_and_adapter_gradients_match_ours(both_models):
 
 
 def test_a_client_round_ends_at_our_adapters(both_models, tiny_config):
-    """Three AdamW steps, the last one padding only: same adapters as our scanned local update."""
+    """Three AdamW steps (weight decay 0.1), the last one padding only: same adapters as our scanned local update."""
     model, ours, adapters = both_models
     work = synthetic.Workload(clients=1, steps=3, batch=2, seq_len=synthetic.sequence_length(ours.config, 6))
     data, rows, valid = synthetic.synthetic_data(ours.config, work, seed=1)
     valid[0, 2] = False
-    fed = type("Fed", (), {"optimizer": "adamw", "learning_rate": 1e-2})
-    expected, _, _ = local_update(ours.graphdef, make_optimizer(fed), LocalOptions(), adapters, ours.frozen, data,
-                                  rows[0], valid[0])
+    fed = type("Fed", (), {"optimizer": "adamw", "learning_rate": 1e-2, "weight_decay": 0.1})
+    outputs = local_update(ours.graphdef, make_optimizer(fed), FedAvg(fed), 3, ours.frozen, data,
+                           {"adapters": adapters}, ClientInputs(rows[0], valid[0]))
+    expected = outputs.upload["adapters"]
     upload, losses = torch_loop.client_update(model, torch_loop.adapters_from_jax(adapters),
-                                              torch_loop.host_dataset(data), rows[0], valid[0], "adamw", 1e-2)
+                                              torch_loop.host_dataset(data), rows[0], valid[0], fed)
     assert len(losses) == 2
     for name, value in torch_loop.adapters_from_jax(expected).items():
         np.testing.assert_allclose(upload[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6)

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from fednano_jax.data.errors import DataError  # noqa: F401 - re-exported for existing imports
+from fednano_jax.errors import DataError  # noqa: F401 - re-exported for existing imports
 
 IMAGE_SHAPE = (64, 64, 3)
 SPLITS = ("train", "test")

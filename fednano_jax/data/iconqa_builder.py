@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fednano_jax.data.errors import DataError
+from fednano_jax.errors import DataError
 from fednano_jax.data.problems import OFFICIAL_SPLITS, read_bytes, read_json, require_fields, require_mapping
 
 HOME = "https://github.com/lupantech/IconQA"

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fednano_jax.streams import Purpose, generator
+
 
 def _check_clients_and_alpha(num_clients: int, alpha: float) -> None:
     if num_clients < 1:
@@ -22,7 +24,7 @@ def dirichlet_proportions(num_categories: int, num_clients: int, alpha: float, s
     _check_clients_and_alpha(num_clients, alpha)
     if num_categories < 1:
         raise ValueError(f"Expected num_categories >= 1, got {num_categories}.")
-    rng = np.random.default_rng(seed)
+    rng = generator(seed, Purpose.PARTITION)
     return rng.dirichlet(np.full(num_clients, float(alpha)), size=num_categories)
 
 
@@ -46,15 +48,16 @@ def _split_by_shares(indices: np.ndarray, shares: np.ndarray) -> list[np.ndarray
 
 
 def partition_by_proportions(categories: Sequence, proportions: np.ndarray, category_order: Sequence,
-                             seed: int) -> list[np.ndarray]:
-    """Per client, the sorted int64 indices into `categories` it receives."""
+                             seed: int, split_index: int = 0) -> list[np.ndarray]:
+    """Per client, the sorted int64 indices into `categories` it receives (`split_index`: which split, so
+    each split is shuffled by a stream of its own)."""
     proportions = np.asarray(proportions, dtype=np.float64)
     if proportions.ndim != 2 or proportions.shape[0] != len(category_order):
         raise ValueError(f"Expected proportions of shape [{len(category_order)}, num_clients], "
                          f"got {proportions.shape}.")
     if np.any(proportions < 0) or not np.allclose(proportions.sum(axis=1), 1.0):
         raise ValueError("Expected every row of proportions to be >= 0 and sum to 1.")
-    rng = np.random.default_rng(seed)
+    rng = generator(seed, Purpose.PARTITION, split_index + 1)
     per_client = [[np.empty(0, np.int64)] for _ in range(proportions.shape[1])]
     for indices, shares in zip(_indices_by_row(categories, category_order), proportions):
         shuffled = rng.permutation(np.asarray(indices, dtype=np.int64))

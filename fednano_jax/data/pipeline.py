@@ -25,6 +25,7 @@ from fednano_jax.data.easy_vqa_builder import ImageRecord, load_image_records
 from fednano_jax.data.partition import dirichlet_proportions, partition_by_proportions
 from fednano_jax.data.prompts import TokenizedSet, render_prompt, tokenize_for_training, tokenize_prompts
 from fednano_jax.data.tokenizer import build_tokenizer
+from fednano_jax.streams import Purpose, generator
 
 CAPTION_QUESTION = "describe the image."
 
@@ -128,8 +129,8 @@ def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_e
     test_records = load_image_records(data_dir, "test")
     if not 0 < pretrain_images < len(train_records):
         raise ValueError(f"data.pretrain_images must be between 1 and {len(train_records) - 1}, got {pretrain_images}.")
-    rng = np.random.default_rng(pretrain_seed)
-    order = rng.permutation(len(train_records))
+    order = generator(pretrain_seed, Purpose.HOLD_ASIDE).permutation(len(train_records))
+    rng = generator(pretrain_seed, Purpose.PRETRAIN_QUESTIONS)
     held_aside = sorted(order[:pretrain_images])
     federated = sorted(order[pretrain_images:])
     images = resize_images(np.stack([r.image for r in train_records] + [r.image for r in test_records]), image_size)
@@ -137,7 +138,7 @@ def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_e
                                                      questions_per_image, rng) for i in held_aside])
     fed_train = merge_examples([_questions([train_records[i]], int(i)) for i in federated])
     fed_test = _questions(test_records, len(train_records))
-    fed_rng = np.random.default_rng(seed)
+    fed_rng = generator(seed, Purpose.QUESTIONS)
     return Splits(images, pretrain, _subsample(fed_train, train_examples, fed_rng),
                   _subsample(fed_test, test_examples, fed_rng), vocabulary=_vocabulary(pretrain, fed_train))
 
@@ -174,8 +175,8 @@ def client_partition(splits: Splits, num_clients: int, alpha: float, seed: int) 
     pools = {"train": splits.federated_train, "test": splits.federated_test}
     if splits.federated_val is not None:
         pools["val"] = splits.federated_val
-    return {name: partition_by_proportions(pool.categories, proportions, order, seed + offset)
-            for offset, (name, pool) in enumerate(pools.items())}
+    return {name: partition_by_proportions(pool.categories, proportions, order, seed, split_index)
+            for split_index, (name, pool) in enumerate(pools.items())}
 
 
 def federated_data(splits: Splits, tokenizer, num_image_tokens: int, num_clients: int,

@@ -25,10 +25,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from fednano_jax.data.errors import DataError
+from fednano_jax.errors import DataError
 from fednano_jax.data.images import llava_image
 from fednano_jax.data.pipeline import CAPTION_QUESTION, Examples, Splits, merge_examples
 from fednano_jax.data.prompts import render_prompt
+from fednano_jax.streams import Purpose, generator
 
 OFFICIAL_SPLITS = ("train", "val", "test")
 
@@ -105,7 +106,7 @@ def _hold_aside(train: list[Problem], count: int, seed: int) -> tuple[list[Probl
         print(f"Holding aside {len(train) // 2} train problems for pretraining (half of the {len(train)}), "
               f"not data.pretrain_examples={count}.")
         count = len(train) // 2
-    order = np.random.default_rng(seed).permutation(len(train))
+    order = generator(seed, Purpose.HOLD_ASIDE).permutation(len(train))
     return [train[i] for i in sorted(order[:count])], [train[i] for i in sorted(order[count:])]
 
 
@@ -114,7 +115,7 @@ def problem_splits(by_split: dict[str, list[Problem]], sizes: Sizes, *, seed: in
     """`by_split` maps "train"/"val"/"test" to problems in a fixed (pid) order. `pretrain_seed` fixes the
     held-aside problems and so the backbone; `seed` samples the federated pools."""
     held_aside, pool = _hold_aside(by_split["train"], sizes.pretrain_examples, pretrain_seed)
-    rng = np.random.default_rng(seed)
+    rng = generator(seed, Purpose.QUESTIONS)
     chosen = {"train": _sample(pool, sizes.train_examples, rng),
               "val": _sample(by_split["val"], sizes.test_examples, rng),
               "test": _sample(by_split["test"], sizes.test_examples, rng)}

@@ -1,114 +1,145 @@
-"""Local client updates: `lax.scan` over steps, `vmap` over the leading clients axis.
+"""Local client updates for any method: `lax.scan` over steps, `vmap` over the leading clients axis.
 
-A client's data arrive as row indices `[steps, batch]` into a dataset shared by
-all clients (broadcast, never copied per client) plus a validity mask. Clients
-with fewer batches are padded; a step with no valid example leaves adapters and
-optimizer state exactly as they were.
+A client's data arrive as row indices `[steps, batch]` into a dataset shared by all
+clients (broadcast, never copied per client) plus a validity mask. Clients with fewer
+batches are padded; a step with no valid example leaves adapters, optimizer state and
+the method's running sums exactly as they were.
+
+What differs between methods enters through the method's hooks (`methods/base.py`):
+where a client starts, extra gradient terms, what it sums over its steps, and what it
+uploads and keeps at the end. Everything per client travels in one named pytree,
+`ClientInputs`, whose leaves lead with the clients axis; everything shared (the frozen
+backbone, the dataset, what the server broadcasts) is broadcast.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from fednano_jax.data.prompts import TokenizedSet
+from fednano_jax.data.batches import gather_batch
 from fednano_jax.federated.objective import adapter_value_and_grad
+from fednano_jax.models.loss import answer_tokens, summed_answer_nll
 
 
-def device_dataset(tokens: TokenizedSet, images: np.ndarray) -> dict:
-    """A tokenized set and its image table on the device, shared by all clients; rows index into it."""
-    return {
-        "input_ids": jnp.asarray(tokens.input_ids),
-        "attention_mask": jnp.asarray(tokens.attention_mask),
-        "loss_mask": jnp.asarray(tokens.loss_mask),
-        "image_index": jnp.asarray(tokens.image_index),
-        "images": jnp.asarray(images),
-    }
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ClientInputs:
+    """One client's (or, stacked, every client's) inputs to a round."""
+
+    rows: jax.Array  # [steps, batch] row indices into the shared dataset
+    valid: jax.Array  # [steps, batch] bool: False for padding
+    state: Any = None  # the method's client state (None when it keeps none)
 
 
-def gather_batch(data: dict, rows: jax.Array, valid: jax.Array) -> dict:
-    """Rows [B] of the shared dataset; invalid (padding) rows are masked out of attention and loss."""
-    valid = valid[:, None]
-    return {
-        "input_ids": data["input_ids"][rows],
-        "attention_mask": data["attention_mask"][rows] & valid,
-        "loss_mask": data["loss_mask"][rows] & valid,
-        "images": data["images"][data["image_index"][rows]],
-    }
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ClientOutputs:
+    upload: dict  # what the client sends the server: {"adapters": ..., "fisher": ..., ...}
+    state: Any  # its new client state
+    loss: jax.Array  # mean training loss over its real steps
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepGradients:
+    """A step's gradients as a method may want them."""
+
+    mean: Any  # of the mean answer NLL: what the optimizer follows
+    summed: Any  # of the summed answer NLL of the batch (sum over its examples' answers)
+    examples: jax.Array  # valid examples in the batch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LocalResult:
+    """What a client's local training produced, handed to the method's `client_final`."""
+
+    start: Any  # adapters it started from
+    adapters: Any  # adapters it ended with
+    sums: Any  # the method's running sums over its steps
+    steps: jax.Array  # real (unpadded) steps taken
+    examples: jax.Array  # examples seen (one seen in two epochs counts twice)
+    loss: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalContext:
+    """What `client_final` may use besides the training result: the model and one epoch of the client's data."""
+
+    graphdef: Any
+    frozen: Any
+    data: dict
+    epoch_rows: jax.Array  # [steps per epoch, batch]: the client's first epoch, every example once
+    epoch_valid: jax.Array
 
 
 def tree_select(predicate, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
 
-@dataclasses.dataclass(frozen=True)
-class LocalOptions:
-    """How a method's clients train locally (static: part of the compiled program)."""
+def step_gradients(graphdef, frozen, adapters, batch, valid) -> tuple[jax.Array, StepGradients]:
+    """-> (mean answer NLL, its gradients): one backward pass of the summed NLL, divided by the answer tokens."""
+    summed_loss, summed = adapter_value_and_grad(graphdef, frozen, adapters, batch, summed_answer_nll)
+    tokens = jnp.maximum(answer_tokens(batch), 1.0)
+    mean = jax.tree.map(lambda g: g / tokens, summed)
+    return summed_loss / tokens, StepGradients(mean, summed, valid.sum())
 
-    prox_mu: float = 0.0  # FedProx: adds mu/2 * ||adapters - start||^2 to the loss
-    accumulate_fisher: bool = False  # FedNano-EF: sum of squared mini-batch gradients
 
-
-def train_step(graphdef, optimizer: optax.GradientTransformation, options: LocalOptions, start_adapters, frozen,
-               data, carry, step_rows, step_valid):
-    """One optimizer step on one batch: carry (adapters, optimizer state, squared-gradient sums | None)
-    -> (new carry, loss)."""
-    adapters, opt_state, squares = carry
+def train_step(graphdef, optimizer: optax.GradientTransformation, method, frozen, data, broadcast, client_state,
+               start, carry, step_rows, step_valid):
+    """One optimizer step on one batch: carry (adapters, optimizer state, sums) -> (new carry, loss)."""
+    adapters, opt_state, sums = carry
     batch = gather_batch(data, step_rows, step_valid)
-    loss, grads = adapter_value_and_grad(graphdef, frozen, adapters, batch)
-    if options.prox_mu:
-        grads = jax.tree.map(lambda g, a, s: g + options.prox_mu * (a - s), grads, adapters, start_adapters)
-    if options.accumulate_fisher:
-        squares = jax.tree.map(lambda total, g: total + jnp.square(g), squares, grads)
-    updates, new_opt_state = optimizer.update(grads, opt_state, adapters)
-    return (optax.apply_updates(adapters, updates), new_opt_state, squares), loss
+    loss, grads = step_gradients(graphdef, frozen, adapters, batch, step_valid)
+    direction = method.local_gradient(grads.mean, adapters, start, broadcast, client_state)
+    sums = method.accumulate(sums, grads)
+    updates, opt_state = optimizer.update(direction, opt_state, adapters)
+    return (optax.apply_updates(adapters, updates), opt_state, sums), loss
 
 
-def initial_carry(optimizer: optax.GradientTransformation, options: LocalOptions, start_adapters):
-    squares = jax.tree.map(jnp.zeros_like, start_adapters) if options.accumulate_fisher else None
-    return start_adapters, optimizer.init(start_adapters), squares
+def initial_carry(optimizer: optax.GradientTransformation, method, start):
+    return start, optimizer.init(start), method.sums_init(start)
 
 
-def local_update(graphdef, optimizer: optax.GradientTransformation, options: LocalOptions, start_adapters, frozen,
-                 data, rows, valid):
-    """One client's local training from `start_adapters`. rows, valid: [steps, batch].
-
-    -> (adapters, mean loss over real steps, summed squared gradients or None).
-    """
-    step_active = valid.any(axis=1)
+def local_update(graphdef, optimizer: optax.GradientTransformation, method, steps_per_epoch: int, frozen, data,
+                 broadcast, client: ClientInputs) -> ClientOutputs:
+    """One client's local training, then the method's upload. `client.rows`: [epochs * steps_per_epoch, batch]."""
+    start = method.local_start(broadcast, client.state)
+    step_active = client.valid.any(axis=1)
 
     def step(carry, inputs):
         step_rows, step_valid, active = inputs
-        new_carry, loss = train_step(graphdef, optimizer, options, start_adapters, frozen, data, carry, step_rows,
-                                     step_valid)
+        new_carry, loss = train_step(graphdef, optimizer, method, frozen, data, broadcast, client.state, start,
+                                     carry, step_rows, step_valid)
         return tree_select(active, new_carry, carry), loss
 
-    carry = initial_carry(optimizer, options, start_adapters)
-    (adapters, _, squares), losses = jax.lax.scan(step, carry, (rows, valid, step_active))
-    mean_loss = jnp.sum(losses * step_active) / jnp.maximum(step_active.sum(), 1)
-    return adapters, mean_loss, squares
+    carry = initial_carry(optimizer, method, start)
+    (adapters, _, sums), losses = jax.lax.scan(step, carry, (client.rows, client.valid, step_active))
+    steps = step_active.sum()
+    loss = jnp.sum(losses * step_active) / jnp.maximum(steps, 1)
+    result = LocalResult(start, adapters, sums, steps, client.valid.sum(), loss)
+    context = FinalContext(graphdef, frozen, data, client.rows[:steps_per_epoch], client.valid[:steps_per_epoch])
+    upload, state = method.client_final(result, context, broadcast, client.state)
+    return ClientOutputs(upload, state, loss)
 
 
-def make_client_updates(graphdef, optimizer, options: LocalOptions = LocalOptions(), personal: bool = False):
-    """-> (vmapped, sequential): both map (start, frozen, data, rows[K], valid[K]) to stacked
-    (client adapters [K, ...], losses [K], squared-gradient sums [K, ...] or None).
-
-    `start` is the global adapters, broadcast, or with `personal` each client's own [K, ...].
-    The sequential one loops clients in Python through the same jitted single-client update.
-    """
-    single = functools.partial(local_update, graphdef, optimizer, options)
-    start_axis = 0 if personal else None
-    vmapped = jax.jit(jax.vmap(single, in_axes=(start_axis, None, None, 0, 0)))
+def make_client_programs(graphdef, optimizer, method, steps_per_epoch: int):
+    """-> (vmapped, sequential): both map (frozen, data, broadcast, clients: ClientInputs [K]) to stacked
+    ClientOutputs [K]. The sequential one loops clients in Python through the same jitted single-client update
+    and gives the same numbers (for debugging and benchmarks)."""
+    single = functools.partial(local_update, graphdef, optimizer, method, steps_per_epoch)
+    vmapped = jax.vmap(single, in_axes=(None, None, None, 0))
     single_jit = jax.jit(single)
 
-    def sequential(start, frozen, data, rows, valid):
-        pick = (lambda k: jax.tree.map(lambda x: x[k], start)) if personal else (lambda k: start)
-        results = [single_jit(pick(k), frozen, data, rows[k], valid[k]) for k in range(rows.shape[0])]
+    def sequential(frozen, data, broadcast, clients: ClientInputs) -> ClientOutputs:
+        count = clients.rows.shape[0]
+        results = [single_jit(frozen, data, broadcast, jax.tree.map(lambda x: x[k], clients)) for k in range(count)]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
 
     return vmapped, sequential

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from fednano_jax.federated.client import gather_batch
-from fednano_jax.federated.objective import adapter_value_and_grad, summed_answer_nll
+from fednano_jax.data.batches import gather_batch
+from fednano_jax.federated.objective import adapter_value_and_grad
+from fednano_jax.models.loss import summed_answer_nll
 
 
 def diagonal_fisher(graphdef, adapters, frozen, data, rows, valid):
@@ -30,8 +29,3 @@ def diagonal_fisher(graphdef, adapters, frozen, data, rows, valid):
     count = jnp.maximum(valid.sum(), 1)
     return jax.tree.map(lambda t: t / count, total)
 
-
-def make_client_fishers(graphdef):
-    """Vmapped over clients: (client_adapters[K], frozen, data, rows[K], valid[K]) -> fishers[K]."""
-    single = functools.partial(diagonal_fisher, graphdef)
-    return jax.jit(jax.vmap(single, in_axes=(0, None, None, 0, 0)))

@@ -1,9 +1,10 @@
 """The server's side of a round: what crosses from clients, and how faulty clients are left out.
 
-A client uploads its adapters, (for FedNano) its diagonal Fisher, and its example
-count; nothing else reaches `aggregate_uploads`. A client whose upload holds NaN or
-Inf, or that did not report (dropout), gets weight zero; a round in which no client
-reports keeps the previous global adapters.
+A client uploads the trees its method names (adapters; a Fisher; a control change)
+and its example count; nothing else reaches `server_round`, the one program the
+server runs. A client whose upload holds NaN or Inf, or that did not report (dropout),
+gets weight zero and its upload is zeroed (0 * NaN is NaN); a round in which no client
+is usable keeps the previous server state.
 """
 
 from __future__ import annotations
@@ -14,41 +15,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fednano_jax.streams import Purpose, generator
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ClientUploads:
-    adapters: object  # tree, leaves [K, ...]
-    fishers: object | None  # tree like adapters, or None
+    trees: dict  # name -> tree, leaves [K, ...]: what the method's clients send
     num_examples: jax.Array  # [K]
 
 
 def finite_clients(uploads: ClientUploads) -> jax.Array:
-    """[K] bool: the client's adapters (and Fisher) are all finite."""
-    trees = [uploads.adapters] + ([uploads.fishers] if uploads.fishers is not None else [])
-    per_leaf = [jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for t in trees for x in jax.tree.leaves(t)]
-    return jnp.stack(per_leaf).all(axis=0)
+    """[K] bool: every uploaded value of the client is finite."""
+    count = uploads.num_examples.shape[0]
+    per_leaf = [jnp.isfinite(x).reshape(count, -1).all(axis=1) for x in jax.tree.leaves(uploads.trees)]
+    return jnp.stack(per_leaf).all(axis=0) if per_leaf else jnp.ones(count, bool)
 
 
 def _zero_out(tree, keep):
     return jax.tree.map(lambda x: jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), tree)
 
 
-def aggregate_uploads(aggregate, uploads: ClientUploads, reporting: jax.Array, previous):
-    """-> (new global adapters, [K] bool of the clients that were used).
-
-    `aggregate(adapters, fishers, counts)` sees only reporting clients with finite
-    uploads: the others get zero weight, and their values are zeroed first because
-    0 * NaN is NaN. With no usable client the previous global adapters are kept.
-    """
+def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array):
+    """-> (new server state, [K] bool of the clients that were used)."""
     keep = reporting & finite_clients(uploads)
-    adapters = _zero_out(uploads.adapters, keep)
-    fishers = None if uploads.fishers is None else _zero_out(uploads.fishers, keep)
-    merged = aggregate(adapters, fishers, jnp.where(keep, uploads.num_examples, 0))
-    return jax.tree.map(lambda new, old: jnp.where(keep.any(), new, old), merged, previous), keep
+    weights = jnp.where(keep, uploads.num_examples, 0).astype(jnp.float32)
+    updated = method.server_update(server_state, _zero_out(uploads.trees, keep), weights)
+    return jax.tree.map(lambda new, old: jnp.where(keep.any(), new, old), updated, server_state), keep
 
 
-def reporting_clients(num_clients: int, dropout: float, seed: int, round_index: int) -> np.ndarray:
-    """[K] bool: which clients report this round when each drops out with probability `dropout`."""
-    rng = np.random.default_rng([seed, round_index, 0xD20])
-    return rng.random(num_clients) >= dropout
+def reporting_clients(client_ids, dropout: float, seed: int, round_index: int) -> np.ndarray:
+    """[K] bool: which of the clients `client_ids` report this round, each failing with probability `dropout`.
+
+    Each client's draw is its own stream (seed, round, client id): whether client 7 reports in
+    round 3 does not depend on which other clients were sampled with it.
+    """
+    return np.array([generator(seed, Purpose.DROPOUT, round_index, int(k)).random() >= dropout
+                     for k in client_ids], bool)

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from fednano_jax.weights.errors import WeightsError
+from fednano_jax.errors import WeightsError
 from fednano_jax.weights.names import CONV, LINEAR, by_source, to_flax
 
 

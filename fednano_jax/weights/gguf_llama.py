@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fednano_jax.weights.errors import WeightsError
+from fednano_jax.errors import WeightsError
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",

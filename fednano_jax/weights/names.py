@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from fednano_jax.weights.errors import WeightsError
+from fednano_jax.errors import WeightsError
 
 LINEAR = "linear"  # torch [out, in] -> flax kernel [in, out]
 CONV = "conv"  # torch [out, in, kh, kw] -> flax [kh, kw, in, out]

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 from safetensors import safe_open
 
-from fednano_jax.weights.errors import WeightsError
+from fednano_jax.errors import WeightsError
 
 INDEX = "model.safetensors.index.json"
 

@@ -1,6 +1,8 @@
-"""What XLA says about a compiled program: FLOPs and planned per-device memory."""
+"""What XLA says about a compiled program (FLOPs, planned per-device memory) and how long compiling took."""
 
 from __future__ import annotations
+
+import jax
 
 
 def flops_of(compiled) -> float | None:
@@ -43,3 +45,35 @@ def write_json(path: str | None, report: dict) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"Written to {path}")
+
+
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+class CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling, summed from its monitoring events, so a
+    round's time can be reported without its compilation (`take()` returns and resets the sum)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **_) -> None:
+        if event in COMPILE_EVENTS:
+            self.seconds += duration
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+_CLOCK: CompileClock | None = None
+
+
+def compile_clock() -> CompileClock:
+    """The process's one clock (JAX listeners cannot be removed, so it is registered once)."""
+    global _CLOCK
+    if _CLOCK is None:
+        _CLOCK = CompileClock()
+    return _CLOCK

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fednano_jax import checkpoint, pretrain
+from fednano_jax.backbone import cache, pretrain
 from fednano_jax.data import pipeline
 from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
-from fednano_jax.experiment_config import adapter_config, vision_config
+from fednano_jax.config import adapter_config, vision_config
 from fednano_jax.models.llama import LlamaConfig
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
-from fednano_jax.pretrained import PretrainedModel, load_pretrained
+from fednano_jax.backbone.pretrained import PretrainedModel, load_pretrained
 from fednano_jax.weights.fill import flatten, unflatten
 
 VISION_SIDE = ("edge/vision/", "edge/connector/")
@@ -69,15 +69,15 @@ def checkpoint_backbone(config, splits):
     if loaded.config.vision is not None:
         return loaded.graphdef, loaded.frozen, loaded.adapters, loaded.tokenizer, loaded.config
     backbone_dir = pretrain.cache_dir(config)
-    cached = checkpoint.backbone_is_cached(backbone_dir)
-    tokenizer = load_tokenizer(os.path.join(backbone_dir, checkpoint.TOKENIZER)) if cached else loaded.tokenizer
+    cached = cache.backbone_is_cached(backbone_dir)
+    tokenizer = load_tokenizer(os.path.join(backbone_dir, cache.TOKENIZER)) if cached else loaded.tokenizer
     image_token = add_image_token(tokenizer)
     mcfg = with_vision_tower(config, loaded.config.llm, image_token, len(tokenizer))
     graphdef, frozen, adapters = attach_vision_tower(loaded, mcfg, config.pretrain.seed)
     del loaded
     if cached:
         try:
-            frozen = _with_vision_side(frozen, checkpoint.load_backbone(backbone_dir, _vision_side(frozen)))
+            frozen = _with_vision_side(frozen, cache.load_backbone(backbone_dir, _vision_side(frozen)))
             print(f"Using the aligned vision tower cached in {backbone_dir}")
             return graphdef, frozen, adapters, tokenizer, mcfg
         except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
@@ -88,7 +88,7 @@ def checkpoint_backbone(config, splits):
           f"(cached in {backbone_dir})")
     frozen = pretrain.pretrain_backbone(graphdef, frozen, adapters, tokens, splits.images, config,
                                         trainable_prefixes=VISION_SIDE)
-    checkpoint.save_backbone(backbone_dir, _vision_side(frozen), tokenizer)
+    cache.save_backbone(backbone_dir, _vision_side(frozen), tokenizer)
     return graphdef, frozen, adapters, tokenizer, mcfg
 
 

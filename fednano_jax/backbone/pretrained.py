@@ -26,7 +26,7 @@ from fednano_jax.models.llama import LlamaConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig, MultimodalModel, merge_model, split_model
 from fednano_jax.models.vision import VisionConfig
 from fednano_jax.weights import gguf_llama, names, safetensors_hf
-from fednano_jax.weights.errors import WeightsError
+from fednano_jax.errors import WeightsError
 from fednano_jax.weights.fill import fill_state
 
 NO_IMAGE_TOKEN = -1  # a text-only LLM: no id is spliced

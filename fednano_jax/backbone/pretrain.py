@@ -21,9 +21,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from fednano_jax.data.prompts import TokenizedSet
-from fednano_jax.federated.client import device_dataset, gather_batch
-from fednano_jax.federated.objective import mean_answer_nll
+from fednano_jax.data.batches import device_dataset, gather_batch
+from fednano_jax.models.loss import mean_answer_nll
 from fednano_jax.models.mllm import merge_model
+from fednano_jax.streams import Purpose, generator
 from fednano_jax.weights.fill import flatten, unflatten
 
 
@@ -31,10 +32,11 @@ def cache_key(config) -> str:
     """Hash of everything that determines the pretrained backbone (not adapters, not fed)."""
     model = config.model.to_dict()
     model.pop("adapter")
+    model.pop("remat", None)  # how the graph saves memory, not what it computes
     shaping = {"model": model, "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k != "cache_dir"},
-               "data": _pretraining_data(config.data), "version": 2}
+               "data": _pretraining_data(config.data), "version": 3}
     if model.get("path"):  # the vision side is aligned to this very checkpoint: a replaced file is a new key
-        from fednano_jax.pretrained import checkpoint_identity
+        from fednano_jax.backbone.pretrained import checkpoint_identity
 
         shaping["checkpoint"] = checkpoint_identity(model["path"])
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
@@ -55,7 +57,7 @@ def cache_dir(config) -> str:
 
 def epoch_batches(num_rows: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
     """[steps, batch] row indices: shuffled epochs laid end to end."""
-    rng = np.random.default_rng(seed)
+    rng = generator(seed, Purpose.PRETRAIN_BATCHES)
     epochs = -(-steps * batch_size // num_rows)
     order = np.concatenate([rng.permutation(num_rows) for _ in range(epochs)])
     return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)

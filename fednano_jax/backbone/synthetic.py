@@ -15,8 +15,9 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from fednano_jax import model_presets
-from fednano_jax.experiment_config import ConfigError, model_config
+from fednano_jax.backbone import presets as model_presets
+from fednano_jax.config import model_config
+from fednano_jax.errors import ConfigError
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
 
 PRESETS = {"llava15_7b": model_presets.llava15_7b, "smollm2_135m": model_presets.smollm2_135m}

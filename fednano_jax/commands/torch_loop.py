@@ -20,16 +20,17 @@ import transformers
 from flax import nnx
 from torch import nn
 
-from fednano_jax.experiment_config import ConfigError
-from fednano_jax.federated.client import gather_batch
+from fednano_jax.errors import ConfigError
+from fednano_jax.data.batches import gather_batch
 from fednano_jax.models.mllm import MllmConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTERS = {"image": "adapter_image", "text": "adapter_text"}  # torch name -> our NanoEdge attribute
 # fed.optimizer -> the torch optimizer with the settings of simulation.OPTIMIZERS
-OPTIMIZERS = {"adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
-              "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
-              "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr)}
+OPTIMIZERS = {"adamw": lambda params, fed: torch.optim.AdamW(params, lr=fed.learning_rate,
+                                                              weight_decay=fed.weight_decay),
+              "adam": lambda params, fed: torch.optim.Adam(params, lr=fed.learning_rate),
+              "sgd": lambda params, fed: torch.optim.SGD(params, lr=fed.learning_rate)}
 
 
 def hf_llava_config(mcfg: MllmConfig) -> transformers.LlavaConfig:
@@ -151,12 +152,12 @@ def host_batch(data: dict[str, np.ndarray], rows: np.ndarray, valid: np.ndarray,
 
 
 def client_update(model: TorchFedNanoModel, start: dict[str, torch.Tensor], data: dict[str, np.ndarray],
-                  rows: np.ndarray, valid: np.ndarray, optimizer_name: str,
-                  learning_rate: float) -> tuple[dict, list[float]]:
-    """One client's local training: rows, valid [steps, batch] -> (uploaded adapters on the host, losses)."""
+                  rows: np.ndarray, valid: np.ndarray, fed) -> tuple[dict, list[float]]:
+    """One client's local training: rows, valid [steps, batch] -> (uploaded adapters on the host, losses);
+    `fed`: the config's optimizer, learning_rate and weight_decay."""
     device = next(model.adapters.parameters()).device
     model.adapters.load_state_dict(start)
-    optimizer = OPTIMIZERS[optimizer_name](model.adapters.parameters(), learning_rate)
+    optimizer = OPTIMIZERS[fed.optimizer](model.adapters.parameters(), fed)
     losses = []
     for step_rows, step_valid in zip(rows, valid):
         if not step_valid.any():
@@ -171,7 +172,7 @@ def client_update(model: TorchFedNanoModel, start: dict[str, torch.Tensor], data
 
 
 def run_round(model: TorchFedNanoModel, start: dict[str, torch.Tensor], data: dict[str, np.ndarray],
-              rows: np.ndarray, valid: np.ndarray, optimizer_name: str, learning_rate: float) -> list[dict]:
+              rows: np.ndarray, valid: np.ndarray, fed) -> list[dict]:
     """Every client's update from the global adapters, one client after another."""
-    return [client_update(model, start, data, rows[k], valid[k], optimizer_name, learning_rate)[0]
+    return [client_update(model, start, data, rows[k], valid[k], fed)[0]
             for k in range(rows.shape[0])]

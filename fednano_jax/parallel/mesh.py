@@ -22,14 +22,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from fednano_jax.experiment_config import ConfigError
+from fednano_jax.errors import MeshError
 
 CLIENTS, MODEL = "clients", "model"
 BACKBONE_LAYOUTS = ("replicated", "fsdp")
-
-
-class MeshError(ConfigError):
-    """A mesh shape the devices cannot form."""
 
 
 def mesh_shape(clients: int, model: int, device_count: int) -> tuple[int, int]:
@@ -130,36 +126,32 @@ def _pad_clients(tree, count: int):
     return jax.tree.map(lambda x: jnp.pad(x, [(0, count)] + [(0, 0)] * (x.ndim - 1)), tree)
 
 
-def shard_client_args(args: tuple, mesh: Mesh, per_client_args: tuple[int, ...]) -> tuple[tuple, int]:
-    """Pad the per-client arguments (positions `per_client_args`, leading clients axis; the first of them
-    fixes the cohort size) with dummy clients to a multiple of the clients axis and shard them.
-
-    -> (arguments, cohort size before padding).
-    """
-    count = jax.tree.leaves(args[per_client_args[0]])[0].shape[0]
+def shard_cohort(clients, mesh: Mesh):
+    """Pad a per-client tree (leading clients axis) with dummy clients to a multiple of the clients axis
+    and shard it over that axis. -> (sharded tree, cohort size before padding)."""
+    count = jax.tree.leaves(clients)[0].shape[0]
     extra = padded_cohort(count, mesh) - count
     if extra and (count, mesh.shape[CLIENTS]) not in _ANNOUNCED_PADDING:
         _ANNOUNCED_PADDING.add((count, mesh.shape[CLIENTS]))
         print(f"Cohort of {count} clients padded with {extra} masked dummy clients to fill the "
               f"{mesh.shape[CLIENTS]}-device clients axis; a cohort it divides wastes nothing.")
-    args = list(args)
-    for i in per_client_args:
-        args[i] = shard_clients(_pad_clients(args[i], extra), mesh)
-    return tuple(args), count
+    return shard_clients(_pad_clients(clients, extra), mesh), count
 
 
-def sharded_client_program(program, mesh: Mesh, per_client_args: tuple[int, ...]):
-    """Wrap a vmapped per-client program to run its clients sharded over the mesh.
+def sharded_client_program(program, mesh: Mesh):
+    """Wrap a vmapped program `program(*shared, clients)` to run its clients sharded over the mesh.
 
-    Arguments at positions `per_client_args` are padded and sharded (`shard_client_args`);
-    every output has a leading clients axis, trimmed back to the cohort.
+    `clients`, the last argument, is the per-client pytree (leading clients axis): it is padded and
+    sharded (`shard_cohort`); the shared arguments are passed as they are. Every output has a leading
+    clients axis, trimmed back to the cohort.
     """
     jitted = jax.jit(program, out_shardings=client_sharding(mesh))
 
     def run(*args):
-        args, count = shard_client_args(args, mesh, per_client_args)
-        outputs = jitted(*args)
-        padded = jax.tree.leaves(args[per_client_args[0]])[0].shape[0]
+        *shared, clients = args
+        clients, count = shard_cohort(clients, mesh)
+        outputs = jitted(*shared, clients)
+        padded = jax.tree.leaves(clients)[0].shape[0]
         return jax.tree.map(lambda x: x[:count], outputs) if padded != count else outputs
 
     return run

@@ -6,19 +6,14 @@ expected; main prints that sentence instead of a traceback.
 
 from __future__ import annotations
 
-import difflib
 import os
-import sys
 
 from ml_collections import ConfigDict
 
+from fednano_jax.errors import ConfigError
 from fednano_jax.models.llama import REMAT_POLICIES, LlamaConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig
 from fednano_jax.models.vision import VisionConfig
-
-
-class ConfigError(ValueError):
-    """A config value a user set is impossible."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -60,6 +55,9 @@ def validate(config: ConfigDict, known_methods) -> None:
     _require(fed.local_epochs >= 1, f"fed.local_epochs must be at least 1, got {fed.local_epochs}.")
     _require(fed.batch_size >= 1, f"fed.batch_size must be at least 1, got {fed.batch_size}.")
     _require(fed.learning_rate > 0, f"fed.learning_rate must be positive, got {fed.learning_rate}.")
+    _require(fed.optimizer in ("adamw", "adam", "sgd"),
+             f"fed.optimizer must be 'adamw', 'adam' or 'sgd', got {fed.optimizer!r}.")
+    _require(fed.weight_decay >= 0, f"fed.weight_decay must be non-negative, got {fed.weight_decay}.")
     _require(fed.mode in ("vmap", "sequential"), f"fed.mode must be 'vmap' or 'sequential', got {fed.mode!r}.")
     _require(fed.prox_mu >= 0, f"fed.prox_mu must be non-negative, got {fed.prox_mu}.")
     _require(fed.dpa_local_epochs >= 1, f"fed.dpa_local_epochs must be at least 1, got {fed.dpa_local_epochs}.")
@@ -126,32 +124,3 @@ def load_config_file(path: str) -> ConfigDict:
     if not os.path.isfile(path):
         raise ConfigError(f"Config file {path!r} does not exist; pass --config=configs/<name>.py.")
     return runpy.run_path(path)["get_config"]()
-
-
-def check_overrides(config: ConfigDict, argv: list[str]) -> None:
-    """Every `--config.a.b=value` must name an existing key (suggesting the closest one)."""
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        path = arg[len("--config."):].split("=", 1)[0]
-        node = config
-        for depth, key in enumerate(path.split(".")):
-            if not isinstance(node, ConfigDict) or key not in node:
-                siblings = list(node.keys()) if isinstance(node, ConfigDict) else []
-                close = difflib.get_close_matches(key, siblings, n=1)
-                hint = f"; did you mean {'.'.join(path.split('.')[:depth] + close)!r}?" if close else "."
-                raise ConfigError(f"Unknown config key {path!r}{hint}")
-            node = node[key]
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, preceded by a check of config overrides that names a mistyped key."""
-    from absl import flags
-
-    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    if paths:
-        try:
-            check_overrides(load_config_file(paths[-1]), argv[1:])
-        except ConfigError as error:
-            sys.exit(f"Config error: {error}")
-    return flags.FLAGS(argv)

@@ -1,0 +1,1 @@
+"""The commands users type, each behind a `python -m fednano_jax.NAME` entry point that `cli.run` starts."""

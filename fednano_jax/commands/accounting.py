@@ -1,0 +1,192 @@
+"""Where FedNano's parameters live and what crosses the network (the paper's Table 1), from shapes only.
+
+    python -m fednano_jax.accounting --config=configs/scienceqa_llava15_7b.py [--text_tokens=128]
+
+The model is built with `nnx.eval_shape`, so no weights are needed and nothing is
+allocated. The model section gives the shapes: `model.llm` and `model.vocab_size` (a
+preset's, even when `model.path` names a checkpoint not yet downloaded), or else the
+metadata of the checkpoint at `model.path` (its config.json or GGUF header; no
+tensor is read).
+
+Besides the adapter traffic the paper counts, a client trains its adapters by
+backpropagating through the server's frozen LLM: every local step sends the adapted
+input embeddings up and receives their gradients back (split learning), and FedNano's
+Fisher pass does the same once per local example. Those bytes are reported too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import jax.numpy as jnp
+from absl import flags
+from flax import nnx
+
+from fednano_jax.commands import cli
+from fednano_jax.config import adapter_config, model_config
+from fednano_jax.errors import ConfigError, WeightsError
+from fednano_jax.federated.methods import METHODS
+from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
+from fednano_jax.weights.fill import flatten
+
+COMPONENTS = (  # (row label, parameter-path prefix, side)
+    ("Vision tower", "edge/vision/", "client"),
+    ("Connector", "edge/connector/", "client"),
+    ("Token embeddings", "edge/embed_tokens/", "client"),
+    ("NanoAdapter A_I (image tokens)", "edge/adapter_image/", "client"),
+    ("NanoAdapter A_T (text tokens)", "edge/adapter_text/", "client"),
+    ("LLM (decoder, final norm, LM head)", "server/", "server"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    batch_size: int
+    sequence_length: int  # image tokens plus text tokens
+    hidden_size: int  # width of the embeddings that cross the split
+    activation_bytes: int  # bytes per element of those embeddings
+    local_steps: int  # per client per round
+    examples_per_client: int
+
+    @property
+    def example_bytes(self) -> int:
+        """One example's input embeddings (or their gradient)."""
+        return self.sequence_length * self.hidden_size * self.activation_bytes
+
+
+def shapes_from_config(config, vocab_size: int | None = None) -> MllmConfig:
+    """The MllmConfig the experiment config describes, without reading any tensor."""
+    if config.model.get("path") and not config.model.get("llm"):
+        return _checkpoint_shapes(config)  # a config with preset shapes needs no checkpoint at hand
+    vocab_size = vocab_size or config.model.get("vocab_size")
+    if not vocab_size:
+        raise ConfigError("This config's vocabulary comes from its data (model.vocab_size is unset); pass "
+                          "--vocab_size=N.")
+    return model_config(config, vocab_size, image_token_id=0)
+
+
+def _checkpoint_shapes(config) -> MllmConfig:
+    from fednano_jax.backbone.from_checkpoint import with_vision_tower
+    from fednano_jax.backbone.pretrained import checkpoint_config
+
+    mcfg = checkpoint_config(config.model.path, config.model.dtype, adapter_config(config))
+    if mcfg.vision is not None:
+        return mcfg
+    # A text-only LLM gets the config's vision tower and one new token id, `<image>`.
+    return with_vision_tower(config, mcfg.llm, mcfg.llm.vocab_size, mcfg.llm.vocab_size + 1)
+
+
+def parameter_counts(mcfg: MllmConfig) -> dict[str, int]:
+    """Parameters per component (COMPONENTS labels), from abstract shapes."""
+    _, frozen, adapters = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(0))))
+    params = {**flatten(nnx.to_pure_dict(frozen)), **flatten(nnx.to_pure_dict(adapters))}
+    counts = {label: sum(math.prod(v.shape) for k, v in params.items() if k.startswith(prefix))
+              for label, prefix, _ in COMPONENTS}
+    unassigned = [k for k in params if not any(k.startswith(prefix) for _, prefix, _ in COMPONENTS)]
+    assert not unassigned, f"parameters in no component: {unassigned}"
+    return counts
+
+
+def adapter_count(counts: dict[str, int]) -> int:
+    return sum(n for label, n in counts.items() if label.startswith("NanoAdapter"))
+
+
+def communication(adapters: int, traffic: Traffic) -> dict[str, dict]:
+    """Bytes per client per round, per method: adapters (fp32) up and down; split-learning activations."""
+    adapter_bytes = 4 * adapters
+    training = traffic.local_steps * traffic.batch_size * traffic.example_bytes
+    rows = {}
+    for method in METHODS.values():
+        if method.pooled:
+            continue  # centralized training: the data moves, not the model
+        extra_passes = method.extra_passes * traffic.examples_per_client * traffic.example_bytes
+        rows[method.label] = {
+            "upload_bytes": len(method.uploads) * adapter_bytes,
+            "download_bytes": len(method.downloads) * adapter_bytes,
+            "embeddings_up_bytes": training + extra_passes,
+            "gradients_down_bytes": training + extra_passes,
+        }
+    return rows
+
+
+def traffic_for(config, mcfg: MllmConfig, text_tokens: int, examples_per_client: int | None) -> Traffic:
+    if examples_per_client is None:
+        if not config.data.get("train_examples"):
+            raise ConfigError("data.train_examples is 0 (all), so the examples per client are unknown here; pass "
+                              "--examples_per_client=N.")
+        examples_per_client = config.data.train_examples // config.fed.num_clients
+    image_tokens = mcfg.vision.num_image_tokens if mcfg.vision else 0
+    steps = math.ceil(examples_per_client / config.fed.batch_size) * config.fed.local_epochs
+    return Traffic(config.fed.batch_size, image_tokens + text_tokens, mcfg.llm.hidden_size,
+                   jnp.dtype(mcfg.llm.dtype).itemsize, steps, examples_per_client)
+
+
+def human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:,.0f} {unit}" if prefix == "" else f"{n:,.2f} {prefix}{unit}"
+        n /= 1000
+
+
+def parameter_table(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    sides = {label: side for label, _, side in COMPONENTS}
+    lines = [f"| Component | Side | Parameters | % of model |", "|---|---|---:|---:|"]
+    for label, n in counts.items():
+        lines.append(f"| {label} | {sides[label]} | {n:,} | {100 * n / total:.3f} |")
+    for side in ("client", "server"):
+        n = sum(c for label, c in counts.items() if sides[label] == side)
+        lines.append(f"| **All on the {side}** | | {n:,} | {100 * n / total:.2f} |")
+    adapters = adapter_count(counts)
+    lines.append(f"| **Trained and uploaded (NanoAdapters)** | client | {adapters:,} | {100 * adapters / total:.3f} |")
+    lines.append(f"| **Whole model** | | {total:,} | 100 |")
+    return "\n".join(lines)
+
+
+def traffic_table(rows: dict[str, dict], traffic: Traffic) -> str:
+    lines = ["| Method | Upload | Download | Embeddings up | Gradients down |", "|---|---:|---:|---:|---:|"]
+    for label, r in rows.items():
+        lines.append(f"| {label} | {human(r['upload_bytes'])} | {human(r['download_bytes'])} | "
+                     f"{human(r['embeddings_up_bytes'])} | {human(r['gradients_down_bytes'])} |")
+    return "\n".join(lines)
+
+
+def report(config, vocab_size=None, text_tokens: int = 128, examples_per_client: int | None = None) -> dict:
+    mcfg = shapes_from_config(config, vocab_size)
+    counts = parameter_counts(mcfg)
+    traffic = traffic_for(config, mcfg, text_tokens, examples_per_client)
+    return {"parameters": counts, "adapters": adapter_count(counts), "total": sum(counts.values()),
+            "traffic": dataclasses.asdict(traffic), "per_client_per_round": communication(adapter_count(counts), traffic)}
+
+
+def main() -> None:
+    args = flags.FLAGS
+    config = args.config
+    figures = report(config, args.vocab_size, args.text_tokens, args.examples_per_client)
+    traffic = Traffic(**figures["traffic"])
+    print(f"{config.name}: parameters by component (from abstract shapes; no weights read)\n")
+    print(parameter_table(figures["parameters"]))
+    print(f"\nCommunication per client per round: adapters in fp32; the split-learning traffic for "
+          f"{traffic.local_steps} local steps of batch {traffic.batch_size} x {traffic.sequence_length} tokens "
+          f"x {traffic.hidden_size} x {traffic.activation_bytes} bytes ({traffic.examples_per_client} local "
+          f"examples), plus FedNano's Fisher pass over them once.\n")
+    print(traffic_table(figures["per_client_per_round"], traffic))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(figures, f, indent=2)
+        print(f"\nWritten to {args.out}")
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (importing this module defines none)."""
+    cli.define_config_flag()
+    flags.DEFINE_integer("vocab_size", None, "Embedding rows, for a config whose model section has no vocab_size "
+                         "and no checkpoint path (a tokenizer built from the data).")
+    flags.DEFINE_integer("text_tokens", 128, "Text tokens per training sequence (image tokens are added).")
+    flags.DEFINE_integer("examples_per_client", None, "Local training examples per client (default: "
+                         "data.train_examples / fed.num_clients).")
+    flags.DEFINE_string("out", None, "Also write the figures to this JSON file.")

@@ -1,0 +1,273 @@
+"""How fast a round of local client updates runs, three ways, with random weights and synthetic batches.
+
+    python -m fednano_jax.benchmark --config=configs/easyvqa_tiny.py --clients=16 --out=docs/bench/cpu_tiny.json
+    python -m fednano_jax.benchmark --config=configs/easyvqa_tiny.py --preset=llava15_7b --clients=1 --mode=vmap
+
+Modes (each compiled once, then timed over --repeats rounds after a warm-up round):
+  vmap        all clients in one jitted program: vmap over clients, lax.scan over steps, clients sharded
+              over the config's mesh (every device by default), exactly as the simulation runs a round
+  sequential  one jitted program per client (scan over its steps), clients looped in Python on one device
+              (fed.mode=sequential)
+  loop        one jitted optimizer step per call, a Python loop over clients and steps on one device: how
+              PyTorch federated frameworks run a round, with our jitted step
+  torch       that loop in eager PyTorch (commands/torch_loop.py): transformers' LLaVA of the same shapes,
+              host batches per step, a fresh optimizer per client; needs torch (requirements-test.txt),
+              and `all` leaves it out, saying why, where torch is missing or has no CUDA beside a GPU
+On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=<cores> makes each core a device, so the vmap
+mode's clients run on all cores at once (see README, "Scaling").
+Reported per mode: compile seconds, round seconds, steps/s, tokens/s, client updates/s, memory (per
+device), and FLOP/s with MFU (over the devices the mode uses) where the device's peak is known.
+FLOPs per client step come from XLA's cost analysis of the compiled single step (the loop mode's
+program); a round does clients x steps of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import statistics
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from absl import flags
+
+from fednano_jax.backbone import synthetic
+from fednano_jax.parallel import mesh as sharding
+from fednano_jax.parallel.xla_stats import device_summary, write_json, flops_of, memory_of, planned_total
+from fednano_jax.commands import cli
+from fednano_jax.federated.client import ClientInputs, initial_carry, local_update, make_client_programs, train_step
+from fednano_jax.federated.methods.fedavg import FedAvg
+from fednano_jax.federated.rounds import make_optimizer
+
+MODES = ("loop", "sequential", "vmap", "torch")  # JAX's smallest memory first: a device's peak counter only grows
+# Dense peak FLOP/s per device (spec sheets), by a substring of jax's device_kind and the compute dtype.
+PEAK_FLOPS = {("H100", "bfloat16"): 989e12, ("H200", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12}
+
+
+@dataclasses.dataclass
+class Problem:
+    graphdef: object
+    frozen: object
+    adapters: object
+    data: dict
+    rows: np.ndarray
+    valid: np.ndarray
+    optimizer: object
+    work: synthetic.Workload
+    dtype: str
+    mesh: Mesh
+    mesh_config: object
+    mcfg: object
+    fed: object
+    method: object  # FedAvg: plain local steps
+
+
+def build_problem(config, preset, clients, steps, batch, text_tokens, seed=0) -> Problem:
+    config = synthetic.with_preset(config, preset)
+    mcfg = synthetic.synthetic_model_config(config)
+    work = synthetic.Workload(clients, steps, batch or config.fed.batch_size, synthetic.sequence_length(mcfg, text_tokens))
+    graphdef, frozen, adapters = synthetic.random_model(mcfg, seed)
+    data, rows, valid = synthetic.synthetic_data(mcfg, work, seed)
+    mesh_config = sharding.mesh_config_of(config)
+    return Problem(graphdef, frozen, adapters, data, rows, valid, make_optimizer(config.fed), work, mcfg.llm.dtype,
+                   sharding.make_mesh(mesh_config), mesh_config, mcfg, config.fed, FedAvg(config.fed))
+
+
+def _timed(function):
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def _compiled(jitted, *args):
+    return _timed(lambda: jitted.lower(*args).compile())
+
+
+def vmap_round(p: Problem):
+    """-> (compiled program, compile seconds, run one round). Placed on the mesh as the simulation places it:
+    backbone by the mesh rules, dataset and global adapters replicated, clients (padded) over `clients`."""
+    vmapped, _ = make_client_programs(p.graphdef, p.optimizer, p.method, p.work.steps)
+    program = jax.jit(vmapped, out_shardings=sharding.client_sharding(p.mesh))
+    frozen = sharding.place(p.frozen, sharding.backbone_shardings(p.frozen, p.mesh, p.mesh_config))
+    broadcast, data = sharding.place(({"adapters": p.adapters}, p.data), sharding.replicated(p.mesh))
+    clients, _ = sharding.shard_cohort(ClientInputs(p.rows, p.valid), p.mesh)
+    args = (frozen, data, broadcast, clients)
+    compiled, seconds = _compiled(program, *args)
+    return compiled, seconds, lambda: jax.block_until_ready(compiled(*args))
+
+
+def sequential_round(p: Problem):
+    single = jax.jit(functools.partial(local_update, p.graphdef, p.optimizer, p.method, p.work.steps))
+    broadcast = {"adapters": p.adapters}
+    client = lambda k: ClientInputs(p.rows[k], p.valid[k])
+    compiled, seconds = _compiled(single, p.frozen, p.data, broadcast, client(0))
+    clients = range(p.work.clients)
+    return compiled, seconds, lambda: jax.block_until_ready(
+        [compiled(p.frozen, p.data, broadcast, client(k)) for k in clients])
+
+
+def loop_round(p: Problem):
+    step = jax.jit(functools.partial(train_step, p.graphdef, p.optimizer, p.method))
+    broadcast = {"adapters": p.adapters}
+    start = initial_carry(p.optimizer, p.method, p.adapters)
+    compiled, seconds = _compiled(step, p.frozen, p.data, broadcast, None, p.adapters, start, p.rows[0, 0],
+                                  p.valid[0, 0])
+
+    def run():
+        finals = []
+        for k in range(p.work.clients):
+            carry = start
+            for s in range(p.work.steps):
+                carry, _ = compiled(p.frozen, p.data, broadcast, None, p.adapters, carry, p.rows[k, s],
+                                    p.valid[k, s])
+            finals.append(carry[0])
+        return jax.block_until_ready(finals)
+
+    return compiled, seconds, run
+
+
+def torch_round(p: Problem):
+    """-> (None, model build seconds, run one round): eager PyTorch has nothing to compile."""
+    from fednano_jax.commands import torch_loop  # imports torch, which only this mode needs
+
+    (model, seconds) = _timed(lambda: torch_loop.random_model(p.mcfg, torch_loop.default_device()))
+    start = torch_loop.adapters_from_jax(p.adapters)
+    data, rows, valid = torch_loop.host_dataset(p.data), np.asarray(p.rows), np.asarray(p.valid)
+    return None, seconds, lambda: torch_loop.run_round(model, start, data, rows, valid, p.fed)
+
+
+def torch_memory() -> dict:
+    import torch
+
+    measured = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"peak_memory_bytes": measured, "peak_memory_source": "torch.cuda.max_memory_allocated()" if measured
+            else "not kept by PyTorch on a CPU", "torch_threads": torch.get_num_threads()}
+
+
+ROUNDS = {"vmap": vmap_round, "sequential": sequential_round, "loop": loop_round, "torch": torch_round}
+
+
+def available_modes(requested: str) -> tuple[tuple[str, ...], dict]:
+    """-> (modes to run, {mode left out: why}). `all` runs the torch mode only where torch is installed."""
+    if requested != "all":
+        return (requested,), {}
+    without_torch = tuple(m for m in MODES if m != "torch")
+    if importlib.util.find_spec("torch") is None:
+        return without_torch, {"torch": "PyTorch is not installed (pip install -r requirements-test.txt)"}
+    import torch
+
+    if jax.default_backend() != "cpu" and not torch.cuda.is_available():
+        return without_torch, {"torch": f"JAX runs on {jax.default_backend()} but this torch build has no CUDA; "
+                                        "a CPU PyTorch loop would be no comparison (install a CUDA torch)"}
+    return MODES, {}
+
+
+def device_peak_bytes() -> int | None:
+    """The device allocator's peak so far (GPU/TPU); None where the backend keeps no such count (CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def peak_memory(compiled) -> dict:
+    """The allocator's peak where the device keeps one, else XLA's plan: arguments + outputs + temporaries + code."""
+    planned = memory_of(compiled)
+    measured = device_peak_bytes()
+    return {"peak_memory_bytes": measured if measured is not None else planned_total(planned),
+            "peak_memory_source": "device memory_stats()" if measured is not None else "compiled memory_analysis()",
+            "compiled_memory_bytes": planned}
+
+
+def peak_flops(device, dtype: str) -> float | None:
+    return next((peak for (kind, kind_dtype), peak in PEAK_FLOPS.items()
+                 if kind in device.device_kind and kind_dtype == dtype), None)
+
+
+def figures(p: Problem, setup: dict, seconds: float, memory: dict, step_flops: float | None,
+            peak: float | None, devices: int) -> dict:
+    """A mode's throughput figures from its median round time; `devices`: how many it runs on."""
+    w = p.work
+    result = {**setup, "round_seconds": seconds, "steps_per_second": w.steps / seconds,
+              "client_steps_per_second": w.clients * w.steps / seconds, "tokens_per_second": w.tokens_per_round / seconds,
+              "client_updates_per_second": w.clients / seconds, "devices": devices, **memory}
+    if step_flops:
+        achieved = step_flops * w.clients * w.steps / seconds
+        result["flops_per_second"] = achieved
+        result["mfu"] = achieved / (peak * devices) if peak else None
+    return result
+
+
+def timed_rounds(prepared: dict, repeats: int) -> dict:
+    """Median round seconds per mode. The modes take turns, round by round, so load that drifts over the
+    run (other processes, thermal limits) weighs on every mode alike."""
+    times = {mode: [] for mode in prepared}
+    for _ in range(repeats):
+        for mode, (_, _, run) in prepared.items():
+            times[mode].append(_timed(run)[1])
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
+def benchmark(p: Problem, modes, repeats: int) -> dict:
+    device = jax.devices()[0]
+    loop = loop_round(p)
+    step_flops = flops_of(loop[0])
+    peak = peak_flops(device, p.dtype)
+    prepared = {mode: loop if mode == "loop" else ROUNDS[mode](p) for mode in MODES if mode in modes}
+    memory = {}
+    for mode, (compiled, _, run) in prepared.items():  # in MODES order: the peak counter only grows
+        run()  # warm-up: first-call dispatch costs stay out of the timings
+        memory[mode] = torch_memory() if mode == "torch" else peak_memory(compiled)
+    seconds = timed_rounds(prepared, repeats)
+    setup = {mode: {"model_build_seconds" if mode == "torch" else "compile_seconds": prepared[mode][1]}
+             for mode in prepared}
+    results = {mode: figures(p, setup[mode], seconds[mode], memory[mode], step_flops, peak,
+                             p.mesh.size if mode == "vmap" else 1) for mode in prepared}
+    speedup = {f"vmap_over_{other}": results[other]["round_seconds"] / results["vmap"]["round_seconds"]
+               for other in ("loop", "sequential", "torch") if other in results and "vmap" in results}
+    return {"device": device_summary(), "mesh": dict(p.mesh.shape),
+            "dtype": p.dtype, "workload": {**dataclasses.asdict(p.work), "tokens_per_round": p.work.tokens_per_round},
+            "flops_per_client_step": step_flops,
+            "flops_source": "XLA cost_analysis() of the compiled single-client step (forward, backward to the "
+                            "adapters through the frozen backbone, optimizer update)",
+            "peak_flops_per_second": peak, "modes": results, "speedup": speedup}
+
+
+def summary(report: dict) -> str:
+    lines = [f"{report['device']['kind']} x{report['device']['count']}, {report['dtype']}, {report['workload']}, "
+             f"vmap mesh {report['mesh']}"]
+    for mode, r in report["modes"].items():
+        mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""
+        setup = f"compile {r['compile_seconds']:6.1f} s" if "compile_seconds" in r else \
+            f"build   {r['model_build_seconds']:6.1f} s"
+        lines.append(f"  {mode:10s} {r['devices']} dev  {setup}  round {r['round_seconds']:8.4f} s  "
+                     f"{r['client_steps_per_second']:8.1f} client-steps/s  {r['tokens_per_second']:10.0f} tokens/s  "
+                     f"{r['client_updates_per_second']:7.2f} client-updates/s{mfu}")
+    lines += [f"  {name}: {value:.2f}x" for name, value in report["speedup"].items()]
+    lines += [f"  {mode} mode left out: {why}" for mode, why in report.get("left_out", {}).items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = flags.FLAGS
+    config = args.config
+    problem = build_problem(config, args.preset, args.clients, args.steps, args.batch, args.text_tokens)
+    modes, left_out = available_modes(args.mode)
+    report = {"config": config.get("name"), "preset": args.preset, **benchmark(problem, modes, args.repeats),
+              "left_out": left_out}
+    print(summary(report))
+    write_json(args.out, report)
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (importing this module defines none)."""
+    cli.define_config_flag(lock=False)
+    flags.DEFINE_string("preset", None, f"Replace the config's model by a preset: {sorted(synthetic.PRESETS)}.")
+    flags.DEFINE_integer("clients", 16, "Clients trained per round.")
+    flags.DEFINE_integer("steps", 4, "Local steps per client per round.")
+    flags.DEFINE_integer("batch", 0, "Sequences per step (0: config.fed.batch_size).")
+    flags.DEFINE_integer("text_tokens", 32, "Text tokens per sequence, after <s> and the image tokens.")
+    flags.DEFINE_enum("mode", "all", ["all", *MODES], "Which ways to run a round.")
+    flags.DEFINE_integer("repeats", 3, "Timed rounds per mode (the median is reported).")
+    flags.DEFINE_string("out", None, "Write the results here as JSON.")

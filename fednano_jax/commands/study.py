@@ -1,0 +1,215 @@
+"""Reproduce the paper's tables and figures: a grid of runs, resumable, summarised over seeds.
+
+    python -m fednano_jax.study --config=configs/easyvqa_tiny.py --study=main [--seeds=3]
+
+Studies: `main` (Table 2: every method), `adapters` (Table 3: A_T only, A_I only,
+both), `rank` (Fig. 2a: adapter rank) and `frequency` (Fig. 2b: rounds x local
+epochs at a fixed budget of local epochs). Each cell is one `fednano_jax.main` run
+in `<workdir>/seed<s>/<cell>`; a cell whose results.json exists is not run again,
+and a half-finished one resumes from its round checkpoints. Every method sees the
+same data, partition, backbone and seeds. Writes `<study>.md`, `<study>.csv` and
+PNG plots to the study's workdir.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import time
+
+import numpy as np
+from absl import flags
+
+from fednano_jax.commands import cli
+from fednano_jax.errors import ConfigError
+
+
+MAIN_METHODS = ("centralized", "locft", "fedavg", "fedprox", "feddpa_f", "fednano", "fednano_ef")
+COMPARED = ("fedavg", "fednano")
+RANKS = (8, 16, 32, 64, 128)
+ADAPTERS = {"A_T only": (False, True), "A_I only": (True, False), "A_I + A_T": (True, True)}
+
+
+def frequency_grid(config) -> list[tuple[int, int]]:
+    """(rounds, local epochs) pairs with the config's budget of rounds x local epochs."""
+    budget = config.fed.rounds * config.fed.local_epochs
+    return [(budget // epochs, epochs) for epochs in range(1, budget + 1) if budget % epochs == 0]
+
+
+def cells(study: str, config) -> dict[str, dict]:
+    """cell name -> config overrides (dotted keys)."""
+    if study == "main":
+        return {"all_methods": {"fed.methods": MAIN_METHODS}}
+    if study == "adapters":
+        return {name.replace(" ", "_").replace("+", "and"): {"fed.methods": COMPARED, "model.adapter.image": image,
+                                                             "model.adapter.text": text}
+                for name, (image, text) in ADAPTERS.items()}
+    if study == "rank":
+        return {f"rank{r}": {"fed.methods": COMPARED, "model.adapter.rank": r} for r in RANKS}
+    return {f"rounds{r}_epochs{e}": {"fed.methods": COMPARED, "fed.rounds": r, "fed.local_epochs": e}
+            for r, e in frequency_grid(config)}
+
+
+def with_overrides(config, overrides: dict, seed: int):
+    cell = copy.deepcopy(config)
+    cell.seed = seed
+    for dotted, value in overrides.items():
+        node = cell
+        *parents, key = dotted.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
+    return cell
+
+
+def run_grid(config, study: str, seeds: int, workdir: str) -> dict:
+    """-> {(seed, cell): results.json contents}; runs only the cells that have none yet."""
+    from fednano_jax.experiment import run_experiment
+
+    results = {}
+    grid = cells(study, config)
+    for seed in range(seeds):
+        for name, overrides in grid.items():
+            cell_dir = os.path.join(workdir, f"seed{seed}", name)
+            done = os.path.join(cell_dir, "results.json")
+            if not os.path.exists(done):
+                print(f"\n=== {study}: seed {seed}, {name} ===")
+                run_experiment(with_overrides(config, overrides, seed), cell_dir)
+            else:
+                print(f"=== {study}: seed {seed}, {name}: done, reusing {done}")
+            with open(done) as f:
+                results[(seed, name)] = json.load(f)
+    return results
+
+
+def mean_std(values) -> str:
+    values = 100 * np.asarray(values, float)
+    return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}"
+
+
+def method_costs(result: dict, label: str) -> tuple[float, float]:
+    """(training seconds summed over rounds, bytes uploaded per client per round) from a run's history."""
+    history = result["history"][label]
+    seconds = sum(r["round_seconds"] for r in history)
+    per_client = [r["uploaded_bytes"] / max(len(r["clients"]), 1) for r in history]
+    return seconds, float(np.mean(per_client))
+
+
+def write_table(path: str, header: list[str], rows: list[list[str]]) -> str:
+    with open(path + ".csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    with open(path + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def main_table(results: dict, seeds: int, workdir: str) -> str:
+    first = results[(0, "all_methods")]["results"]
+    num_clients = len(first["Untuned"]["accuracy"])
+    header = ["Method"] + [f"C{k + 1}" for k in range(num_clients)] + ["Avg", "train s", "upload/client/round"]
+    rows = []
+    for label in first:
+        runs = [results[(s, "all_methods")] for s in range(seeds)]
+        accuracy = np.array([r["results"][label]["accuracy"] for r in runs])
+        average = [r["results"][label]["average"] for r in runs]
+        row = [label] + [mean_std(accuracy[:, k]) for k in range(num_clients)] + [mean_std(average)]
+        if label == "Untuned":
+            row += ["-", "-"]
+        else:
+            costs = np.array([method_costs(r, label) for r in runs])
+            row += [f"{costs[:, 0].mean():.0f}", f"{costs[:, 1].mean() / 1024:.1f} KiB"]
+        rows.append(row)
+    plot_rounds(results, seeds, os.path.join(workdir, "accuracy_per_round.png"))
+    return write_table(os.path.join(workdir, "main"), header, rows)
+
+
+def plot_rounds(results: dict, seeds: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    histories = results[(0, "all_methods")]["history"]
+    for label in histories:
+        curves = []
+        for s in range(seeds):
+            run = results[(s, "all_methods")]
+            records = [r for r in run["history"][label] if "average" in r]
+            start = (0, run["results"]["Untuned"]["average"])  # round 0: the untuned model
+            curves.append([start] + [(r["round"], r["average"]) for r in records])
+        rounds = [r for r, _ in curves[0]]
+        mean = 100 * np.mean([[a for _, a in c] for c in curves], axis=0)
+        ax.plot(rounds, mean, marker="o", label=label)
+    ax.set_xlabel("round (0 = untuned)")
+    ax.set_xticks(rounds)
+    ax.set_ylabel("average client accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_table(study: str, results: dict, seeds: int, workdir: str, config) -> str:
+    grid = cells(study, config)
+    labels = ["FedAvg", "FedNano"]
+    header = [{"adapters": "Adapters", "rank": "Rank", "frequency": "Rounds x local epochs"}[study]] + labels
+    names = {"adapters": list(ADAPTERS), "rank": [str(r) for r in RANKS],
+             "frequency": [f"{r} x {e}" for r, e in frequency_grid(config)]}[study]
+    rows, series = [], {label: [] for label in labels}
+    for display, cell in zip(names, grid):
+        row = [display]
+        for label in labels:
+            averages = [results[(s, cell)]["results"][label]["average"] for s in range(seeds)]
+            row.append(mean_std(averages))
+            series[label].append(100 * float(np.mean(averages)))
+        rows.append(row)
+    if study != "adapters":
+        plot_sweep(names, series, header[0], os.path.join(workdir, f"accuracy_vs_{study}.png"))
+    return write_table(os.path.join(workdir, study), header, rows)
+
+
+def plot_sweep(names, series, xlabel, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in series.items():
+        ax.plot(names, values, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("average client accuracy (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = flags.FLAGS
+    config, study, seeds = args.config, args.study, args.seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}.")
+    workdir = args.workdir or os.path.join("runs", config.name, f"study_{study}")
+    started = time.perf_counter()
+    results = run_grid(config, study, seeds, workdir)
+    table = (main_table(results, seeds, workdir) if study == "main"
+             else sweep_table(study, results, seeds, workdir, config))
+    print(f"\n{study} study, {seeds} seed(s), average client accuracy (%):\n{table}")
+    print(f"\nTables and plots in {workdir} ({time.perf_counter() - started:.0f} s)")
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a command (importing this module defines none)."""
+    cli.define_config_flag(lock=False)
+    flags.DEFINE_enum("study", "main", ["main", "adapters", "rank", "frequency"], "Which study to run.")
+    flags.DEFINE_integer("seeds", 1, "Number of seeds (0..seeds-1); tables show mean and std over them.")
+    flags.DEFINE_string("workdir", None, "Study directory (default: runs/<config.name>/study_<study>).")
+

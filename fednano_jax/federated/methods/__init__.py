@@ -1,0 +1,27 @@
+"""The registry of federated methods: one module per method, chosen by name in `config.fed.methods`.
+
+Adding a method is one new module with a `Method` subclass (see `base.py`) and one line here.
+"""
+
+from __future__ import annotations
+
+from fednano_jax.errors import ConfigError
+from fednano_jax.federated.methods.base import Method
+from fednano_jax.federated.methods.centralized import Centralized
+from fednano_jax.federated.methods.feddpa_f import FedDPAF
+from fednano_jax.federated.methods.fedavg import FedAvg
+from fednano_jax.federated.methods.fednano import FedNano
+from fednano_jax.federated.methods.fednano_ef import FedNanoEF
+from fednano_jax.federated.methods.fedprox import FedProx
+from fednano_jax.federated.methods.locft import LocFT
+from fednano_jax.federated.methods.scaffold import Scaffold
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in [
+    Centralized, LocFT, FedAvg, FedProx, FedDPAF, FedNano, FedNanoEF, Scaffold]}
+
+
+def get_method(name: str, fed) -> Method:
+    """The method `name`, reading its settings from the config's `fed` section."""
+    if name not in METHODS:
+        raise ConfigError(f"Unknown method {name!r}; expected one of {sorted(METHODS)}.")
+    return METHODS[name](fed)

@@ -1,0 +1,236 @@
+"""The round loop: sample a cohort, local updates, uploads, server update, evaluate, log, checkpoint.
+
+It names no method: what a method does enters through its hooks (`methods/base.py`).
+Every random choice is a pure function of (seed, round, client id) (`schedule`, `server`),
+so a run resumed from a round checkpoint continues exactly as the uninterrupted run
+would have. Server state lives on the device (replicated on a mesh); client state, one
+row per client, lives on the host and only the cohort's rows enter a round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from fednano_jax.errors import CheckpointMismatch
+from fednano_jax.federated.checkpoints import RoundCheckpoints
+from fednano_jax.federated.client import ClientInputs, ClientOutputs, make_client_programs
+from fednano_jax.federated.methods.base import Method
+from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
+from fednano_jax.federated.server import ClientUploads, reporting_clients, server_round
+from fednano_jax.parallel import mesh as sharding
+from fednano_jax.parallel.xla_stats import compile_clock
+from fednano_jax.streams import Purpose
+
+OPTIMIZERS = {
+    "adamw": lambda fed: optax.adamw(fed.learning_rate, weight_decay=fed.weight_decay),
+    "adam": lambda fed: optax.adam(fed.learning_rate),
+    "sgd": lambda fed: optax.sgd(fed.learning_rate),
+}
+
+
+def make_optimizer(fed) -> optax.GradientTransformation:
+    """The client optimizer, re-initialised every round (`fed.optimizer`, `fed.learning_rate`, `fed.weight_decay`)."""
+    if fed.optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown fed.optimizer {fed.optimizer!r}; expected one of {sorted(OPTIMIZERS)}.")
+    return OPTIMIZERS[fed.optimizer](fed)
+
+
+@dataclasses.dataclass
+class RunResult:
+    server: dict  # the method's final server state ({"adapters": global adapters, ...})
+    clients: Any  # its client states [N, ...] on the host, or None
+    history: list[dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPrograms:
+    """The jitted programs one method's rounds run, compiled once per run."""
+
+    local: Callable  # (frozen, data, broadcast, ClientInputs [K]) -> ClientOutputs [K]
+    server: Callable  # (server state, ClientUploads [K], reporting [K]) -> (server state, used [K])
+    plain_local: Callable  # local training without the method's hooks, for its after_rounds phase
+
+
+def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh | None = None) -> RoundPrograms:
+    """With a mesh (vmap mode), clients run sharded over its `clients` axis (see parallel/mesh.py)."""
+    optimizer = make_optimizer(fed)
+
+    def client_program(hooks: Method):
+        vmapped, sequential = make_client_programs(graphdef, optimizer, hooks, epoch_steps)
+        if fed.mode == "sequential":
+            return sequential
+        return sharding.sharded_client_program(vmapped, mesh) if mesh is not None else jax.jit(vmapped)
+
+    server = jax.jit(functools.partial(server_round, method))
+    return RoundPrograms(client_program(method), server, client_program(Method(fed)))
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _stack(tree, count: int):
+    return None if tree is None else jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count,) + x.shape), tree)
+
+
+def _rows(tree, index):
+    return None if tree is None else jax.tree.map(lambda x: x[index], tree)
+
+
+def _finite_rows(tree, count: int) -> np.ndarray:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return np.ones(count, bool)
+    return np.stack([np.isfinite(x).reshape(count, -1).all(axis=1) for x in leaves]).all(axis=0)
+
+
+def _set_rows(tree, index, keep: np.ndarray, new):
+    """`tree` with rows `index[keep]` replaced by the matching rows of `new` (a copy; None stays None)."""
+    if tree is None:
+        return None
+
+    def one(old, update):
+        out = np.array(old)
+        out[index[keep]] = np.asarray(update)[keep]
+        return out
+
+    return jax.tree.map(one, tree, new)
+
+
+def _resume(checkpoints: RoundCheckpoints | None, init_state: dict, rounds: int):
+    """-> (first round to run, state, history) from the latest checkpoint, if any."""
+    restored = checkpoints.restore_latest(_checkpointed(init_state)) if checkpoints else None
+    if restored is None:
+        return 0, init_state, []
+    done, state, history = restored
+    if done > rounds:
+        raise CheckpointMismatch(f"The checkpoint in {checkpoints.directory} is at round {done}, beyond "
+                                 f"fed.rounds={rounds}; raise fed.rounds or use another --workdir.")
+    print(f"Resuming from round {done} of {rounds} ({checkpoints.directory})")
+    return done, {"server": state["server"], "clients": state.get("clients")}, history
+
+
+@dataclasses.dataclass
+class Round:
+    """Everything the loop knows about the run, shared by its rounds."""
+
+    method: Method
+    programs: RoundPrograms
+    frozen: Any
+    data: dict
+    train_rows: list[np.ndarray]
+    num_examples: np.ndarray
+    epoch_steps: int
+    config: Any
+    mesh: Mesh | None
+
+    def place_replicated(self, tree):
+        return sharding.place(tree, sharding.replicated(self.mesh)) if self.mesh is not None else tree
+
+    def schedule(self, client_ids, epochs: int, round_index: int, purpose: Purpose = Purpose.SHUFFLE):
+        rows = [self.train_rows[k] for k in client_ids]
+        return client_schedule(rows, self.config.fed.batch_size, epochs, self.config.seed, round_index,
+                               client_ids, self.epoch_steps, purpose)
+
+    def local_trainer(self, start, epochs: int):
+        """Every client's plain local training from `start` -> their adapters [N, ...] on the host."""
+        ids = np.arange(len(self.train_rows))
+        rows, valid = self.schedule(ids, epochs, 0, Purpose.LOCAL_PHASE)
+        outputs = self.programs.plain_local(self.frozen, self.data, {"adapters": self.place_replicated(start)},
+                                            ClientInputs(rows, valid, None))
+        return jax.tree.map(sharding.to_host, outputs.upload["adapters"])
+
+
+def run_round(run: Round, state: dict, round_index: int):
+    """One round -> (new state, cohort, reporting, used, losses)."""
+    method, fed, config = run.method, run.config.fed, run.config
+    cohort = sample_cohort(len(run.train_rows), 0 if method.pooled else fed.clients_per_round, config.seed,
+                           round_index)
+    rows, valid = run.schedule(cohort, fed.local_epochs, round_index)
+    broadcast = run.place_replicated(method.broadcast(state["server"]))
+    outputs: ClientOutputs = run.programs.local(run.frozen, run.data, broadcast,
+                                                ClientInputs(rows, valid, _rows(state["clients"], cohort)))
+    # A method that sends nothing (LocFT, Centralized) has nothing to lose to a dropped connection.
+    reporting = (reporting_clients(cohort, fed.dropout, config.seed, round_index) if method.uploads
+                 else np.ones(len(cohort), bool))
+    uploads = ClientUploads(outputs.upload, jnp.asarray(run.num_examples[cohort]))
+    server, used = run.programs.server(state["server"], uploads, jnp.asarray(reporting))
+    used = sharding.to_host(used)
+    new_client_states = jax.tree.map(sharding.to_host, outputs.state)
+    used = used & _finite_rows(new_client_states, len(cohort))
+    clients = _set_rows(state["clients"], cohort, used, new_client_states)
+    return {"server": server, "clients": clients}, cohort, reporting, used, sharding.to_host(outputs.loss)
+
+
+def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dict, client_rows: list[np.ndarray],
+               config, evaluator, log: Callable, checkpoints: RoundCheckpoints | None = None,
+               mesh: Mesh | None = None) -> RunResult:
+    fed = config.fed
+    train_rows = [np.concatenate(client_rows)] if method.pooled else client_rows
+    epoch_steps = steps_per_epoch(train_rows, fed.batch_size)
+    programs = compile_programs(method, graphdef, fed, epoch_steps, mesh)
+    init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
+    if mesh is not None:
+        frozen = sharding.place(frozen, sharding.backbone_shardings(frozen, mesh, sharding.mesh_config_of(config)))
+        device_data = sharding.place(device_data, sharding.replicated(mesh))
+    run = Round(method, programs, frozen, device_data, train_rows, np.array([len(r) for r in train_rows]),
+                epoch_steps, config, mesh)
+    upload_bytes = len(method.uploads) * tree_bytes(init_adapters)
+
+    init_state = {"server": jax.tree.map(np.asarray, method.server_init(init_adapters)),
+                  "clients": _stack(method.client_state_init(init_adapters), len(train_rows))}
+    first, state, history = _resume(checkpoints, init_state, fed.rounds)
+    state["server"] = run.place_replicated(state["server"])
+    clock = compile_clock()
+    for round_index in tqdm(range(first, fed.rounds), desc=f"{method.label} rounds", unit="round",
+                            initial=first, total=fed.rounds):
+        clock.take()
+        start = time.perf_counter()
+        state, cohort, reporting, used, losses = run_round(run, state, round_index)
+        last = round_index + 1 == fed.rounds
+        if last:
+            state["clients"] = method.after_rounds(state["server"], state["clients"], run.local_trainer)
+        jax.block_until_ready(state["server"])
+        compile_seconds = clock.take()
+        record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
+                  "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
+                  "train_loss": losses.tolist(), "uploaded_bytes": int(upload_bytes * reporting.sum()),
+                  "round_seconds": time.perf_counter() - start - compile_seconds,
+                  "compile_seconds": compile_seconds}
+        _warn_about_faults(record, used)
+        if last or (config.eval.every_rounds and (round_index + 1) % config.eval.every_rounds == 0):
+            eval_start = time.perf_counter()
+            host_server = jax.tree.map(sharding.to_host, state["server"])
+            record.update(method.evaluate(evaluator, host_server, state["clients"], last))
+            record["eval_seconds"] = time.perf_counter() - eval_start
+        history.append(record)
+        log(record)
+        if checkpoints and (last or (round_index + 1) % config.checkpoint.every_rounds == 0):
+            checkpoints.save(round_index + 1, _checkpointed(state), history)
+    return RunResult(jax.tree.map(sharding.to_host, state["server"]), state["clients"], history)
+
+
+def _checkpointed(state: dict) -> dict:
+    """The state as orbax stores it: host arrays; no entry for a method without client state."""
+    saved = {"server": jax.tree.map(sharding.to_host, state["server"])}
+    if state["clients"] is not None:
+        saved["clients"] = state["clients"]
+    return saved
+
+
+def _warn_about_faults(record: dict, used: np.ndarray) -> None:
+    if record["non_finite"]:
+        tqdm.write(f"Round {record['round']}: left out clients {record['non_finite']}, whose update was not finite.")
+    if not used.any():
+        tqdm.write(f"Round {record['round']}: no client reported; the global adapters are unchanged.")
