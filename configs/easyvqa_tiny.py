@@ -40,6 +40,7 @@ def get_config() -> ConfigDict:
     config.pretrain.warmup_steps = 50
     config.pretrain.weight_decay = 0.01
     config.pretrain.cache_dir = "~/.cache/fednano_jax/pretrained"
+    config.pretrain.shipped = True  # use the backbone in fednano_jax/backbone/shipped when these settings match
 
     config.fed = ConfigDict()
     config.fed.methods = ("fedavg", "fednano")

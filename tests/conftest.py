@@ -1,4 +1,45 @@
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*flags, config="configs/easyvqa_tiny.py", timeout=900):
+    """`python -m fednano_jax.main` as a user runs it, from the repository root."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "fednano_jax.main", f"--config={config}", *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    stdout: str
+    workdir: pathlib.Path
+
+    @property
+    def results(self) -> dict:
+        return json.loads((self.workdir / "results.json").read_text())
+
+    @property
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in (self.workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def default_run(easy_vqa_dir, tmp_path_factory) -> Run:
+    """The README's default command, run once per session and shared by the end-to-end tests: the shipped
+    backbone (an empty cache, so a cached one cannot stand in for it), FedAvg and FedNano, 5 rounds."""
+    root = tmp_path_factory.mktemp("default_run")
+    result = run_main(f"--config.data.dir={easy_vqa_dir}", f"--config.pretrain.cache_dir={root / 'cache'}",
+                      f"--workdir={root / 'run'}", timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Run(result.stdout, root / "run")
 
 
 @pytest.fixture(scope="session")

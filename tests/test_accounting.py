@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from fednano_jax.backbone import presets as model_presets
 from fednano_jax.commands.accounting import communication, parameter_counts, report, shapes_from_config
-from fednano_jax.config import ConfigError
+from fednano_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

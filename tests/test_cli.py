@@ -1,52 +1,12 @@
-"""The command line as a user runs it: a complete small experiment, and clear errors."""
+"""The command line as a user runs it: clear errors, and commands that import together."""
 
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from fednano_jax.federated.server import reporting_clients
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(*flags, timeout=900):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "fednano_jax.main", "--config=configs/easyvqa_tiny.py", *flags]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_small_experiment_end_to_end_and_cached_backbone(easy_vqa_dir, tmp_path):
-    flags = [f"--config.data.dir={easy_vqa_dir}", f"--config.pretrain.cache_dir={tmp_path / 'cache'}",
-             "--config.pretrain.steps=12", "--config.pretrain.batch_size=16", "--config.data.pretrain_images=100",
-             "--config.data.train_examples=120", "--config.data.test_examples=40", "--config.fed.num_clients=3",
-             "--config.fed.rounds=2", "--config.eval.every_rounds=0", "--config.eval.batch_size=40"]
-    first = run_main(*flags, f"--workdir={tmp_path / 'a'}")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "Pretraining the backbone" in first.stdout
-    table = (tmp_path / "a" / "results.md").read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["Untuned", "FedAvg", "FedNano"]
-    assert table[0].split("|")[2:6] == [" C1 ", " C2 ", " C3 ", " Avg "]
-    results = json.loads((tmp_path / "a" / "results.json").read_text())["results"]
-    for row in results.values():
-        assert len(row["accuracy"]) == 3 and 0.0 <= row["average"] <= 1.0
-    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["method"], r["round"]) for r in records] == [("untuned", 0), ("fedavg", 1), ("fedavg", 2),
-                                                            ("fednano", 1), ("fednano", 2)]
-    assert "accuracy" in records[2] and "accuracy" not in records[1]  # evaluated after the last round only
-
-    second = run_main(*flags, "--config.fed.methods=fedavg", "--config.fed.rounds=1", "--config.fed.dropout=0.5",
-                      f"--workdir={tmp_path / 'b'}")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "Using the pretrained backbone cached" in second.stdout
-    round_one = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()][1]
-    assert round_one["dropped"] == np.flatnonzero(~reporting_clients(np.arange(3), 0.5, 0, 0)).tolist()
-    untuned_a = results["Untuned"]
-    untuned_b = json.loads((tmp_path / "b" / "results.json").read_text())["results"]["Untuned"]
-    assert untuned_a == untuned_b  # the cached backbone is the same model
+from conftest import ROOT, run_main
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fednano_jax.config import ConfigError, validate
+from fednano_jax.config import validate
+from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
 from fednano_jax.federated.objective import adapter_value_and_grad
-from fednano_jax.models.mllm import MultimodalModel, split_model
+from fednano_jax.models.loss import mean_answer_nll
+from fednano_jax.models.mllm import MultimodalModel, merge_model, split_model
 from test_federated import tiny_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +33,34 @@ def test_remat_policies_give_the_same_loss_and_gradients(tiny_config, policy):
     np.testing.assert_allclose(loss, remat_loss, rtol=1e-6)
     for g, r in zip(nnx.to_flat_state(grads), nnx.to_flat_state(remat_grads)):
         np.testing.assert_allclose(g[1][...], r[1][...], rtol=1e-5, atol=1e-8)
+
+
+def saved_for_backward(graphdef, frozen, adapters, data) -> int:
+    """How many arrays the adapter gradient keeps from the forward pass for the backward pass."""
+    import contextlib
+    import io
+
+    import jax.ad_checkpoint
+
+    def loss(a):
+        model = merge_model(graphdef, frozen, a)
+        return mean_answer_nll(model(data["input_ids"], data["attention_mask"], data["images"]), data)
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(loss, adapters)
+    return len(printed.getvalue().splitlines())
+
+
+def test_remat_policies_keep_fewer_activations_for_the_backward_pass(tiny_config):
+    """What remat is for: `full` keeps only each layer's input, `dots` its matmul outputs too, `none` everything."""
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    saved = {}
+    for policy in ("none", "dots", "full"):
+        config = dataclasses.replace(tiny_config, llm=dataclasses.replace(tiny_config.llm, remat=policy))
+        saved[policy] = saved_for_backward(split_model(MultimodalModel(config, nnx.Rngs(0)))[0], frozen, adapters,
+                                           data)
+    assert saved["full"] < saved["dots"] < saved["none"], saved
 
 
 def test_unknown_remat_policy_is_a_config_error():

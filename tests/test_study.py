@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from test_cli import ROOT
+from conftest import ROOT
 
 
 def tiny_study_flags(easy_vqa_dir, tmp_path):

@@ -16,22 +16,30 @@ from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
 from fednano_jax.models.mllm import MultimodalModel, split_model
 
 
+def _load(config, directory: str):
+    """-> (graphdef, frozen, adapters, tokenizer, model config) of a stored backbone, or None if unreadable."""
+    tokenizer = load_tokenizer(os.path.join(directory, cache.TOKENIZER))
+    mcfg = model_config(config, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
+    graphdef, frozen, adapters = split_model(MultimodalModel(mcfg, nnx.Rngs(config.pretrain.seed)))
+    try:
+        return graphdef, cache.load_backbone(directory, frozen), adapters, tokenizer, mcfg
+    except Exception as error:  # noqa: BLE001 - any unreadable backbone is rebuilt, never trusted
+        print(f"Warning: the backbone in {directory} is unreadable ({type(error).__name__}); pretraining it again.")
+        return None
+
+
 def experiment_backbone(config, splits):
-    """-> (graphdef, frozen, adapters, tokenizer, model config): from the cache, or pretrained and cached."""
+    """-> (graphdef, frozen, adapters, tokenizer, model config): a checkpoint's (model.path); or the small one,
+    shipped with the repository for these settings (pretrain.shipped), cached, or pretrained and cached."""
     if config.model.get("path"):
         return checkpoint_backbone(config, splits)
-    backbone_dir = pretrain.cache_dir(config)
-    if cache.backbone_is_cached(backbone_dir):
-        tokenizer = load_tokenizer(os.path.join(backbone_dir, cache.TOKENIZER))
-        mcfg = model_config(config, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
-        graphdef, frozen, adapters = split_model(MultimodalModel(mcfg, nnx.Rngs(config.pretrain.seed)))
-        try:
-            frozen = cache.load_backbone(backbone_dir, frozen)
-            print(f"Using the pretrained backbone cached in {backbone_dir}")
-            return graphdef, frozen, adapters, tokenizer, mcfg
-        except Exception as error:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
-            print(f"Warning: the cached backbone in {backbone_dir} is unreadable ({type(error).__name__}); "
-                  "pretraining it again.")
+    shipped, backbone_dir = pretrain.shipped_dir(config), pretrain.cache_dir(config)
+    for directory, where in ((shipped, "shipped with the repository in"), (backbone_dir, "cached in")):
+        if directory and cache.backbone_is_cached(directory):
+            loaded = _load(config, directory)
+            if loaded is not None:
+                print(f"Using the pretrained backbone {where} {directory}")
+                return loaded
     tokenizer = pipeline.tokenizer_for(splits)
     mcfg = model_config(config, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
     graphdef, frozen, adapters = split_model(MultimodalModel(mcfg, nnx.Rngs(config.pretrain.seed)))

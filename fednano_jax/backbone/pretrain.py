@@ -33,7 +33,8 @@ def cache_key(config) -> str:
     model = config.model.to_dict()
     model.pop("adapter")
     model.pop("remat", None)  # how the graph saves memory, not what it computes
-    shaping = {"model": model, "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k != "cache_dir"},
+    where = ("cache_dir", "shipped")  # where a backbone is looked for, not what it is
+    shaping = {"model": model, "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k not in where},
                "data": _pretraining_data(config.data), "version": 3}
     if model.get("path"):  # the vision side is aligned to this very checkpoint: a replaced file is a new key
         from fednano_jax.backbone.pretrained import checkpoint_identity
@@ -53,6 +54,15 @@ def _pretraining_data(data) -> dict:
 
 def cache_dir(config) -> str:
     return os.path.join(os.path.expanduser(config.pretrain.cache_dir), cache_key(config))
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")  # backbones in the repository
+
+
+def shipped_dir(config) -> str | None:
+    """The backbone shipped with the repository for these settings, if there is one and the config allows it."""
+    directory = os.path.join(SHIPPED, cache_key(config))
+    return directory if config.pretrain.get("shipped", False) and os.path.isdir(directory) else None
 
 
 def epoch_batches(num_rows: int, batch_size: int, steps: int, seed: int) -> np.ndarray:

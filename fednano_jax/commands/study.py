@@ -24,9 +24,10 @@ from absl import flags
 
 from fednano_jax.commands import cli
 from fednano_jax.errors import ConfigError
+from fednano_jax.federated.methods import PAPER_METHODS
 
 
-MAIN_METHODS = ("centralized", "locft", "fedavg", "fedprox", "feddpa_f", "fednano", "fednano_ef")
+MAIN_METHODS = PAPER_METHODS
 COMPARED = ("fedavg", "fednano")
 RANKS = (8, 16, 32, 64, 128)
 ADAPTERS = {"A_T only": (False, True), "A_I only": (True, False), "A_I + A_T": (True, True)}

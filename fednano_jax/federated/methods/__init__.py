@@ -18,6 +18,7 @@ from fednano_jax.federated.methods.scaffold import Scaffold
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in [
     Centralized, LocFT, FedAvg, FedProx, FedDPAF, FedNano, FedNanoEF, Scaffold]}
+PAPER_METHODS = ("centralized", "locft", "fedavg", "fedprox", "feddpa_f", "fednano", "fednano_ef")  # its Table 2
 
 
 def get_method(name: str, fed) -> Method:

@@ -1,0 +1,67 @@
+"""The README's default command, end to end (one shared run, the `default_run` fixture): it reports what the
+README says it reports, tuning helps, and the README's measured table is what it gives."""
+
+import os
+import re
+
+import numpy as np
+
+from conftest import ROOT
+
+# How far a fresh run may land from the README's table, in accuracy points: same shipped backbone, same seed;
+# what can still differ across machines is float rounding in XLA's CPU kernels.
+CELL_TOLERANCE, AVERAGE_TOLERANCE = 2.0, 1.0
+MARGIN = 20.0  # points by which FedAvg and FedNano must beat the untuned model
+
+
+def readme_table() -> dict[str, list[float]]:
+    """Method -> [C1 .. C5, Avg] from the README's "Measured results" table."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text[text.index("## Measured results"):]
+    section = section[: section.index("\n## ", 3)]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 2 and re.fullmatch(r"[\d.]+", cells[-1]):
+            rows[cells[0]] = [float(c) for c in cells[1:]]
+    return rows
+
+
+def accuracy_row(result: dict) -> list[float]:
+    return [100 * a for a in result["accuracy"]] + [100 * result["average"]]
+
+
+def test_default_command_uses_the_shipped_backbone_and_logs_every_round(default_run):
+    assert "Using the pretrained backbone shipped with the repository" in default_run.stdout
+    assert "Pretraining" not in default_run.stdout
+    table = (default_run.workdir / "results.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["Untuned", "FedAvg", "FedNano"]
+    assert [c.strip() for c in table[0].split("|")[2:8]] == ["C1", "C2", "C3", "C4", "C5", "Avg"]
+    records = default_run.records
+    assert [(r["method"], r["round"]) for r in records] == (
+        [("untuned", 0)] + [(m, k) for m in ("fedavg", "fednano") for k in range(1, 6)])
+    for method in ("fedavg", "fednano"):
+        rounds = [r for r in records if r["method"] == method]
+        assert all("accuracy" in r and r["eval_seconds"] > 0 and r["round_seconds"] > 0 for r in rounds)
+        # Compiled once: the first round's compilation is reported apart, later rounds compile nothing.
+        assert rounds[0]["compile_seconds"] > 1.0
+        assert all(r["compile_seconds"] < 0.1 * rounds[0]["compile_seconds"] for r in rounds[1:])
+        assert all(r["uploaded_bytes"] > 0 and r["dropped"] == [] for r in rounds)
+
+
+def test_tuning_beats_the_untuned_model_by_a_margin(default_run):
+    results = default_run.results["results"]
+    untuned = 100 * results["Untuned"]["average"]
+    for label in ("FedAvg", "FedNano"):
+        assert 100 * results[label]["average"] > untuned + MARGIN, (label, results[label]["average"], untuned)
+
+
+def test_readme_table_is_what_the_default_command_gives(default_run):
+    readme = readme_table()
+    results = default_run.results["results"]
+    assert set(readme) == set(results), (sorted(readme), sorted(results))
+    for label, row in readme.items():
+        got = accuracy_row(results[label])
+        assert len(got) == len(row), label
+        np.testing.assert_allclose(got[:-1], row[:-1], atol=CELL_TOLERANCE, err_msg=label)
+        np.testing.assert_allclose(got[-1], row[-1], atol=AVERAGE_TOLERANCE, err_msg=label)
