@@ -60,7 +60,7 @@ def get_config() -> ConfigDict:
     config.fed.dpa_max_weight = 0.5  # FedDPA-F: largest weight the local adapter can get
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
 
-    config.mesh = ConfigDict()  # devices: clients x model (-1 = the rest); see fednano_jax/sharding.py
+    config.mesh = ConfigDict()  # devices: clients x model (-1 = the rest); see fednano_jax/parallel/mesh.py
     config.mesh.clients = -1  # the cohort is spread over this axis (padded with masked dummies if not divisible)
     config.mesh.model = 1  # backbone axis
     config.mesh.backbone = "replicated"  # or "fsdp": large frozen matrices sharded over the model axis

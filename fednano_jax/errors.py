@@ -29,4 +29,4 @@ LABELS = {ConfigError: "Config error", MeshError: "Config error", DataError: "Da
 
 
 def label_of(error: Exception) -> str:
-    return next(label for kind, label in LABELS.items() if type(error) is kind)
+    return next(label for kind, label in LABELS.items() if isinstance(error, kind))

@@ -27,7 +27,7 @@ from flax import nnx
 
 from fednano_jax.commands import cli
 from fednano_jax.config import adapter_config, model_config
-from fednano_jax.errors import ConfigError, WeightsError
+from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
 from fednano_jax.weights.fill import flatten
