@@ -8,6 +8,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A one-layer vision tower and LLM: what end-to-end tests of the machinery (not of accuracy) run, to compile fast.
+SMALL_MODEL = ("--config.model.llm.hidden_size=32", "--config.model.llm.intermediate_size=64",
+               "--config.model.llm.num_layers=1", "--config.model.vision.num_layers=1")
 
 
 def run_main(*flags, config="configs/easyvqa_tiny.py", timeout=900):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_main
+from conftest import ROOT, SMALL_MODEL, run_main
 from fednano_jax.errors import CheckpointMismatch
 from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.server import reporting_clients
@@ -79,7 +79,7 @@ def small_run_flags(easy_vqa_dir, tmp_path):
     """A small run of two methods with client state (LocFT's adapters, SCAFFOLD's controls) and one with server
     state beyond the adapters (SCAFFOLD's control), on a backbone pretrained for 12 steps (not the shipped one),
     with dropout."""
-    return [f"--config.data.dir={easy_vqa_dir}", f"--config.pretrain.cache_dir={tmp_path / 'cache'}",
+    return [*SMALL_MODEL, f"--config.data.dir={easy_vqa_dir}", f"--config.pretrain.cache_dir={tmp_path / 'cache'}",
             "--config.pretrain.shipped=False", "--config.pretrain.steps=12", "--config.pretrain.batch_size=16",
             "--config.data.pretrain_images=100", "--config.data.train_examples=160", "--config.data.test_examples=40",
             "--config.fed.num_clients=3", "--config.fed.methods=locft,scaffold", "--config.fed.rounds=4",

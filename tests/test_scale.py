@@ -19,8 +19,7 @@ from fednano_jax.models.mllm import MultimodalModel, merge_model, split_model
 from test_federated import tiny_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_MODEL = ["--config.model.llm.hidden_size=32", "--config.model.llm.intermediate_size=64",
-               "--config.model.llm.num_layers=1", "--config.model.vision.num_layers=1"]
+from conftest import SMALL_MODEL  # noqa: E402
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])

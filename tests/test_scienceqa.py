@@ -17,6 +17,7 @@ from fednano_jax.data.pipeline import client_partition, tokenizer_for
 from fednano_jax.data.tokenizer import IMAGE
 from fednano_jax.config import load_config_file, method_names, validate
 from fednano_jax.federated.methods import METHODS, PAPER_METHODS
+from conftest import SMALL_MODEL
 from official_fixtures import SCIENCEQA_TOPICS, SPLIT_SIZES, write_scienceqa, write_scienceqa_parquet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,7 +209,7 @@ def test_bad_dataset_settings_stop_with_one_sentence(flag, message):
     assert result.stderr.strip().splitlines()[-1].startswith(message)
 
 
-SMOKE_FLAGS = ("--config.data.pretrain_examples=10", "--config.data.train_examples=24",
+SMOKE_FLAGS = (*SMALL_MODEL, "--config.data.pretrain_examples=10", "--config.data.train_examples=24",
                "--config.data.test_examples=12", "--config.pretrain.steps=5", "--config.pretrain.batch_size=8",
                "--config.fed.rounds=1", "--config.eval.batch_size=12", "--config.checkpoint.every_rounds=0")
 

@@ -4,11 +4,11 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, SMALL_MODEL
 
 
 def tiny_study_flags(easy_vqa_dir, tmp_path):
-    return [f"--config.data.dir={easy_vqa_dir}", f"--config.pretrain.cache_dir={tmp_path / 'cache'}",
+    return [*SMALL_MODEL, f"--config.data.dir={easy_vqa_dir}", f"--config.pretrain.cache_dir={tmp_path / 'cache'}",
             "--config.pretrain.steps=12", "--config.pretrain.batch_size=16", "--config.data.pretrain_images=100",
             "--config.data.train_examples=90", "--config.data.test_examples=30", "--config.fed.num_clients=3",
             "--config.fed.rounds=1", "--config.eval.batch_size=30", f"--workdir={tmp_path / 'study'}"]
