@@ -64,7 +64,6 @@ class LocalResult:
     adapters: Any  # adapters it ended with
     sums: Any  # the method's running sums over its steps
     steps: jax.Array  # real (unpadded) steps taken
-    examples: jax.Array  # examples seen (one seen in two epochs counts twice)
     loss: jax.Array
 
 
@@ -123,7 +122,7 @@ def local_update(graphdef, optimizer: optax.GradientTransformation, method, step
     (adapters, _, sums), losses = jax.lax.scan(step, carry, (client.rows, client.valid, step_active))
     steps = step_active.sum()
     loss = jnp.sum(losses * step_active) / jnp.maximum(steps, 1)
-    result = LocalResult(start, adapters, sums, steps, client.valid.sum(), loss)
+    result = LocalResult(start, adapters, sums, steps, loss)
     context = FinalContext(graphdef, frozen, data, client.rows[:steps_per_epoch], client.valid[:steps_per_epoch])
     upload, state = method.client_final(result, context, broadcast, client.state)
     return ClientOutputs(upload, state, loss)
