@@ -67,6 +67,10 @@ def validate(config: ConfigDict, known_methods) -> None:
     _require(config.pretrain.steps >= 0, f"pretrain.steps must be non-negative, got {config.pretrain.steps}.")
     _require(config.model.get("remat", "none") in REMAT_POLICIES,
              f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {config.model.get('remat')!r}.")
+    _require(bool(config.model.get("path")) or not config.model.get("vocab_size"),
+             f"model.vocab_size={config.model.get('vocab_size')} is a checkpoint's vocabulary but model.path is unset; "
+             "set model.path to that checkpoint to run an experiment (memory_plan, benchmark and accounting need "
+             "only the shapes).")
     methods = method_names(config)
     _require(len(methods) > 0, "fed.methods must name at least one method.")
     for name in methods:

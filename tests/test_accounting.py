@@ -9,7 +9,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from fednano_jax.backbone import presets as model_presets
-from fednano_jax.commands.accounting import communication, parameter_counts, report, shapes_from_config
+from fednano_jax.commands.accounting import parameter_counts, report, shapes_from_config
 from fednano_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,13 +89,28 @@ def test_traffic_counts_adapters_fisher_and_split_learning_activations():
     assert rows["FedNano-EF"]["embeddings_up_bytes"] == 3 * step
 
 
-def test_a_config_without_a_vocabulary_asks_for_one():
-    config = experiment(ConfigDict(dict(dtype="float32", connector="mlp2x_gelu",
-                                        vision=model_presets.llava15_7b().vision.to_dict(),
-                                        llm=model_presets.llava15_7b().llm.to_dict(),
-                                        adapter=dict(rank=4, alpha=8.0, image=True, text=True))))
-    with pytest.raises(ConfigError, match="--vocab_size"):
-        shapes_from_config(config)
+def test_a_vocabulary_its_data_decides_comes_from_the_stored_backbone_or_is_asked_for():
+    from fednano_jax.backbone import pretrain
+    from fednano_jax.config import load_config_file
+    from fednano_jax.data.tokenizer import load_tokenizer
+    from fednano_jax.errors import DataError
+
+    config = load_config_file(os.path.join(REPO, "configs", "easyvqa_tiny.py"))
+    shipped = load_tokenizer(os.path.join(pretrain.shipped_dir(config), "tokenizer"))
+    assert shapes_from_config(config).llm.vocab_size == len(shipped)
+    no_data = load_config_file(os.path.join(REPO, "configs", "scienceqa_tiny.py"))  # data.root unset, nothing stored
+    with pytest.raises((ConfigError, DataError), match="--vocab_size"):
+        shapes_from_config(no_data)
+    assert shapes_from_config(no_data, vocab_size=77).llm.vocab_size == 77
+
+
+def test_table_1_of_a_paper_config_needs_no_flag_and_counts_the_official_train_split():
+    from fednano_jax.config import load_config_file
+
+    figures = report(load_config_file(os.path.join(REPO, "configs", "scienceqa_llava15_7b.py")))
+    assert figures["adapters"] == 1_048_576  # 2 adapters x 2 matrices x 4096 x rank 64
+    assert figures["traffic"]["examples_per_client"] == 12_726 // 5
+    assert "official train split (12,726" in figures["examples_per_client_source"]
 
 
 def test_command_prints_the_table_and_writes_json(tmp_path):
@@ -107,6 +122,3 @@ def test_command_prints_the_table_and_writes_json(tmp_path):
     assert "Trained and uploaded (NanoAdapters)" in result.stdout and "| FedNano |" in result.stdout
     figures = json.loads(out.read_text())
     assert figures["adapters"] == 2 * 2 * 128 * 16  # two adapters, d=128, rank 16
-    missing = subprocess.run([sys.executable, "-m", "fednano_jax.accounting", "--config=configs/easyvqa_tiny.py"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("Config error:")

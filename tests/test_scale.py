@@ -98,15 +98,22 @@ def test_benchmark_command_writes_every_figure(tmp_path):
     assert report["modes"]["torch"]["model_build_seconds"] > 0 and report["modes"]["torch"]["torch_threads"] >= 1
 
 
+def tiny_shapes():
+    from fednano_jax.backbone.synthetic import synthetic_model_config
+    from fednano_jax.config import load_config_file
+
+    return synthetic_model_config(load_config_file(os.path.join(ROOT, "configs", "easyvqa_tiny.py")))
+
+
 def test_benchmark_leaves_the_torch_mode_out_where_torch_is_missing(monkeypatch):
     from fednano_jax.commands import benchmark
 
     real_find_spec = benchmark.importlib.util.find_spec
     monkeypatch.setattr(benchmark.importlib.util, "find_spec", lambda name: None if name == "torch" else
                         real_find_spec(name))
-    modes, left_out = benchmark.available_modes("all")
+    modes, left_out = benchmark.available_modes("all", tiny_shapes())
     assert modes == ("loop", "sequential", "vmap") and "PyTorch is not installed" in left_out["torch"]
-    assert benchmark.available_modes("torch") == (("torch",), {})
+    assert benchmark.available_modes("torch", tiny_shapes()) == (("torch",), {})
 
 
 def test_benchmark_leaves_a_cpu_torch_out_of_a_gpu_comparison(monkeypatch):
@@ -116,8 +123,19 @@ def test_benchmark_leaves_a_cpu_torch_out_of_a_gpu_comparison(monkeypatch):
 
     monkeypatch.setattr(benchmark.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    modes, left_out = benchmark.available_modes("all")
+    modes, left_out = benchmark.available_modes("all", tiny_shapes())
     assert "torch" not in modes and "no CUDA" in left_out["torch"]
+
+
+def test_benchmark_leaves_the_torch_mode_out_for_a_model_transformers_llava_cannot_mirror():
+    pytest.importorskip("torch")
+    from fednano_jax.commands import benchmark
+
+    mirrored = tiny_shapes()
+    assert benchmark.available_modes("all", mirrored) == (benchmark.MODES, {})
+    grown = dataclasses.replace(mirrored, embed_vocab_size=mirrored.llm.vocab_size + 1)  # a text LLM's <image> row
+    modes, left_out = benchmark.available_modes("all", grown)
+    assert "torch" not in modes and "one vocabulary" in left_out["torch"]
 
 
 def test_memory_plan_command_plans_each_remat_policy(tmp_path):

@@ -16,12 +16,12 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from fednano_jax.backbone import presets as model_presets
-from fednano_jax.config import model_config
+from fednano_jax.backbone.shapes import model_shapes
 from fednano_jax.errors import ConfigError
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
 
 PRESETS = {"llava15_7b": model_presets.llava15_7b, "smollm2_135m": model_presets.smollm2_135m}
-DEFAULT_VOCAB = 256  # a config without model.vocab_size (its tokenizer decides) gets this many token ids
+DEFAULT_VOCAB = 256  # token ids for a config whose vocabulary its data decides, when no stored backbone says
 
 
 def with_preset(config: ConfigDict, preset: str | None) -> ConfigDict:
@@ -38,8 +38,8 @@ def with_preset(config: ConfigDict, preset: str | None) -> ConfigDict:
 
 
 def synthetic_model_config(config: ConfigDict) -> MllmConfig:
-    vocab = config.model.get("vocab_size", DEFAULT_VOCAB)
-    return model_config(config, vocab, image_token_id=vocab - 1)
+    """The config's shapes (backbone/shapes.py); a vocabulary only its data would decide gets DEFAULT_VOCAB ids."""
+    return model_shapes(config, vocab_fallback=DEFAULT_VOCAB)
 
 
 def _as_abstract(tree):

@@ -26,7 +26,8 @@ from absl import flags
 from flax import nnx
 
 from fednano_jax.commands import cli
-from fednano_jax.config import adapter_config, model_config
+from fednano_jax.backbone.shapes import model_shapes
+from fednano_jax.data.split_sizes import official_split_sizes
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
@@ -58,25 +59,8 @@ class Traffic:
 
 
 def shapes_from_config(config, vocab_size: int | None = None) -> MllmConfig:
-    """The MllmConfig the experiment config describes, without reading any tensor."""
-    if config.model.get("path") and not config.model.get("llm"):
-        return _checkpoint_shapes(config)  # a config with preset shapes needs no checkpoint at hand
-    vocab_size = vocab_size or config.model.get("vocab_size")
-    if not vocab_size:
-        raise ConfigError("This config's vocabulary comes from its data (model.vocab_size is unset); pass "
-                          "--vocab_size=N.")
-    return model_config(config, vocab_size, image_token_id=0)
-
-
-def _checkpoint_shapes(config) -> MllmConfig:
-    from fednano_jax.backbone.from_checkpoint import with_vision_tower
-    from fednano_jax.backbone.pretrained import checkpoint_config
-
-    mcfg = checkpoint_config(config.model.path, config.model.dtype, adapter_config(config))
-    if mcfg.vision is not None:
-        return mcfg
-    # A text-only LLM gets the config's vision tower and one new token id, `<image>`.
-    return with_vision_tower(config, mcfg.llm, mcfg.llm.vocab_size, mcfg.llm.vocab_size + 1)
+    """The MllmConfig the experiment config describes, without reading any tensor (backbone/shapes.py)."""
+    return model_shapes(config, vocab_size)
 
 
 def parameter_counts(mcfg: MllmConfig) -> dict[str, int]:
@@ -112,16 +96,29 @@ def communication(adapters: int, traffic: Traffic) -> dict[str, dict]:
     return rows
 
 
-def traffic_for(config, mcfg: MllmConfig, text_tokens: int, examples_per_client: int | None) -> Traffic:
-    if examples_per_client is None:
-        if not config.data.get("train_examples"):
-            raise ConfigError("data.train_examples is 0 (all), so the examples per client are unknown here; pass "
-                              "--examples_per_client=N.")
-        examples_per_client = config.data.train_examples // config.fed.num_clients
+def mean_examples_per_client(config, override: int | None) -> tuple[int, str]:
+    """-> (mean local training examples per client, where that number comes from)."""
+    clients = config.fed.num_clients
+    if override is not None:
+        return override, "--examples_per_client"
+    if config.data.get("train_examples"):
+        return config.data.train_examples // clients, f"data.train_examples over {clients} clients"
+    name = config.data.get("name", "easyvqa")  # data.datasets.DEFAULT, whose import needs tfds
+    sizes = official_split_sizes(name)
+    if sizes is None:
+        raise ConfigError(f"data.train_examples is 0 (all) and no official split size of {name!r} is recorded, so "
+                          "the examples per client are unknown here; pass --examples_per_client=N.")
+    held_aside = config.data.get("pretrain_examples", 0)
+    train = sizes["train"] - held_aside
+    less = f" less {held_aside:,} held aside for pretraining" if held_aside else ""
+    return train // clients, f"{name}'s official train split ({sizes['train']:,} examples{less}) over {clients} clients"
+
+
+def traffic_for(config, mcfg: MllmConfig, text_tokens: int, examples: int) -> Traffic:
     image_tokens = mcfg.vision.num_image_tokens if mcfg.vision else 0
-    steps = math.ceil(examples_per_client / config.fed.batch_size) * config.fed.local_epochs
+    steps = math.ceil(examples / config.fed.batch_size) * config.fed.local_epochs
     return Traffic(config.fed.batch_size, image_tokens + text_tokens, mcfg.llm.hidden_size,
-                   jnp.dtype(mcfg.llm.dtype).itemsize, steps, examples_per_client)
+                   jnp.dtype(mcfg.llm.dtype).itemsize, steps, examples)
 
 
 def human(n: float, unit: str = "B") -> str:
@@ -134,7 +131,7 @@ def human(n: float, unit: str = "B") -> str:
 def parameter_table(counts: dict[str, int]) -> str:
     total = sum(counts.values())
     sides = {label: side for label, _, side in COMPONENTS}
-    lines = [f"| Component | Side | Parameters | % of model |", "|---|---|---:|---:|"]
+    lines = ["| Component | Side | Parameters | % of model |", "|---|---|---:|---:|"]
     for label, n in counts.items():
         lines.append(f"| {label} | {sides[label]} | {n:,} | {100 * n / total:.3f} |")
     for side in ("client", "server"):
@@ -157,9 +154,10 @@ def traffic_table(rows: dict[str, dict], traffic: Traffic) -> str:
 def report(config, vocab_size=None, text_tokens: int = 128, examples_per_client: int | None = None) -> dict:
     mcfg = shapes_from_config(config, vocab_size)
     counts = parameter_counts(mcfg)
-    traffic = traffic_for(config, mcfg, text_tokens, examples_per_client)
+    examples, source = mean_examples_per_client(config, examples_per_client)
+    traffic = traffic_for(config, mcfg, text_tokens, examples)
     return {"parameters": counts, "adapters": adapter_count(counts), "total": sum(counts.values()),
-            "traffic": dataclasses.asdict(traffic), "per_client_per_round": communication(adapter_count(counts), traffic)}
+            "traffic": dataclasses.asdict(traffic), "examples_per_client_source": source, "per_client_per_round": communication(adapter_count(counts), traffic)}
 
 
 def main() -> None:
@@ -171,8 +169,8 @@ def main() -> None:
     print(parameter_table(figures["parameters"]))
     print(f"\nCommunication per client per round: adapters in fp32; the split-learning traffic for "
           f"{traffic.local_steps} local steps of batch {traffic.batch_size} x {traffic.sequence_length} tokens "
-          f"x {traffic.hidden_size} x {traffic.activation_bytes} bytes ({traffic.examples_per_client} local "
-          f"examples), plus FedNano's Fisher pass over them once.\n")
+          f"x {traffic.hidden_size} x {traffic.activation_bytes} bytes ({traffic.examples_per_client:,} local "
+          f"examples per client: {figures['examples_per_client_source']}), plus FedNano's Fisher pass over them once.\n")
     print(traffic_table(figures["per_client_per_round"], traffic))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -188,5 +186,6 @@ def define_flags() -> None:
                          "and no checkpoint path (a tokenizer built from the data).")
     flags.DEFINE_integer("text_tokens", 128, "Text tokens per training sequence (image tokens are added).")
     flags.DEFINE_integer("examples_per_client", None, "Local training examples per client (default: "
-                         "data.train_examples / fed.num_clients).")
+                         "data.train_examples / fed.num_clients, or the dataset's official train split over the "
+                         "clients when data.train_examples is 0).")
     flags.DEFINE_string("out", None, "Also write the figures to this JSON file.")

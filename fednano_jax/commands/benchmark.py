@@ -150,8 +150,9 @@ def torch_memory() -> dict:
 ROUNDS = {"vmap": vmap_round, "sequential": sequential_round, "loop": loop_round, "torch": torch_round}
 
 
-def available_modes(requested: str) -> tuple[tuple[str, ...], dict]:
-    """-> (modes to run, {mode left out: why}). `all` runs the torch mode only where torch is installed."""
+def available_modes(requested: str, mcfg) -> tuple[tuple[str, ...], dict]:
+    """-> (modes to run, {mode left out: why}). `all` runs the torch mode only where torch is installed and
+    transformers' LLaVA can mirror the model."""
     if requested != "all":
         return (requested,), {}
     without_torch = tuple(m for m in MODES if m != "torch")
@@ -162,6 +163,10 @@ def available_modes(requested: str) -> tuple[tuple[str, ...], dict]:
     if jax.default_backend() != "cpu" and not torch.cuda.is_available():
         return without_torch, {"torch": f"JAX runs on {jax.default_backend()} but this torch build has no CUDA; "
                                         "a CPU PyTorch loop would be no comparison (install a CUDA torch)"}
+    from fednano_jax.commands.torch_loop import unsupported
+
+    if unsupported(mcfg):
+        return without_torch, {"torch": unsupported(mcfg)}
     return MODES, {}
 
 
@@ -253,7 +258,7 @@ def main() -> None:
     args = flags.FLAGS
     config = args.config
     problem = build_problem(config, args.preset, args.clients, args.steps, args.batch, args.text_tokens)
-    modes, left_out = available_modes(args.mode)
+    modes, left_out = available_modes(args.mode, problem.mcfg)
     report = {"config": config.get("name"), "preset": args.preset, **benchmark(problem, modes, args.repeats),
               "left_out": left_out}
     print(summary(report))

@@ -33,15 +33,23 @@ OPTIMIZERS = {"adamw": lambda params, fed: torch.optim.AdamW(params, lr=fed.lear
               "sgd": lambda params, fed: torch.optim.SGD(params, lr=fed.learning_rate)}
 
 
+def unsupported(mcfg: MllmConfig) -> str | None:
+    """Why transformers' LLaVA cannot mirror this model, or None."""
+    v, t = mcfg.vision, mcfg.llm
+    if v is None or mcfg.connector != "mlp2x_gelu":
+        return ("The PyTorch loop mirrors LLaVA-1.5: it needs a vision tower and model.connector='mlp2x_gelu' "
+                f"(got vision={'yes' if v else 'none'}, connector={mcfg.connector!r}).")
+    if mcfg.embed_vocab_size not in (None, t.vocab_size):
+        return ("The PyTorch loop needs one vocabulary for the embeddings and the LM head; this model embeds "
+                f"{mcfg.embed_vocab_size} ids and predicts {t.vocab_size}.")
+    return None
+
+
 def hf_llava_config(mcfg: MllmConfig) -> transformers.LlavaConfig:
     """transformers' LLaVA of the same shapes, its vision tower holding only the layers ours computes."""
     v, t = mcfg.vision, mcfg.llm
-    if v is None or mcfg.connector != "mlp2x_gelu":
-        raise ConfigError("The PyTorch loop mirrors LLaVA-1.5: it needs a vision tower and model.connector="
-                          f"'mlp2x_gelu' (got vision={'yes' if v else 'none'}, connector={mcfg.connector!r}).")
-    if mcfg.embed_vocab_size not in (None, t.vocab_size):
-        raise ConfigError("The PyTorch loop needs one vocabulary for the embeddings and the LM head; this model "
-                          f"embeds {mcfg.embed_vocab_size} ids and predicts {t.vocab_size}.")
+    if unsupported(mcfg):
+        raise ConfigError(unsupported(mcfg))
     vision = transformers.CLIPVisionConfig(
         image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
         intermediate_size=v.intermediate_size, num_hidden_layers=v.layers_used, num_attention_heads=v.num_heads,
