@@ -270,8 +270,15 @@ def checkpoint_config(path: str, dtype=None, adapter: AdapterConfig | None = Non
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     adapter = adapter or AdapterConfig()
     if os.path.isfile(path):
-        return _gguf_config(gguf_llama.hyperparameters(gguf_llama.open_reader(path)), dtype, adapter)
+        return _gguf_config(_gguf_hyperparameters(path, os.path.getmtime(path), os.path.getsize(path)), dtype, adapter)
     return _hf_layout(path, dtype, adapter)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_hyperparameters(path: str, mtime: float, size: int) -> dict:
+    """A GGUF header, parsed once per file version (gguf's reader takes seconds over a 49k-token vocabulary)."""
+    del mtime, size  # the cache key: a replaced file is read again
+    return gguf_llama.hyperparameters(gguf_llama.open_reader(path))
 
 
 def load_pretrained(path: str, dtype=None, adapter: AdapterConfig | None = None, seed: int = 0) -> PretrainedModel:

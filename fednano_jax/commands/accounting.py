@@ -2,7 +2,7 @@
 
     python -m fednano_jax.accounting --config=configs/scienceqa_llava15_7b.py [--text_tokens=128]
 
-The model is built with `nnx.eval_shape`, so no weights are needed and nothing is
+The model is built with `nnx.eval_shape` (backbone/synthetic.abstract_model), so no weights are needed and nothing is
 allocated. The model section gives the shapes: `model.llm` and `model.vocab_size` (a
 preset's, even when `model.path` names a checkpoint not yet downloaded), or else the
 metadata of the checkpoint at `model.path` (its config.json or GGUF header; no
@@ -27,10 +27,11 @@ from flax import nnx
 
 from fednano_jax.commands import cli
 from fednano_jax.backbone.shapes import model_shapes
+from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.data.split_sizes import official_split_sizes
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
-from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
+from fednano_jax.models.mllm import MllmConfig
 from fednano_jax.weights.fill import flatten
 
 COMPONENTS = (  # (row label, parameter-path prefix, side)
@@ -65,7 +66,8 @@ def shapes_from_config(config, vocab_size: int | None = None) -> MllmConfig:
 
 def parameter_counts(mcfg: MllmConfig) -> dict[str, int]:
     """Parameters per component (COMPONENTS labels), from abstract shapes."""
-    _, frozen, adapters = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(0))))
+    no_remat = dataclasses.replace(mcfg, llm=dataclasses.replace(mcfg.llm, remat="none"))  # same parameters
+    _, frozen, adapters = abstract_model(no_remat)
     params = {**flatten(nnx.to_pure_dict(frozen)), **flatten(nnx.to_pure_dict(adapters))}
     counts = {label: sum(math.prod(v.shape) for k, v in params.items() if k.startswith(prefix))
               for label, prefix, _ in COMPONENTS}

@@ -54,8 +54,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
 
 
-def run(main: Callable[[], None], define_flags: Callable[[], None]) -> None:
-    """Define the command's flags, parse them and run `main()`; a user's error exits with its one sentence."""
+def run(main: Callable[[], None], define_flags: Callable[[], None], argv: list[str] | None = None) -> None:
+    """Define the command's flags, parse them (`argv`, default sys.argv) and run `main()`; a user's error exits
+    with its one sentence."""
     define_flags()
 
     def entry(argv) -> None:
@@ -66,4 +67,4 @@ def run(main: Callable[[], None], define_flags: Callable[[], None]) -> None:
         except tuple(LABELS) as error:
             sys.exit(f"{label_of(error)}: {error}")
 
-    app.run(entry, flags_parser=parse_flags)
+    app.run(entry, argv=argv, flags_parser=parse_flags)

@@ -198,6 +198,13 @@ def main() -> None:
     config, study, seeds = args.config, args.study, args.seeds
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}.")
+    if args.dry_run:
+        from fednano_jax.preflight import study_dry_run
+
+        grid = cells(study, config)
+        print(f"{study} study: {len(grid)} cell(s) x {seeds} seed(s); every cell's config checked, the first in full:")
+        print(study_dry_run({name: (overrides, with_overrides(config, overrides, 0)) for name, overrides in grid.items()}))
+        return
     workdir = args.workdir or os.path.join("runs", config.name, f"study_{study}")
     started = time.perf_counter()
     results = run_grid(config, study, seeds, workdir)
@@ -213,4 +220,5 @@ def define_flags() -> None:
     flags.DEFINE_enum("study", "main", ["main", "adapters", "rank", "frequency"], "Which study to run.")
     flags.DEFINE_integer("seeds", 1, "Number of seeds (0..seeds-1); tables show mean and std over them.")
     flags.DEFINE_string("workdir", None, "Study directory (default: runs/<config.name>/study_<study>).")
+    flags.DEFINE_bool("dry_run", False, "Check every cell as `main --dry_run` does and stop: nothing is trained.")
 
