@@ -14,7 +14,7 @@ Modes (each compiled once, then timed over --repeats rounds after a warm-up roun
               host batches per step, a fresh optimizer per client; needs torch (requirements-test.txt),
               and `all` leaves it out, saying why, where torch is missing or has no CUDA beside a GPU
 On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=<cores> makes each core a device, so the vmap
-mode's clients run on all cores at once (see README, "Scaling").
+mode's clients run on all cores at once (see docs/benchmarks.md).
 Reported per mode: compile seconds, round seconds, steps/s, tokens/s, client updates/s, memory (per
 device), and FLOP/s with MFU (over the devices the mode uses) where the device's peak is known.
 FLOPs per client step come from XLA's cost analysis of the compiled single step (the loop mode's
