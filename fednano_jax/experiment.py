@@ -35,6 +35,19 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
+def check_resumable(config, workdir: str, methods: list[str], fingerprint: dict) -> None:
+    """A workdir's checkpoints written with other settings stop the run before any work, not after the data,
+    backbone and untuned evaluation."""
+    for name in methods:
+        directory = os.path.join(workdir, "checkpoints", name)
+        if config.checkpoint.every_rounds and os.path.isdir(directory):
+            checkpoints = RoundCheckpoints(directory, config.checkpoint.keep, fingerprint)
+            try:
+                checkpoints.check_settings()
+            finally:
+                checkpoints.close()
+
+
 def run_experiment(config, workdir: str) -> None:
     """Everything one config describes; results land in `workdir` (results.json is written last)."""
     # -------------------------------------------------------------- Config
@@ -49,6 +62,10 @@ def run_experiment(config, workdir: str) -> None:
         if is_main_process():
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"run": run_id, **record}) + "\n")
+
+    fingerprint = resume_fingerprint(config, pretrain.cache_key(config))
+    methods = method_names(config)
+    check_resumable(config, workdir, methods, fingerprint)
 
     # ---------------------------------------------------------------- Mesh
     mesh = make_mesh(mesh_config_of(config))
@@ -82,8 +99,6 @@ def run_experiment(config, workdir: str) -> None:
     # ------------------------------------------------------------- Methods
     rows = {"Untuned": evaluator.shared(adapters)}
     log({"method": "untuned", "round": 0, **rows["Untuned"]})
-    fingerprint = resume_fingerprint(config, pretrain.cache_key(config))
-    methods = method_names(config)
     seconds, histories = {}, {}
     for name in methods:
         method = get_method(name, config.fed)

@@ -147,3 +147,4 @@ def test_pretraining_dropout_and_a_run_killed_after_a_checkpoint_resumed_to_the_
     assert other_rank.returncode != 0
     assert other_rank.stderr.strip().splitlines()[-1].startswith("Checkpoint error: The checkpoint in ")
     assert "model.adapter.rank=16, but the config says 8" in other_rank.stderr
+    assert "Mesh:" not in other_rank.stdout  # refused before the mesh, data, backbone and untuned evaluation

@@ -52,17 +52,29 @@ class RoundCheckpoints:
         """
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
-            meta = self._read(step, meta=ocp.args.JsonRestore())
+            meta = self._checked_meta(step)
             if meta is None:
                 continue
-            difference = _first_difference(meta["meta"]["fingerprint"], self.fingerprint)
-            if difference:
-                raise CheckpointMismatch(f"The checkpoint in {self.directory} was written with {difference}; "
-                                         "rerun with the same settings or use another --workdir.")
             state = self._read(step, state=ocp.args.StandardRestore(target))
             if state is not None:
                 return step, state["state"], meta["meta"]["history"]
         return None
+
+    def check_settings(self) -> None:
+        """Raise CheckpointMismatch now if the newest readable checkpoint was written with other settings (a run
+        checks before it spends time on data, backbone and evaluation)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if self._checked_meta(step) is not None:
+                return
+
+    def _checked_meta(self, step: int):
+        meta = self._read(step, meta=ocp.args.JsonRestore())
+        if meta is not None:
+            difference = _first_difference(meta["meta"]["fingerprint"], self.fingerprint)
+            if difference:
+                raise CheckpointMismatch(f"The checkpoint in {self.directory} was written with {difference}; "
+                                         "rerun with the same settings or use another --workdir.")
+        return meta
 
     def _read(self, step: int, **items):
         try:
