@@ -15,7 +15,7 @@ from fednano_jax.backbone.build import experiment_backbone, with_remat
 from fednano_jax.config import method_names, resume_fingerprint, validate
 from fednano_jax.data import datasets, pipeline
 from fednano_jax.data.batches import device_dataset
-from fednano_jax.errors import ConfigError, DataError
+from fednano_jax.errors import ConfigError
 from fednano_jax.eval.evaluate import Evaluator
 from fednano_jax.eval.report import write_report
 from fednano_jax.federated.checkpoints import RoundCheckpoints
@@ -72,12 +72,7 @@ def run_experiment(config, workdir: str) -> None:
     print(mesh_description(mesh))
 
     # ---------------------------------------------------------------- Data
-    try:
-        splits = datasets.load_splits(config)
-    except DataError:
-        raise
-    except ValueError as error:  # a size the data cannot satisfy (data.pretrain_examples, ...)
-        raise ConfigError(str(error)) from error
+    splits = datasets.load_splits(config)
 
     # ------------------------------------------------- Pretrained backbone
     graphdef, frozen, adapters, tokenizer, mcfg = experiment_backbone(config, splits)

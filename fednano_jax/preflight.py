@@ -10,39 +10,30 @@ from __future__ import annotations
 
 import math
 
-from fednano_jax.backbone import cache, pretrain
+from fednano_jax.backbone import pretrain
+from fednano_jax.backbone.build import stored_backbones
+from fednano_jax.backbone.pretrained import checkpoint_config
 from fednano_jax.backbone.shapes import model_shapes
 from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.config import method_names, validate
 from fednano_jax.data import datasets, pipeline
-from fednano_jax.errors import ConfigError, DataError
+from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
 from fednano_jax.federated.schedule import steps_per_epoch
 from fednano_jax.models.mllm import count_params
 from fednano_jax.parallel.mesh import make_mesh, mesh_config_of, mesh_description
 
 
-def backbone_source(config) -> str:
-    """Where the run's backbone would come from."""
+def backbone_source(config, checkpoint_has_vision: bool) -> str:
+    """Where the run's backbone would come from (`checkpoint_has_vision`: a LLaVA checkpoint, used as loaded)."""
     path = config.model.get("path")
-    if path and config.model.get("vision") is None:
+    if path and checkpoint_has_vision:
         return f"the checkpoint at {path}"
-    stored = [(d, where) for d, where in ((pretrain.shipped_dir(config), "shipped with the repository in"),
-                                          (pretrain.cache_dir(config), "cached in"))
-              if d and cache.backbone_is_cached(d)]
+    stored = stored_backbones(config)
     what = "the vision side aligned to the checkpoint at " + path if path else "the backbone"
     if stored:
         return f"{what}, {stored[0][1]} {stored[0][0]}"
     return f"{what}, pretrained for {config.pretrain.steps} steps first (then cached in {pretrain.cache_dir(config)})"
-
-
-def _loaded_splits(config):
-    try:
-        return datasets.load_splits(config, with_images=False)
-    except DataError:
-        raise
-    except ValueError as error:  # a size the data cannot satisfy, as run_experiment reports it
-        raise ConfigError(str(error)) from error
 
 
 def _client_train_rows(config, splits) -> list:
@@ -57,13 +48,11 @@ def dry_run(config) -> str:
     """The checks a run makes before training, then what it would run; raises the run's own errors."""
     validate(config, METHODS)
     mesh = make_mesh(mesh_config_of(config))
-    splits = _loaded_splits(config)
-    vocab = None if config.model.get("vocab_size") else len(pipeline.tokenizer_for(splits))
-    mcfg = model_shapes(config, vocab_size=vocab)  # reads a checkpoint's metadata: a missing one stops here
-    if config.model.get("path"):
-        from fednano_jax.backbone.pretrained import checkpoint_config
-
-        checkpoint_config(config.model.path)  # even where the config gives the shapes, the run needs the file
+    splits = datasets.load_splits(config, with_images=False)
+    path = config.model.get("path")
+    checkpoint = checkpoint_config(path) if path else None  # its metadata only: a missing checkpoint stops here
+    vocab = None if path or config.model.get("vocab_size") else len(pipeline.tokenizer_for(splits))
+    mcfg = model_shapes(config, vocab_size=vocab)
     sizes = [len(r) for r in _client_train_rows(config, splits)]
     fed = config.fed
     steps = steps_per_epoch([range(n) for n in sizes], fed.batch_size)
@@ -74,7 +63,7 @@ def dry_run(config) -> str:
         mesh_description(mesh),
         f"Data: {datasets.dataset_name(config)}, {sum(sizes):,} training examples over {fed.num_clients} clients "
         f"{sizes}",
-        f"Backbone: {backbone_source(config)}",
+        f"Backbone: {backbone_source(config, checkpoint is not None and checkpoint.vision is not None)}",
         f"Model: {mcfg.llm.num_layers} decoder layers of width {mcfg.llm.hidden_size}, vocabulary "
         f"{mcfg.llm.vocab_size:,}, {mcfg.vision.num_image_tokens if mcfg.vision else 0} image tokens: "
         f"{count_params(frozen):,} frozen parameters; NanoAdapters: {count_params(adapters):,} per client",

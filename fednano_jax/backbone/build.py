@@ -28,18 +28,24 @@ def _load(config, directory: str):
         return None
 
 
+def stored_backbones(config) -> list[tuple[str, str]]:
+    """-> [(directory, "shipped with the repository in" | "cached in")]: the stored backbones for these settings,
+    in the order a run tries them."""
+    places = ((pretrain.shipped_dir(config), "shipped with the repository in"), (pretrain.cache_dir(config), "cached in"))
+    return [(d, where) for d, where in places if d and cache.backbone_is_cached(d)]
+
+
 def experiment_backbone(config, splits):
     """-> (graphdef, frozen, adapters, tokenizer, model config): a checkpoint's (model.path); or the small one,
     shipped with the repository for these settings (pretrain.shipped), cached, or pretrained and cached."""
     if config.model.get("path"):
         return checkpoint_backbone(config, splits)
-    shipped, backbone_dir = pretrain.shipped_dir(config), pretrain.cache_dir(config)
-    for directory, where in ((shipped, "shipped with the repository in"), (backbone_dir, "cached in")):
-        if directory and cache.backbone_is_cached(directory):
-            loaded = _load(config, directory)
-            if loaded is not None:
-                print(f"Using the pretrained backbone {where} {directory}")
-                return loaded
+    for directory, where in stored_backbones(config):
+        loaded = _load(config, directory)
+        if loaded is not None:
+            print(f"Using the pretrained backbone {where} {directory}")
+            return loaded
+    backbone_dir = pretrain.cache_dir(config)
     tokenizer = pipeline.tokenizer_for(splits)
     mcfg = model_config(config, len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
     graphdef, frozen, adapters = split_model(MultimodalModel(mcfg, nnx.Rngs(config.pretrain.seed)))

@@ -46,15 +46,12 @@ def _checkpoint_shapes(config) -> MllmConfig:
 
 def _stored_vocabulary(config) -> int | None:
     """The vocabulary size of the backbone shipped or cached for these settings, if there is one."""
-    from fednano_jax.backbone import cache, pretrain
+    from fednano_jax.backbone import cache
+    from fednano_jax.backbone.build import stored_backbones
     from fednano_jax.data.tokenizer import load_tokenizer
 
-    if config.model.get("path"):
-        return None
-    for directory in (pretrain.shipped_dir(config), pretrain.cache_dir(config)):
-        if directory and cache.backbone_is_cached(directory):
-            return len(load_tokenizer(os.path.join(directory, cache.TOKENIZER)))
-    return None
+    stored = [] if config.model.get("path") else stored_backbones(config)
+    return len(load_tokenizer(os.path.join(stored[0][0], cache.TOKENIZER))) if stored else None
 
 
 def _data_vocabulary(config) -> int:

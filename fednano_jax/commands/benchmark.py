@@ -165,8 +165,8 @@ def available_modes(requested: str, mcfg) -> tuple[tuple[str, ...], dict]:
                                         "a CPU PyTorch loop would be no comparison (install a CUDA torch)"}
     from fednano_jax.commands.torch_loop import unsupported
 
-    if unsupported(mcfg):
-        return without_torch, {"torch": unsupported(mcfg)}
+    if why := unsupported(mcfg):
+        return without_torch, {"torch": why}
     return MODES, {}
 
 

@@ -48,8 +48,8 @@ def unsupported(mcfg: MllmConfig) -> str | None:
 def hf_llava_config(mcfg: MllmConfig) -> transformers.LlavaConfig:
     """transformers' LLaVA of the same shapes, its vision tower holding only the layers ours computes."""
     v, t = mcfg.vision, mcfg.llm
-    if unsupported(mcfg):
-        raise ConfigError(unsupported(mcfg))
+    if why := unsupported(mcfg):
+        raise ConfigError(why)
     vision = transformers.CLIPVisionConfig(
         image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
         intermediate_size=v.intermediate_size, num_hidden_layers=v.layers_used, num_attention_heads=v.num_heads,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from fednano_jax.data import iconqa, pipeline, scienceqa
+from fednano_jax.errors import LABELS, ConfigError
 
 DEFAULT = "easyvqa"
 FORMATS = {"easyvqa": ("official",), "scienceqa": ("official", "parquet"), "iconqa": ("official",)}
@@ -33,4 +34,10 @@ def dataset_name(config) -> str:
 
 
 def load_splits(config, with_images: bool = True) -> pipeline.Splits:
-    return LOADERS[dataset_name(config)](config, with_images)
+    """The config's dataset; a size the data cannot satisfy (data.pretrain_examples, ...) is a ConfigError."""
+    try:
+        return LOADERS[dataset_name(config)](config, with_images)
+    except ValueError as error:
+        if isinstance(error, tuple(LABELS)):
+            raise
+        raise ConfigError(str(error)) from error
