@@ -13,7 +13,7 @@ from fednano_jax.federated.methods.fedavg import FedAvg
 from fednano_jax.federated.methods.fednano import FedNano
 from fednano_jax.federated.objective import adapter_value_and_grad
 from fednano_jax.federated.schedule import client_schedule
-from fednano_jax.models.loss import mean_answer_nll, summed_answer_nll
+from fednano_jax.models.loss import answer_slots, mean_answer_nll, summed_answer_nll
 from fednano_jax.models.mllm import MultimodalModel, merge_model, split_model
 
 FED = ConfigDict(dict(prox_mu=0.0, fisher_floor=1e-6, num_clients=3, dpa_local_epochs=1, dpa_instances=2,
@@ -79,6 +79,27 @@ def test_split_learning_gradient_equals_direct_gradient(tiny_config):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7), grads, ref_grads)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def with_slots(data):
+    positions, valid = answer_slots(np.asarray(data["loss_mask"]))
+    return {**data, "answer_positions": jnp.asarray(positions), "answer_valid": jnp.asarray(valid)}
+
+
+def test_answer_only_logits_give_the_full_logits_loss_gradients_and_fisher(tiny_config):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    data = {**data, "loss_mask": data["loss_mask"].at[3, -4:].set(True)}  # rows with answers of other lengths
+    slotted = with_slots(data)
+    assert slotted["answer_positions"].shape[1] < data["input_ids"].shape[1] - 1  # really fewer positions
+    for loss_fn in (mean_answer_nll, summed_answer_nll):
+        full = adapter_value_and_grad(graphdef, frozen, adapters, data, loss_fn)
+        lean = adapter_value_and_grad(graphdef, frozen, adapters, slotted, loss_fn)
+        np.testing.assert_allclose(lean[0], full[0], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), lean[1], full[1])
+    rows, valid = jnp.array([[0, 1, 2, 3], [4, 5, 0, 0]]), jnp.array([[True] * 4, [True, True, False, False]])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-10),
+                 diagonal_fisher(graphdef, adapters, frozen, slotted, rows, valid),
+                 diagonal_fisher(graphdef, adapters, frozen, data, rows, valid))
 
 
 def test_local_steps_reduce_loss(tiny_config):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from fednano_jax.data.prompts import TokenizedSet
 from fednano_jax.data.batches import device_dataset, gather_batch
-from fednano_jax.models.loss import mean_answer_nll
+from fednano_jax.models.loss import mean_answer_nll, model_logits
 from fednano_jax.models.mllm import merge_model
 from fednano_jax.streams import Purpose, generator
 from fednano_jax.weights.fill import flatten, unflatten
@@ -106,7 +106,8 @@ def pretrain_backbone(graphdef, frozen, adapters, tokens: TokenizedSet, images: 
 
         def loss_fn(params):
             model = merge_model(graphdef, backbone(params), adapters)
-            return mean_answer_nll(model(batch["input_ids"], batch["attention_mask"], batch["images"]), batch)
+            embeds = model.edge(batch["input_ids"], batch["images"])
+            return mean_answer_nll(model_logits(model.server, embeds, batch), batch)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)

@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 from fednano_jax.backbone import presets as model_presets
 from fednano_jax.backbone.shapes import model_shapes
 from fednano_jax.errors import ConfigError
+from fednano_jax.models.loss import answer_slots
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
 
 PRESETS = {"llava15_7b": model_presets.llava15_7b, "smollm2_135m": model_presets.smollm2_135m}
@@ -124,17 +125,19 @@ def synthetic_data(mcfg: MllmConfig, work: Workload, seed: int = 0, answer_token
     data = {"input_ids": ids, "attention_mask": np.ones_like(ids, bool), "loss_mask": loss,
             "image_index": np.arange(count, dtype=np.int32),
             "images": rng.integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)}
+    data["answer_positions"], data["answer_valid"] = answer_slots(loss)
     rows = np.arange(count, dtype=np.int32).reshape(work.clients, work.steps, work.batch)
     return {k: jnp.asarray(v) for k, v in data.items()}, rows, np.ones_like(rows, bool)
 
 
-def abstract_data(mcfg: MllmConfig, work: Workload):
+def abstract_data(mcfg: MllmConfig, work: Workload, answer_tokens: int = 4):
     """synthetic_data's shapes without the arrays."""
     count = work.clients * work.steps * work.batch
     size = mcfg.vision.image_size if mcfg.vision else 1
     sds = jax.ShapeDtypeStruct
     data = {"input_ids": sds((count, work.seq_len), jnp.int32), "attention_mask": sds((count, work.seq_len), bool),
             "loss_mask": sds((count, work.seq_len), bool), "image_index": sds((count,), jnp.int32),
-            "images": sds((count, size, size, 3), jnp.uint8)}
+            "images": sds((count, size, size, 3), jnp.uint8),
+            "answer_positions": sds((count, answer_tokens), jnp.int32), "answer_valid": sds((count, answer_tokens), bool)}
     schedule = (work.clients, work.steps, work.batch)
     return data, sds(schedule, jnp.int32), sds(schedule, bool)

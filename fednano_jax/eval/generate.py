@@ -21,14 +21,14 @@ def greedy_generate(graphdef, frozen, adapters, input_ids, attention_mask, image
     cache = KVCache.empty(cfg, batch, prompt_len + max_new_tokens, jnp.dtype(cfg.dtype))
     positions = positions_from_mask(attention_mask)
     logits, cache = model.server.decode(model.edge(input_ids, images), positions, attention_mask, cache)
-    first = jnp.argmax(logits[:, -1], axis=-1)
+    first = jnp.argmax(logits, axis=-1)
 
     def step(carry, _):
         token, position, cache, done = carry
         embeds = model.edge(token[:, None])
         logits, cache = model.server.decode(embeds, position[:, None], jnp.ones((batch, 1), bool), cache)
         done = done | (token == eos_id)
-        nxt = jnp.where(done, pad_id, jnp.argmax(logits[:, -1], axis=-1))
+        nxt = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1))
         return (nxt, position + 1, cache, done), token
 
     init = (first, positions[:, -1] + 1, cache, jnp.zeros((batch,), bool))

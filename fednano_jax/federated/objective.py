@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-from fednano_jax.models.loss import Batch, mean_answer_nll
+from fednano_jax.models.loss import Batch, mean_answer_nll, model_logits
 from fednano_jax.models.mllm import merge_model
 
 LossFn = Callable[[jax.Array, Batch], jax.Array]
@@ -24,7 +24,7 @@ def adapter_value_and_grad(graphdef, frozen, adapters, batch: Batch, loss_fn: Lo
 
     def server_loss(embeds):
         server = merge_model(graphdef, frozen, adapters).server
-        return loss_fn(server(embeds, batch["attention_mask"]), batch)
+        return loss_fn(model_logits(server, embeds, batch), batch)
 
     embeds, client_backward = jax.vjp(client_embed, adapters)
     loss, embed_grads = jax.value_and_grad(server_loss)(embeds)

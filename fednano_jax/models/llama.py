@@ -135,7 +135,10 @@ class Attention(nnx.Module):
         self.config = config
 
     def __call__(self, x, positions, mask, layer_cache=None):
-        """Returns (output, (keys, values)); keys/values are the updated cache slices if given."""
+        """Returns (output, updated (keys, values) of every layer) with a cache, (output, None) without.
+
+        `layer_cache` is (keys, values, layer, index): the stacked cache [layers, B, S, KV, D] and where
+        this layer's new keys and values go."""
         cfg = self.config
         batch, length, _ = x.shape
         hd = cfg.resolved_head_dim
@@ -143,11 +146,13 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(batch, length, cfg.num_kv_heads, hd)
         v = self.v_proj(x).reshape(batch, length, cfg.num_kv_heads, hd)
         q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
-        if layer_cache is not None:
-            cache_k, cache_v, index = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-        return self.o_proj(grouped_attention(q, k, v, mask)), (k, v)
+        if layer_cache is None:
+            return self.o_proj(grouped_attention(q, k, v, mask)), None
+        # Write only the new tokens into this layer's slice of the stacked cache: an update XLA does in place.
+        keys, values, layer, index = layer_cache
+        keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), (layer, 0, index, 0, 0))
+        values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), (layer, 0, index, 0, 0))
+        return self.o_proj(grouped_attention(q, keys[layer], values[layer], mask)), (keys, values)
 
 
 class MLP(nnx.Module):
@@ -205,8 +210,13 @@ class LlamaDecoder(nnx.Module):
     def __call__(self, embeds, attention_mask):
         return self.lm_head(self.hidden_states(embeds, attention_mask))
 
+    def logits_at(self, embeds, attention_mask, positions):
+        """Logits [B, S, V] at `positions` [B, S] only: the LM head is applied to those hidden states alone."""
+        hidden = self.hidden_states(embeds, attention_mask)
+        return self.lm_head(jnp.take_along_axis(hidden, positions[..., None], axis=1))
+
     def decode(self, embeds, positions, valid, cache: KVCache):
-        """Writes `embeds` [B, T, D] at cache.index and returns (logits [B, T, V], new cache).
+        """Writes `embeds` [B, T, D] at cache.index and returns (logits [B, V] of the last token, new cache).
 
         `positions` are the rotary positions of the new tokens; `valid` [B, T] marks
         which of them are real tokens (left padding in a prompt is not).
@@ -217,12 +227,8 @@ class LlamaDecoder(nnx.Module):
         query_slots = cache.index + jnp.arange(length)
         causal = jnp.arange(max_len)[None, :] <= query_slots[:, None]
         mask = causal[None] & valid_slots[:, None, :]
-        x = embeds
-        new_keys, new_values = [], []
+        x, keys, values = embeds, cache.keys, cache.values
         for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, positions, mask, (cache.keys[i], cache.values[i], cache.index))
-            new_keys.append(k)
-            new_values.append(v)
-        logits = self.lm_head(self.norm(x))
-        new_cache = KVCache(jnp.stack(new_keys), jnp.stack(new_values), valid_slots, cache.index + length)
-        return logits, new_cache
+            x, (keys, values) = layer(x, positions, mask, (keys, values, i, cache.index))
+        logits = self.lm_head(self.norm(x[:, -1]))  # greedy decoding reads only the last position
+        return logits, KVCache(keys, values, valid_slots, cache.index + length)
