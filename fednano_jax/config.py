@@ -59,6 +59,8 @@ def validate(config: ConfigDict, known_methods) -> None:
              f"fed.optimizer must be 'adamw', 'adam' or 'sgd', got {fed.optimizer!r}.")
     _require(fed.weight_decay >= 0, f"fed.weight_decay must be non-negative, got {fed.weight_decay}.")
     _require(fed.mode in ("vmap", "sequential"), f"fed.mode must be 'vmap' or 'sequential', got {fed.mode!r}.")
+    _require(fed.get("client_chunk", 0) >= 0,
+             f"fed.client_chunk must be 0 (every client at once) or a positive count, got {fed.get('client_chunk')}.")
     _require(fed.prox_mu >= 0, f"fed.prox_mu must be non-negative, got {fed.prox_mu}.")
     _require(fed.dpa_local_epochs >= 1, f"fed.dpa_local_epochs must be at least 1, got {fed.dpa_local_epochs}.")
     _require(fed.dpa_instances >= 1, f"fed.dpa_instances must be at least 1, got {fed.dpa_instances}.")
@@ -113,10 +115,10 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
 def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
     """The settings a run resumed from a round checkpoint must share with the run that wrote it.
 
-    Left out: how long to run (fed.rounds), how to run it (fed.mode: same numbers), which
+    Left out: how long to run (fed.rounds), how to run it (fed.mode, fed.client_chunk: same numbers), which
     methods (each has its own checkpoints), evaluation, checkpointing and paths.
     """
-    fed = {k: v for k, v in config.fed.to_dict().items() if k not in ("rounds", "mode", "methods")}
+    fed = {k: v for k, v in config.fed.to_dict().items() if k not in ("rounds", "mode", "methods", "client_chunk")}
     data = {k: v for k, v in config.data.to_dict().items() if k not in ("dir", "root")}
     return {"seed": config.seed, "model": config.model.to_dict(), "data": data, "fed": fed, "backbone": backbone_key}
 

@@ -22,7 +22,7 @@ from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.rounds import run_method
 from fednano_jax.models.mllm import count_params
-from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_config_of, mesh_description
+from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_config_of, mesh_description, place_backbone
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -77,6 +77,8 @@ def run_experiment(config, workdir: str) -> None:
     # ------------------------------------------------- Pretrained backbone
     graphdef, frozen, adapters, tokenizer, mcfg = experiment_backbone(config, splits)
     graphdef, mcfg = with_remat(graphdef, mcfg, config.model.get("remat", "none"))
+    # Placed once: training and the evaluator share this one copy of the backbone.
+    frozen = place_backbone(frozen, mesh, mesh_config_of(config))
     print(f"Backbone: {count_params(frozen):,} frozen parameters; NanoAdapters: {count_params(adapters):,} "
           f"trainable parameters per client")
 

@@ -143,6 +143,23 @@ def test_vmapped_and_sequential_clients_agree(tiny_config):
     assert not np.allclose(leaf[0], leaf[1])
 
 
+def test_clients_in_chunks_equal_one_vmap(tiny_config):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    client_rows = [np.arange(0, 5), np.arange(5, 8), np.arange(8, 10), np.arange(10, 12), np.arange(3, 9),
+                   np.arange(1, 3)]
+    rows, valid = client_schedule(client_rows, 2, 1, seed=0, round_index=0)
+    clients = ClientInputs(jnp.asarray(rows), jnp.asarray(valid))
+    broadcast = {"adapters": adapters}
+    whole, _ = make_client_programs(graphdef, optax.adamw(1e-2), FedNano(FED), rows.shape[1])
+    expected = jax.jit(whole)(frozen, data, broadcast, clients)
+    # 6 clients in chunks of 4 (the last padded with dummies); as 3 "devices" of 2 clients one at a time; as 2
+    # "devices" of 3 clients two at a time.
+    for chunk, devices in ((4, 1), (1, 3), (2, 2)):
+        chunked, _ = make_client_programs(graphdef, optax.adamw(1e-2), FedNano(FED), rows.shape[1], chunk, devices)
+        got = jax.jit(chunked)(frozen, data, broadcast, clients)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
+
+
 def test_fisher_is_mean_squared_per_example_gradient(tiny_config):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=6)
     rows = jnp.array([[0, 1, 2, 3], [4, 5, 0, 0]])

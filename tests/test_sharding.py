@@ -50,11 +50,11 @@ class NoEvaluation:
 
 
 class DecodingEvaluation:
-    """Greedy answers to the first rows, decoded on one device with the unplaced backbone, as the Evaluator does."""
+    """Greedy answers to the first rows, decoded with the backbone the run trains with, as the Evaluator does."""
 
     def __init__(self, graphdef, frozen, data):
         self.graphdef = graphdef
-        self.frozen = jax.device_put(frozen, jax.devices()[0])  # committed to device 0, as a loaded backbone is
+        self.frozen = frozen
         self.inputs = (data["input_ids"][:2], data["attention_mask"][:2], data["images"][:2])
 
     def shared(self, adapters):
@@ -67,12 +67,17 @@ class DecodingEvaluation:
                             for k in range(jax.tree.leaves(stacked)[0].shape[0])]}
 
 
-def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=None, rounds=1, evaluate=False):
+def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=None, rounds=1, evaluate=False,
+                  client_chunk=0):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=3 * num_clients)
     client_rows = np.array_split(np.arange(3 * num_clients), num_clients)
     config = run_config(num_clients, cohort, rounds)
+    config.fed.client_chunk = client_chunk
     config.mesh = mesh_cfg or mesh_config()
     config.eval.every_rounds = int(evaluate)
+    # As experiment.py does: one copy of the backbone, placed on the mesh (or committed to the one device).
+    frozen = (sharding.place_backbone(frozen, mesh, config.mesh) if mesh is not None
+              else jax.device_put(frozen, jax.devices()[0]))
     evaluator = DecodingEvaluation(graphdef, frozen, data) if evaluate else NoEvaluation()
     return run_method(get_method(method, config.fed), graphdef, frozen, adapters, data, client_rows, config,
                       evaluator, lambda record: None, mesh=mesh)
@@ -120,15 +125,17 @@ def test_round_time_follows_the_cohort_not_the_population(tiny_config, monkeypat
 
 
 @needs_8
-@pytest.mark.parametrize("method, num_clients, cohort, clients, model, backbone", [
-    # A cohort of 5 padded to 8 on 4 client devices x 2 FSDP devices; the Fisher pass is sharded too.
-    ("fednano", 6, 5, 4, 2, "fsdp"),
-    ("locft", 8, 8, -1, 1, "replicated"),  # one client per device; personal adapters sharded as inputs
+@pytest.mark.parametrize("method, num_clients, cohort, clients, model, backbone, chunk", [
+    # A cohort of 5 padded to 8 on 4 client devices x 2 FSDP devices, each device training its 2 clients one
+    # at a time (fed.client_chunk=1); the Fisher pass is sharded too.
+    ("fednano", 6, 5, 4, 2, "fsdp", 1),
+    ("locft", 8, 8, -1, 1, "replicated", 0),  # one client per device; personal adapters sharded as inputs
 ])
-def test_sharded_round_matches_one_device(tiny_config, method, num_clients, cohort, clients, model, backbone):
+def test_sharded_round_matches_one_device(tiny_config, method, num_clients, cohort, clients, model, backbone, chunk):
     cfg = mesh_config(clients, model, backbone)
     single = federated_run(tiny_config, method, num_clients, cohort)
-    sharded = federated_run(tiny_config, method, num_clients, cohort, sharding.make_mesh(cfg), cfg)
+    sharded = federated_run(tiny_config, method, num_clients, cohort, sharding.make_mesh(cfg), cfg,
+                            client_chunk=chunk)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     jax.tree.map(close, (single.server, single.clients), (sharded.server, sharded.clients))
     np.testing.assert_allclose(single.history[0]["train_loss"], sharded.history[0]["train_loss"], rtol=1e-5)
@@ -137,8 +144,9 @@ def test_sharded_round_matches_one_device(tiny_config, method, num_clients, coho
 @needs_8
 @pytest.mark.parametrize("method", ["fedavg", "locft"])
 def test_evaluation_of_mesh_trained_adapters_matches_one_device(tiny_config, method):
-    """The evaluator's one-device programs take adapters trained on the mesh (global, or personal and sharded)."""
-    cfg = mesh_config()
+    """Decoding with the mesh's FSDP-sharded backbone takes adapters trained on the mesh (global, or personal
+    and sharded) and answers as one device does."""
+    cfg = mesh_config(4, 2, "fsdp")
     single = federated_run(tiny_config, method, 8, 8, evaluate=True)
     sharded = federated_run(tiny_config, method, 8, 8, sharding.make_mesh(cfg), cfg, evaluate=True)
     assert sharded.history[0]["answers"] == single.history[0]["answers"]

@@ -128,12 +128,47 @@ def local_update(graphdef, optimizer: optax.GradientTransformation, method, step
     return ClientOutputs(upload, state, loss)
 
 
-def make_client_programs(graphdef, optimizer, method, steps_per_epoch: int):
+def in_chunks(vmapped, chunk: int, devices: int = 1):
+    """`vmapped(frozen, data, broadcast, clients [K])`, run `chunk` clients per device at a time.
+
+    The K clients are `devices` equal blocks (the clients-axis shards of a mesh). Each block is padded
+    with dummy clients (no valid step) to a multiple of `chunk`, and `lax.map` runs the chunks one after
+    another, each a vmap over `devices * chunk` clients (one slice per device), so a device's memory is
+    bounded by `chunk` clients whatever the cohort. The outputs equal one vmap over all K clients.
+    """
+
+    def run(frozen, data, broadcast, clients: ClientInputs) -> ClientOutputs:
+        count = jax.tree.leaves(clients)[0].shape[0]
+        per_device = count // devices
+        if not chunk or chunk >= per_device or per_device * devices != count:
+            return vmapped(frozen, data, broadcast, clients)
+        steps = -(-per_device // chunk)
+
+        def split(x):  # [K, ...] -> [steps, devices * chunk, ...]
+            x = x.reshape((devices, per_device) + x.shape[1:])
+            x = jnp.pad(x, [(0, 0), (0, steps * chunk - per_device)] + [(0, 0)] * (x.ndim - 2))
+            x = jnp.swapaxes(x.reshape((devices, steps, chunk) + x.shape[2:]), 0, 1)
+            return x.reshape((steps, devices * chunk) + x.shape[3:])
+
+        def join(y):  # [steps, devices * chunk, ...] -> [K, ...]
+            y = jnp.swapaxes(y.reshape((steps, devices, chunk) + y.shape[2:]), 0, 1)
+            y = y.reshape((devices, steps * chunk) + y.shape[3:])[:, :per_device]
+            return y.reshape((count,) + y.shape[2:])
+
+        outputs = jax.lax.map(lambda part: vmapped(frozen, data, broadcast, part), jax.tree.map(split, clients))
+        return jax.tree.map(join, outputs)
+
+    return run
+
+
+def make_client_programs(graphdef, optimizer, method, steps_per_epoch: int, client_chunk: int = 0,
+                         devices: int = 1):
     """-> (vmapped, sequential): both map (frozen, data, broadcast, clients: ClientInputs [K]) to stacked
-    ClientOutputs [K]. The sequential one loops clients in Python through the same jitted single-client update
+    ClientOutputs [K]. The vmapped one trains `client_chunk` clients per device at a time (0: all; see
+    `in_chunks`). The sequential one loops clients in Python through the same jitted single-client update
     and gives the same numbers (for debugging and benchmarks)."""
     single = functools.partial(local_update, graphdef, optimizer, method, steps_per_epoch)
-    vmapped = jax.vmap(single, in_axes=(None, None, None, 0))
+    vmapped = in_chunks(jax.vmap(single, in_axes=(None, None, None, 0)), client_chunk, devices)
     single_jit = jax.jit(single)
 
     def sequential(frozen, data, broadcast, clients: ClientInputs) -> ClientOutputs:

@@ -67,7 +67,9 @@ def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh
     optimizer = make_optimizer(fed)
 
     def client_program(hooks: Method):
-        vmapped, sequential = make_client_programs(graphdef, optimizer, hooks, epoch_steps)
+        devices = mesh.shape[sharding.CLIENTS] if mesh is not None else 1
+        vmapped, sequential = make_client_programs(graphdef, optimizer, hooks, epoch_steps,
+                                                   fed.get("client_chunk", 0), devices)
         if fed.mode == "sequential":
             return sequential
         return sharding.sharded_client_program(vmapped, mesh) if mesh is not None else jax.jit(vmapped)
@@ -182,7 +184,7 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
     programs = compile_programs(method, graphdef, fed, epoch_steps, mesh)
     init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
     if mesh is not None:
-        frozen = sharding.place(frozen, sharding.backbone_shardings(frozen, mesh, sharding.mesh_config_of(config)))
+        frozen = sharding.place_backbone(frozen, mesh, sharding.mesh_config_of(config))  # a no-op once placed
         device_data = sharding.place(device_data, sharding.replicated(mesh))
     run = Round(method, programs, frozen, device_data, train_rows, np.array([len(r) for r in train_rows]),
                 epoch_steps, config, mesh)

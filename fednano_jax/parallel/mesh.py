@@ -85,6 +85,11 @@ def backbone_shardings(frozen, mesh: Mesh, mesh_config):
                                                                     mesh_config.fsdp_min_size)), frozen)
 
 
+def place_backbone(frozen, mesh: Mesh, mesh_config):
+    """The frozen backbone on the mesh as every program of a run uses it (training and evaluation alike)."""
+    return place(frozen, backbone_shardings(frozen, mesh, mesh_config))
+
+
 def place(tree, shardings):
     """Put a tree's arrays on the mesh (`shardings`: one sharding, or a tree of them).
 
