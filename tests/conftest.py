@@ -7,6 +7,11 @@ import sys
 
 import pytest
 
+# The suite runs JAX on this host's CPU. With the compile-only GPU and TPU plugins installed
+# (requirements-aot.txt), JAX would otherwise look for those devices in every process the tests start.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A one-layer vision tower and LLM: what end-to-end tests of the machinery (not of accuracy) run, to compile fast.
 SMALL_MODEL = ("--config.model.llm.hidden_size=32", "--config.model.llm.intermediate_size=64",

@@ -42,7 +42,7 @@ TINY_FLAGS = {
     "fednano_jax.study": ("--dry_run", "--study=rank"),
     "fednano_jax.benchmark": ("--mode=loop", "--clients=1", "--steps=1", "--batch=1", "--text_tokens=4",
                               "--repeats=1"),
-    "fednano_jax.memory_plan": ("--clients=1", "--steps=1", "--batch=1", "--text_tokens=4", "--remat=full"),
+    "fednano_jax.memory_plan": ("--methods=fedavg", "--clients=1", "--batch=1", "--text_tokens=4", "--remat=full"),
     "fednano_jax.accounting": (),
     "fednano_jax.data.partition_stats": (),
 }

@@ -160,6 +160,21 @@ def test_clients_in_chunks_equal_one_vmap(tiny_config):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
 
 
+def test_fisher_examples_caps_the_extra_pass_to_the_first_examples(tiny_config):
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=6)
+    rows = jnp.array([[3, 1, 4, 0], [5, 2, 0, 0], [0, 0, 0, 0]])
+    valid = jnp.array([[True] * 4, [True, True, False, False], [False] * 4])  # padding after the examples
+    out = local_update(graphdef, optax.sgd(0.0), FedNano(FED), 3, frozen, data, {"adapters": adapters},
+                       ClientInputs(rows, valid), extra_pass_examples=5)
+    first_five = diagonal_fisher(graphdef, adapters, frozen, data, jnp.array([[3, 1, 4, 0], [5, 0, 0, 0]]),
+                                 jnp.array([[True] * 4, [True, False, False, False]]))
+    jax.tree.map(lambda f, e: np.testing.assert_allclose(f, e, rtol=1e-4, atol=1e-10), out.upload["fisher"],
+                 first_five)
+    every = local_update(graphdef, optax.sgd(0.0), FedNano(FED), 3, frozen, data, {"adapters": adapters},
+                         ClientInputs(rows, valid)).upload["fisher"]
+    assert not np.allclose(jax.tree.leaves(every)[0], jax.tree.leaves(first_five)[0])  # the cap changed it
+
+
 def test_fisher_is_mean_squared_per_example_gradient(tiny_config):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=6)
     rows = jnp.array([[0, 1, 2, 3], [4, 5, 0, 0]])

@@ -138,15 +138,67 @@ def test_benchmark_leaves_the_torch_mode_out_for_a_model_transformers_llava_cann
     assert "torch" not in modes and "one vocabulary" in left_out["torch"]
 
 
-def test_memory_plan_command_plans_each_remat_policy(tmp_path):
+PLANNED = ("--methods=fedavg,fednano,feddpa_f", "--config.model.llm.num_layers=2", "--config.eval.batch_size=4")
+
+
+def planned(tmp_path, *flags) -> dict:
     out = tmp_path / "plan.json"
-    run_module("fednano_jax.memory_plan", "--clients=3", "--batch=2", "--text_tokens=4", "--remat=none,full",
-               f"--out={out}")
-    plans = json.loads(out.read_text())["plans"]
-    assert [p["remat"] for p in plans] == ["none", "full"]
-    for p in plans:
-        assert p["per_device_bytes"]["argument_size_in_bytes"] > 0 and p["per_device_total_gib"] > 0
-        assert p["clients_planned"] == 3 and p["seq_len"] == 21
+    run_module("fednano_jax.memory_plan", *PLANNED, *flags, f"--out={out}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def h100_plans(tmp_path_factory):
+    """The tiny config's run planned for one H100 by XLA's CUDA compiler, with and without remat."""
+    return {policy: planned(tmp_path_factory.mktemp(policy), "--target=h100-80gb", f"--remat={policy}")
+            for policy in ("none", "full")}
+
+
+RUN_PROGRAMS = {"local:fedavg", "server:fedavg", "local:fednano", "server:fednano", "local:feddpa_f",
+                "server:feddpa_f", "local:feddpa_f_local_phase", "eval:feddpa_f_features", "eval:feddpa_f_generate",
+                "eval:generate"}
+
+
+def test_memory_plan_plans_every_program_of_the_run_for_an_h100(h100_plans):
+    report = h100_plans["full"]
+    assert report["target"] == "h100-80gb" and "H100" in report["device_kind"]
+    assert report["device_memory_gib"] == pytest.approx(79.11, abs=0.01)  # the description file's bytes
+    assert set(report["programs"]) == RUN_PROGRAMS
+    for name, program in report["programs"].items():
+        assert program["per_device_total_gib"] > 0, name
+        assert set(program) >= {"arguments", "temporaries", "outputs", "per_device_total_gib"}
+    # The device dataset (easy-VQA's 2,600 rows of 64 px images, about 31 MiB) is an argument of every local update.
+    assert report["programs"]["local:fedavg"]["arguments"] > 2600 * 64 * 64 * 3 / 2**30
+    # FedAvg's local update is FedDPA-F's: one module, compiled once.
+    assert report["programs"]["local:feddpa_f"].get("same_module_as") == "local:fedavg"
+
+
+def test_the_gpu_plan_keeps_fewer_activations_with_remat(h100_plans):
+    none, full = (h100_plans[p]["programs"]["local:fednano"]["temporaries"] for p in ("none", "full"))
+    assert full < none
+
+
+def test_memory_plan_on_the_cpu_target_and_its_exit_when_a_program_does_not_fit(tmp_path):
+    report = planned(tmp_path, "--target=cpu")
+    assert report["target"] == "cpu" and set(report["programs"]) == RUN_PROGRAMS
+    command = [sys.executable, "-m", "fednano_jax.memory_plan", "--config=configs/easyvqa_tiny.py", *SMALL_MODEL,
+               *PLANNED, "--target=h100-80gb", "--methods=fedavg", "--batch=60000"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT},
+                            timeout=600)
+    assert result.returncode == 1
+    assert "Program local:fedavg needs" in result.stderr and "over 90% of its 79.1 GiB" in result.stderr
+
+
+def test_unknown_targets_and_missing_devices_are_config_errors():
+    from fednano_jax.errors import ConfigError
+    from fednano_jax.parallel import targets
+
+    with pytest.raises(ConfigError, match="is not a target"):
+        targets.resolve("h100")
+    with pytest.raises(ConfigError, match="no TPU generation"):
+        targets.resolve("tpu:v9:2x2")
+    with pytest.raises(ConfigError, match="needs that many CPU devices"):
+        targets.resolve("cpu", devices=64)
 
 
 def test_with_remat_rebuilds_the_graph_for_the_same_parameters(tiny_config):

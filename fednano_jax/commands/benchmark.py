@@ -39,7 +39,9 @@ from fednano_jax.parallel import mesh as sharding
 from fednano_jax.parallel.xla_stats import device_summary, write_json, flops_of, memory_of, planned_total
 from fednano_jax.commands import cli
 from fednano_jax.federated.client import ClientInputs, initial_carry, local_update, make_client_programs, train_step
+from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods.fedavg import FedAvg
+from fednano_jax.federated.methods.fednano import FedNano
 from fednano_jax.federated.rounds import make_optimizer
 
 MODES = ("loop", "sequential", "vmap", "torch")  # JAX's smallest memory first: a device's peak counter only grows
@@ -86,10 +88,11 @@ def _compiled(jitted, *args):
     return _timed(lambda: jitted.lower(*args).compile())
 
 
-def vmap_round(p: Problem):
+def vmap_round(p: Problem, method=None, extra_pass_examples: int = 0):
     """-> (compiled program, compile seconds, run one round). Placed on the mesh as the simulation places it:
     backbone by the mesh rules, dataset and global adapters replicated, clients (padded) over `clients`."""
-    vmapped, _ = make_client_programs(p.graphdef, p.optimizer, p.method, p.work.steps)
+    vmapped, _ = make_client_programs(p.graphdef, p.optimizer, method or p.method, p.work.steps,
+                                      extra_pass_examples=extra_pass_examples)
     program = jax.jit(vmapped, out_shardings=sharding.client_sharding(p.mesh))
     frozen = sharding.place(p.frozen, sharding.backbone_shardings(p.frozen, p.mesh, p.mesh_config))
     broadcast, data = sharding.place(({"adapters": p.adapters}, p.data), sharding.replicated(p.mesh))
@@ -239,6 +242,53 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
             "peak_flops_per_second": peak, "modes": results, "speedup": speedup}
 
 
+def full_logits_data(data: dict) -> dict:
+    """The dataset without its answer slots: the loss then takes the LM head at every position."""
+    return {k: v for k, v in data.items() if k not in ("answer_positions", "answer_valid")}
+
+
+def compare(p: Problem, variants: dict, baseline: str, repeats: int) -> dict:
+    """Median vmap-round seconds of each variant (built by a thunk), timed in turns, and their ratios to `baseline`."""
+    prepared = {name: build() for name, build in variants.items()}
+    for _, _, run in prepared.values():
+        run()
+    seconds = timed_rounds(prepared, repeats)
+    return {"round_seconds": seconds, "compile_seconds": {name: prepared[name][1] for name in prepared},
+            "over_" + baseline: {name: seconds[name] / seconds[baseline] for name in seconds if name != baseline}}
+
+
+def compare_logits(p: Problem, repeats: int) -> tuple[dict, dict]:
+    """A round whose loss reads logits at the answer positions only, against one taking them everywhere."""
+    full = dataclasses.replace(p, data=full_logits_data(p.data))
+    result = compare(p, {"answer_logits": lambda: vmap_round(p), "full_logits": lambda: vmap_round(full)},
+                     "answer_logits", repeats)
+    return result, {"answer_over_full_logits": result["over_answer_logits"]["full_logits"]}
+
+
+def compare_fisher(p: Problem, repeats: int, cap: int) -> tuple[dict, dict]:
+    """FedNano's round (local steps, then its Fisher pass over the first epoch, or its first `cap` examples)
+    against FedAvg's at equal data."""
+    fednano = FedNano(p.fed)
+    result = compare(p, {"fedavg": lambda: vmap_round(p),
+                         "fednano": lambda: vmap_round(p, fednano),
+                         f"fednano_fisher_examples_{cap}": lambda: vmap_round(p, fednano, cap)}, "fedavg", repeats)
+    ratios = result["over_fedavg"]
+    return result, {"fednano_over_fedavg": ratios["fednano"],
+                    f"fednano_fisher_examples_{cap}_over_fedavg": ratios[f"fednano_fisher_examples_{cap}"]}
+
+
+COMPARISONS = ("logits", "fisher")
+
+
+def comparisons(p: Problem, which: list[str], repeats: int, fisher_cap: int) -> tuple[dict, dict]:
+    results, speedup = {}, {}
+    for name in which:
+        result, ratios = compare_logits(p, repeats) if name == "logits" else compare_fisher(p, repeats, fisher_cap)
+        results[name] = result
+        speedup.update(ratios)
+    return results, speedup
+
+
 def summary(report: dict) -> str:
     lines = [f"{report['device']['kind']} x{report['device']['count']}, {report['dtype']}, {report['workload']}, "
              f"vmap mesh {report['mesh']}"]
@@ -254,10 +304,35 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_report(config, args, problem: Problem) -> dict:
+    unknown = sorted(set(args.compare) - set(COMPARISONS))
+    if unknown:
+        raise ConfigError(f"--compare={','.join(unknown)} is not a comparison; expected some of {list(COMPARISONS)}.")
+    results, speedup = comparisons(problem, args.compare, args.repeats, args.fisher_examples)
+    return {"config": config.get("name"), "preset": args.preset, "device": device_summary(),
+            "mesh": dict(problem.mesh.shape), "dtype": problem.dtype,
+            "workload": {**dataclasses.asdict(problem.work), "answer_tokens": int(problem.data["answer_valid"].shape[1])},
+            "comparisons": results, "speedup": speedup}
+
+
+def comparison_summary(report: dict) -> str:
+    lines = [f"{report['device']['kind']} x{report['device']['count']}, {report['dtype']}, {report['workload']}"]
+    for name, result in report["comparisons"].items():
+        rounds = ", ".join(f"{variant} {seconds:.4f} s" for variant, seconds in result["round_seconds"].items())
+        lines.append(f"  {name}: vmap rounds {rounds}")
+    lines += [f"  {name}: {value:.2f}x" for name, value in report["speedup"].items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = flags.FLAGS
     config = args.config
     problem = build_problem(config, args.preset, args.clients, args.steps, args.batch, args.text_tokens)
+    if args.compare:
+        report = comparison_report(config, args, problem)
+        print(comparison_summary(report))
+        write_json(args.out, report)
+        return
     modes, left_out = available_modes(args.mode, problem.mcfg)
     report = {"config": config.get("name"), "preset": args.preset, **benchmark(problem, modes, args.repeats),
               "left_out": left_out}
@@ -276,3 +351,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("mode", "all", ["all", *MODES], "Which ways to run a round.")
     flags.DEFINE_integer("repeats", 3, "Timed rounds per mode (the median is reported).")
     flags.DEFINE_string("out", None, "Write the results here as JSON.")
+    flags.DEFINE_list("compare", [], "Instead of the modes, time vmap rounds against each other: `logits` (answer-"
+                                     "only against full-sequence logits), `fisher` (FedNano, capped and not, against "
+                                     "FedAvg).")
+    flags.DEFINE_integer("fisher_examples", 128, "The cap on the Fisher pass's examples per client in --compare=fisher.")

@@ -1,92 +1,335 @@
-"""What one round of vmapped client updates needs per device, planned by XLA on abstract shapes (no weights).
+"""Every compiled program of a config's run, planned per device by XLA's own compiler for a target device.
 
-    python -m fednano_jax.memory_plan --config=configs/memory_llava15_7b.py --out=docs/bench/memory_llava15_7b.json
-    python -m fednano_jax.memory_plan --config=configs/easyvqa_tiny.py --preset=llava15_7b --remat=full
+    python -m fednano_jax.memory_plan --config=configs/scienceqa_llava15_7b.py --target=h100-80gb --out=F.json
+    python -m fednano_jax.memory_plan --config=configs/iconqa_llava15_7b.py --target=tpu:v5p:2x2x1
+    python -m fednano_jax.memory_plan --config=configs/easyvqa_tiny.py                  # this host's CPU
 
-The round program (vmap over clients, scan over steps) is lowered with `jax.ShapeDtypeStruct`
-arguments placed as the config's mesh places them (frozen backbone in the model dtype,
-replicated or FSDP; adapters and optimizer state float32; the cohort sharded over
-`clients`), compiled, and `compiled.memory_analysis()` gives the per-device bytes:
-arguments, outputs, temporaries (activations kept for the backward pass, gradients,
-optimizer state) and generated code. One plan per remat policy in --remat.
+For each method in `fed.methods` it lowers the programs the run compiles (`federated/rounds.py`,
+`eval/`): the vmapped local update (FedNano's with its Fisher pass), the server's aggregation,
+FedDPA-F's local phase over every client, and evaluation (greedy decoding: prefill and
+KV-cache steps at `eval.batch_size`). They are lowered on abstract arguments (no weights,
+no data) placed as the run places them on the config's mesh over the target's devices:
+the frozen backbone (replicated or FSDP), the device dataset at the official split sizes,
+the cohort sharded over `clients`. `compiled.memory_analysis()` gives each program's
+arguments, outputs and temporaries per device. Programs that lower to the same module
+are compiled once. It exits non-zero, naming the program, when one exceeds 90% of the
+device's memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import math
+import sys
 import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from absl import flags
 
 from fednano_jax.backbone import synthetic
-from fednano_jax.parallel import mesh as sharding
 from fednano_jax.commands import cli
+from fednano_jax.config import method_names
+from fednano_jax.data.prompts import bucket
+from fednano_jax.data.split_sizes import official_split_sizes
+from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.federated.client import ClientInputs, make_client_programs
-from fednano_jax.federated.methods.fedavg import FedAvg
+from fednano_jax.federated.methods import get_method
+from fednano_jax.federated.methods.base import Method
+from fednano_jax.federated.methods.feddpa_f import mixed_generate, prompt_features
 from fednano_jax.federated.rounds import make_optimizer
-from fednano_jax.models.mllm import count_params
-from fednano_jax.parallel.xla_stats import device_summary, write_json, memory_of, planned_total
-
+from fednano_jax.federated.server import ClientUploads, server_round
+from fednano_jax.models.mllm import MllmConfig, count_params
+from fednano_jax.parallel import mesh as sharding
+from fednano_jax.parallel import targets
+from fednano_jax.parallel.xla_stats import memory_of, planned_total, write_json
 
 GIB = 2**30
+FIT_FRACTION = 0.9
 
 
-def _placed(tree, shardings):
-    """Abstract arrays carrying the shardings the real ones would get."""
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What the run holds and runs, in rows and tokens."""
+
+    train_rows: int  # the federated training rows in the device dataset
+    images: int  # rows of its image table (train and test images, and the blank row 0)
+    seq_len: int  # tokens per training row
+    prompt_len: int  # tokens per evaluation prompt
+    answer_slots: int  # answer tokens per row the loss reads
+    source: str  # where the row counts come from
 
 
-def plan(config, clients: int, batch: int, steps: int, text_tokens: int) -> dict:
-    """Per-device memory of one round for the config's model, remat policy and mesh."""
+def run_sizes(config, mcfg: MllmConfig, text_tokens: int, answer_tokens: int) -> Sizes:
+    image_tokens = mcfg.vision.num_image_tokens if mcfg.vision else 0
+    seq_len = bucket(1 + image_tokens + text_tokens)
+    prompt_len = bucket(1 + image_tokens + text_tokens - answer_tokens)
+    name = config.data.get("name", "easyvqa")
+    sizes = official_split_sizes(name)
+    if sizes is not None:
+        held_aside = config.data.get("pretrain_examples", 0)
+        train = config.data.get("train_examples") or sizes["train"] - held_aside
+        test = config.data.get("test_examples") or sizes["test"]
+        images = sizes.get("images", {})
+        image_fraction = {split: images.get(split, sizes[split]) / sizes[split] for split in ("train", "test")}
+        image_rows = 1 + math.ceil(train * image_fraction["train"]) + math.ceil(test * image_fraction["test"])
+        source = f"{name}'s official splits: {train:,} train rows, {test:,} test rows"
+    else:
+        train, test = config.data.train_examples, config.data.test_examples
+        image_rows = 1 + train + test
+        source = f"data.train_examples={train:,} and data.test_examples={test:,}, one image each"
+    return Sizes(train, image_rows, seq_len, prompt_len, answer_tokens, source)
+
+
+def _sds(shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def _placed(tree, sharding):
+    """Abstract arrays carrying the sharding the run gives them (one sharding, or a tree of them)."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: _sds(x.shape, x.dtype, sharding), tree)
+    return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), tree, sharding)
+
+
+def _stacked(tree, count: int, sharding):
+    return jax.tree.map(lambda x: _sds((count,) + x.shape, x.dtype, sharding), tree)
+
+
+def device_dataset_shapes(mcfg: MllmConfig, sizes: Sizes, everywhere) -> dict:
+    """What `data.batches.device_dataset` puts on every device, as abstract arrays."""
+    n, t, s = sizes.train_rows, sizes.seq_len, sizes.answer_slots
+    size = mcfg.vision.image_size if mcfg.vision else 1
+    return {"input_ids": _sds((n, t), jnp.int32, everywhere), "attention_mask": _sds((n, t), bool, everywhere),
+            "loss_mask": _sds((n, t), bool, everywhere), "image_index": _sds((n,), jnp.int32, everywhere),
+            "images": _sds((sizes.images, size, size, 3), jnp.uint8, everywhere),
+            "answer_positions": _sds((n, s), jnp.int32, everywhere), "answer_valid": _sds((n, s), bool, everywhere)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    name: str
+    lower: Callable[[], Any]  # -> jax.stages.Lowered
+
+
+@dataclasses.dataclass
+class Setting:
+    """Everything the programs of one config share on one target."""
+
+    config: Any
+    mcfg: MllmConfig
+    mesh: jax.sharding.Mesh
+    sizes: Sizes
+    graphdef: Any
+    frozen: Any  # placed abstract backbone
+    adapters: Any  # abstract adapters (unplaced)
+    data: dict
+
+    @property
+    def everywhere(self):
+        return sharding.replicated(self.mesh)
+
+    @property
+    def client_devices(self) -> int:
+        return self.mesh.shape[sharding.CLIENTS]
+
+
+def make_setting(config, target: targets.Target, text_tokens: int, answer_tokens: int) -> Setting:
     mcfg = synthetic.synthetic_model_config(config)
     mesh_config = sharding.mesh_config_of(config)
-    mesh = sharding.make_mesh(mesh_config)
-    work = synthetic.Workload(sharding.padded_cohort(clients, mesh), steps, batch,
-                              synthetic.sequence_length(mcfg, text_tokens))
+    mesh = sharding.make_mesh(mesh_config, devices=target.devices)
     graphdef, frozen, adapters = synthetic.abstract_model(mcfg)
-    data, rows, valid = synthetic.abstract_data(mcfg, work)
-    everywhere = sharding.replicated(mesh)
-    args = (_placed(frozen, sharding.backbone_shardings(frozen, mesh, mesh_config)), _placed(data, everywhere),
-            _placed({"adapters": adapters}, everywhere), _placed(ClientInputs(rows, valid), sharding.client_sharding(mesh)))
-    vmapped, _ = make_client_programs(graphdef, make_optimizer(config.fed), FedAvg(config.fed), steps)
-    program = jax.jit(vmapped, out_shardings=sharding.client_sharding(mesh))
-    start = time.perf_counter()
-    compiled = program.lower(*args).compile()
-    seconds = time.perf_counter() - start
-    memory = memory_of(compiled)
-    return {"remat": mcfg.llm.remat, "compile_seconds": seconds, "per_device_bytes": memory,
-            "per_device_total_gib": planned_total(memory) / GIB, "mesh": dict(mesh.shape), "clients_planned": work.clients,
-            "seq_len": work.seq_len, "frozen_params": count_params(frozen), "adapter_params": count_params(adapters),
-            "frozen_dtype": mcfg.llm.dtype}
+    frozen = _placed(frozen, sharding.backbone_shardings(frozen, mesh, mesh_config))
+    sizes = run_sizes(config, mcfg, text_tokens, answer_tokens)
+    data = device_dataset_shapes(mcfg, sizes, sharding.replicated(mesh))
+    return Setting(config, mcfg, mesh, sizes, graphdef, frozen, adapters, data)
+
+
+def epoch_steps(setting: Setting, method: Method) -> int:
+    """Local steps per epoch: the mean client's (the run pads to its largest; memory does not depend on it)."""
+    fed = setting.config.fed
+    rows = setting.sizes.train_rows if method.pooled else setting.sizes.train_rows // fed.num_clients
+    return max(math.ceil(rows / fed.batch_size), 1)
+
+
+def local_program(setting: Setting, method: Method, name: str, clients: int, hooks: Method | None = None) -> Program:
+    """The vmapped local update of `clients` clients, as `rounds.compile_programs` builds it."""
+    fed = setting.config.fed
+    hooks = hooks or method
+    steps = epoch_steps(setting, method)
+    padded = sharding.padded_cohort(clients, setting.mesh)
+    vmapped, _ = make_client_programs(setting.graphdef, make_optimizer(fed), hooks, steps,
+                                      fed.get("client_chunk", 0), setting.client_devices, fed.get("fisher_examples", 0))
+    by_client = sharding.client_sharding(setting.mesh)
+    schedule = (padded, steps * fed.local_epochs, fed.batch_size)
+    state = hooks.client_state_init(setting.adapters)
+    inputs = ClientInputs(_sds(schedule, jnp.int32, by_client), _sds(schedule, bool, by_client),
+                          None if state is None else _stacked(state, padded, by_client))
+    broadcast = _placed(jax.eval_shape(lambda a: hooks.broadcast(hooks.server_init(a)), setting.adapters),
+                        setting.everywhere)
+    program = jax.jit(vmapped, out_shardings=by_client)
+    return Program(name, lambda: program.lower(setting.frozen, setting.data, broadcast, inputs))
+
+
+def server_program(setting: Setting, method: Method, clients: int) -> Program:
+    """The server's aggregation of the cohort's uploads (`federated/server.py`)."""
+    everywhere = setting.everywhere
+    state = _placed(jax.eval_shape(method.server_init, setting.adapters), everywhere)
+    upload_shapes = {name: setting.adapters for name in method.uploads}
+    uploads = ClientUploads(_stacked(upload_shapes, clients, everywhere), _sds((clients,), jnp.int32, everywhere))
+    program = jax.jit(functools.partial(server_round, method))
+    return Program(f"server:{method.name}", lambda: program.lower(state, uploads, _sds((clients,), bool, everywhere)))
+
+
+def _prompts(setting: Setting):
+    everywhere, ev = setting.everywhere, setting.config.eval
+    size = setting.mcfg.vision.image_size if setting.mcfg.vision else 1
+    shape = (ev.batch_size, setting.sizes.prompt_len)
+    return (_sds(shape, jnp.int32, everywhere), _sds(shape, bool, everywhere),
+            _sds((ev.batch_size, size, size, 3), jnp.uint8, everywhere))
+
+
+def _decode_options(config) -> dict:
+    return dict(max_new_tokens=config.eval.max_new_tokens, pad_id=0, eos_id=2)
+
+
+def generate_program(setting: Setting) -> Program:
+    """Greedy decoding of one evaluation batch: the prefill, then one KV-cache step per new token."""
+    adapters = _placed(setting.adapters, setting.everywhere)
+    return Program("eval:generate", lambda: greedy_generate.lower(
+        setting.graphdef, setting.frozen, adapters, *_prompts(setting), **_decode_options(setting.config)))
+
+
+def dpa_programs(setting: Setting) -> list[Program]:
+    """FedDPA-F's evaluation: prompt features with the local adapter, then per-row mixed decoding."""
+    everywhere, batch = setting.everywhere, setting.config.eval.batch_size
+    adapters = _placed(setting.adapters, everywhere)
+    prompts = _prompts(setting)
+    last = _sds((batch,), jnp.int32, everywhere)
+    weights = _sds((batch,), jnp.float32, everywhere)
+    return [Program("eval:feddpa_f_features", lambda: prompt_features.lower(
+                setting.graphdef, setting.frozen, adapters, *prompts, last)),
+            Program("eval:feddpa_f_generate", lambda: mixed_generate.lower(
+                setting.graphdef, setting.frozen, adapters, adapters, weights, *prompts,
+                **_decode_options(setting.config)))]
+
+
+def run_programs(setting: Setting) -> list[Program]:
+    """Every program a run of the config compiles, named `kind:method`."""
+    fed = setting.config.fed
+    cohort = fed.clients_per_round or fed.num_clients
+    programs = []
+    for name in method_names(setting.config):
+        method = get_method(name, fed)
+        clients = 1 if method.pooled else cohort
+        programs.append(local_program(setting, method, f"local:{name}", clients))
+        if method.uploads:
+            programs.append(server_program(setting, method, clients))
+        if name == "feddpa_f":
+            programs.append(local_program(setting, method, "local:feddpa_f_local_phase", fed.num_clients,
+                                          hooks=Method(fed)))
+            programs.extend(dpa_programs(setting))
+    return programs + [generate_program(setting)]
+
+
+def plan_programs(programs: list[Program], announce: Callable[[str], None] = print) -> dict:
+    """name -> its per-device plan; modules that lower identically are compiled once."""
+    plans, compiled_by_module = {}, {}
+    for program in programs:
+        start = time.perf_counter()
+        lowered = program.lower()
+        key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+        if key in compiled_by_module:
+            plans[program.name] = {**compiled_by_module[key], "same_module_as": compiled_by_module[key]["name"]}
+            announce(f"  {program.name}: the module of {compiled_by_module[key]['name']}")
+            continue
+        memory = memory_of(lowered.compile())
+        plan = {"arguments": memory.get("argument_size_in_bytes", 0) / GIB,
+                "temporaries": memory.get("temp_size_in_bytes", 0) / GIB,
+                "outputs": memory.get("output_size_in_bytes", 0) / GIB,
+                "per_device_total_gib": planned_total(memory) / GIB,
+                "compile_seconds": round(time.perf_counter() - start, 1)}
+        compiled_by_module[key] = {**plan, "name": program.name}
+        plans[program.name] = plan
+        announce(f"  {program.name}: {plan['per_device_total_gib']:.2f} GiB ({plan['compile_seconds']:.0f} s)")
+    return {name: {k: v for k, v in plan.items() if k != "name"} for name, plan in plans.items()}
+
+
+def plan(config, target: targets.Target, text_tokens: int, answer_tokens: int) -> dict:
+    setting = make_setting(config, target, text_tokens, answer_tokens)
+    print(f"Planning {config.get('name')} on {target.name} ({len(target.devices)} x {target.kind}, "
+          f"{target.device_memory_gib:.1f} GiB each), mesh {dict(setting.mesh.shape)}, remat "
+          f"{setting.mcfg.llm.remat}; data: {setting.sizes.source}")
+    programs = plan_programs(run_programs(setting))
+    return {"config": config.get("name"), "target": target.name, "device_kind": target.kind,
+            "devices": len(target.devices), "device_memory_gib": target.device_memory_gib,
+            "mesh": dict(setting.mesh.shape), "remat": setting.mcfg.llm.remat, "units": "GiB per device",
+            "frozen_params": count_params(setting.frozen), "adapter_params": count_params(setting.adapters),
+            "frozen_dtype": setting.mcfg.llm.dtype, "sizes": dataclasses.asdict(setting.sizes),
+            "client_chunk": config.fed.get("client_chunk", 0), "programs": programs}
+
+
+def table(report: dict) -> str:
+    limit = FIT_FRACTION * report["device_memory_gib"]
+    lines = [f"{'GiB per device':<28} {'arguments':>10} {'temporaries':>12} {'outputs':>8} {'total':>8}  fits {limit:.1f} GiB",
+             "-" * 84]
+    for name, p in report["programs"].items():
+        fits = "yes" if p["per_device_total_gib"] <= limit else "NO"
+        lines.append(f"{name:<28} {p['arguments']:>10.2f} {p['temporaries']:>12.2f} {p['outputs']:>8.2f} "
+                     f"{p['per_device_total_gib']:>8.2f}  {fits}")
+    return "\n".join(lines)
+
+
+def too_large(report: dict) -> str | None:
+    """One sentence naming the largest program over 90% of device memory; None when all fit."""
+    limit = FIT_FRACTION * report["device_memory_gib"]
+    over = {name: p["per_device_total_gib"] for name, p in report["programs"].items()
+            if p["per_device_total_gib"] > limit}
+    if not over:
+        return None
+    name = max(over, key=over.get)
+    return (f"Program {name} needs {over[name]:.2f} GiB per device on {report['target']}, over 90% of its "
+            f"{report['device_memory_gib']:.1f} GiB ({len(over)} program(s) over in all); lower "
+            f"fed.batch_size or set fed.client_chunk, model.remat or the mesh.")
 
 
 def main() -> None:
     args = flags.FLAGS
     config = synthetic.with_preset(args.config, args.preset)
-    plans = []
-    for policy in args.remat:
-        config.model.remat = policy
-        result = plan(config, args.clients, args.batch, args.steps, args.text_tokens)
-        plans.append(result)
-        print(f"remat={policy}: {result['per_device_total_gib']:.2f} GiB per device "
-              f"({ {k: round(v / GIB, 3) for k, v in result['per_device_bytes'].items()} } GiB), "
-              f"compiled in {result['compile_seconds']:.0f} s")
-    report = {"config": config.get("name"), "preset": args.preset, "clients": args.clients, "batch": args.batch,
-              "device": device_summary(),
-              "plans": plans}
+    if args.remat:
+        config.model.remat = args.remat
+    if args.clients:
+        config.fed.clients_per_round = args.clients
+        config.fed.num_clients = max(config.fed.num_clients, args.clients)
+    if args.batch:
+        config.fed.batch_size = args.batch
+    if args.methods:
+        config.fed.methods = tuple(args.methods)
+    target = targets.resolve(args.target, args.devices)
+    report = plan(config, target, args.text_tokens, args.answer_tokens)
+    print(table(report))
     write_json(args.out, report)
+    problem = too_large(report)
+    if problem:
+        print(problem, file=sys.stderr)
+        raise SystemExit(1)
 
 
 def define_flags() -> None:
     """Command-line flags, defined only when run as a command (importing this module defines none)."""
     cli.define_config_flag(lock=False)
+    flags.DEFINE_string("target", "cpu", f"The device to plan for: {targets.TARGETS_HELP}.")
+    flags.DEFINE_integer("devices", None, "Devices of the target to plan over (default: 1 GPU, the whole TPU "
+                                          "topology, every CPU device); the config's mesh spreads over them.")
     flags.DEFINE_string("preset", None, f"Replace the config's model by a preset: {sorted(synthetic.PRESETS)}.")
-    flags.DEFINE_integer("clients", 5, "Clients vmapped in one round program.")
-    flags.DEFINE_integer("batch", 8, "Sequences per local step.")
-    flags.DEFINE_integer("steps", 1, "Local steps in the planned round (memory does not grow with them).")
-    flags.DEFINE_integer("text_tokens", 63, "Text tokens per sequence after <s> and the image tokens.")
-    flags.DEFINE_list("remat", ["none", "full"], "Remat policies to plan (models/llama.py REMAT_POLICIES).")
-    flags.DEFINE_string("out", None, "Write the plans here as JSON.")
-
+    flags.DEFINE_string("remat", None, "Override model.remat (models/llama.py REMAT_POLICIES).")
+    flags.DEFINE_integer("clients", None, "Override the cohort (fed.clients_per_round).")
+    flags.DEFINE_integer("batch", None, "Override fed.batch_size.")
+    flags.DEFINE_list("methods", None, "Plan these methods only (default: the config's fed.methods).")
+    flags.DEFINE_integer("text_tokens", 256, "Text tokens per training row after <s> and the image tokens (the "
+                                             "longest row of the real set decides; this is the planned one).")
+    flags.DEFINE_integer("answer_tokens", 8, "Answer tokens per row the loss reads (the set's longest answer).")
+    flags.DEFINE_string("out", None, "Write the plan here as JSON.")

@@ -106,9 +106,24 @@ def initial_carry(optimizer: optax.GradientTransformation, method, start):
     return start, optimizer.init(start), method.sums_init(start)
 
 
+def extra_pass_rows(rows: jax.Array, valid: jax.Array, examples: int) -> tuple[jax.Array, jax.Array]:
+    """The first `examples` examples of an epoch's schedule (all for 0), in as few steps as hold them.
+
+    A client's schedule pads only after its examples (`schedule.client_schedule`), so its first
+    ceil(examples / batch) steps hold them."""
+    if not examples:
+        return rows, valid
+    steps = min(rows.shape[0], -(-examples // rows.shape[1]))
+    rows, valid = rows[:steps], valid[:steps]
+    return rows, valid & (jnp.cumsum(valid.reshape(-1)).reshape(valid.shape) <= examples)
+
+
 def local_update(graphdef, optimizer: optax.GradientTransformation, method, steps_per_epoch: int, frozen, data,
-                 broadcast, client: ClientInputs) -> ClientOutputs:
-    """One client's local training, then the method's upload. `client.rows`: [epochs * steps_per_epoch, batch]."""
+                 broadcast, client: ClientInputs, extra_pass_examples: int = 0) -> ClientOutputs:
+    """One client's local training, then the method's upload. `client.rows`: [epochs * steps_per_epoch, batch].
+
+    A method's extra pass after training (FedNano's Fisher) sees the client's first epoch, or its first
+    `extra_pass_examples` examples (`fed.fisher_examples`)."""
     start = method.local_start(broadcast, client.state)
     step_active = client.valid.any(axis=1)
 
@@ -123,7 +138,9 @@ def local_update(graphdef, optimizer: optax.GradientTransformation, method, step
     steps = step_active.sum()
     loss = jnp.sum(losses * step_active) / jnp.maximum(steps, 1)
     result = LocalResult(start, adapters, sums, steps, loss)
-    context = FinalContext(graphdef, frozen, data, client.rows[:steps_per_epoch], client.valid[:steps_per_epoch])
+    epoch_rows, epoch_valid = extra_pass_rows(client.rows[:steps_per_epoch], client.valid[:steps_per_epoch],
+                                              extra_pass_examples)
+    context = FinalContext(graphdef, frozen, data, epoch_rows, epoch_valid)
     upload, state = method.client_final(result, context, broadcast, client.state)
     return ClientOutputs(upload, state, loss)
 
@@ -162,12 +179,13 @@ def in_chunks(vmapped, chunk: int, devices: int = 1):
 
 
 def make_client_programs(graphdef, optimizer, method, steps_per_epoch: int, client_chunk: int = 0,
-                         devices: int = 1):
+                         devices: int = 1, extra_pass_examples: int = 0):
     """-> (vmapped, sequential): both map (frozen, data, broadcast, clients: ClientInputs [K]) to stacked
     ClientOutputs [K]. The vmapped one trains `client_chunk` clients per device at a time (0: all; see
     `in_chunks`). The sequential one loops clients in Python through the same jitted single-client update
     and gives the same numbers (for debugging and benchmarks)."""
-    single = functools.partial(local_update, graphdef, optimizer, method, steps_per_epoch)
+    single = functools.partial(local_update, graphdef, optimizer, method, steps_per_epoch,
+                               extra_pass_examples=extra_pass_examples)
     vmapped = in_chunks(jax.vmap(single, in_axes=(None, None, None, 0)), client_chunk, devices)
     single_jit = jax.jit(single)
 

@@ -69,7 +69,7 @@ def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh
     def client_program(hooks: Method):
         devices = mesh.shape[sharding.CLIENTS] if mesh is not None else 1
         vmapped, sequential = make_client_programs(graphdef, optimizer, hooks, epoch_steps,
-                                                   fed.get("client_chunk", 0), devices)
+                                                   fed.get("client_chunk", 0), devices, fed.get("fisher_examples", 0))
         if fed.mode == "sequential":
             return sequential
         return sharding.sharded_client_program(vmapped, mesh) if mesh is not None else jax.jit(vmapped)
