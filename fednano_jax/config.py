@@ -63,6 +63,8 @@ def validate(config: ConfigDict, known_methods) -> None:
              f"fed.client_chunk must be 0 (every client at once) or a positive count, got {fed.get('client_chunk')}.")
     _require(fed.get("fisher_examples", 0) >= 0,
              f"fed.fisher_examples must be 0 (every example) or a positive cap, got {fed.get('fisher_examples')}.")
+    _require(0.0 <= fed.get("pack_padding", 0.1) < 1.0,
+             f"fed.pack_padding must be a share in [0, 1), got {fed.get('pack_padding')}.")
     _require(fed.prox_mu >= 0, f"fed.prox_mu must be non-negative, got {fed.prox_mu}.")
     _require(fed.dpa_local_epochs >= 1, f"fed.dpa_local_epochs must be at least 1, got {fed.dpa_local_epochs}.")
     _require(fed.dpa_instances >= 1, f"fed.dpa_instances must be at least 1, got {fed.dpa_instances}.")
@@ -122,10 +124,10 @@ LATER_DEFAULTS = {"fisher_examples": 0}
 def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
     """The settings a run resumed from a round checkpoint must share with the run that wrote it.
 
-    Left out: how long to run (fed.rounds), how to run it (fed.mode, fed.client_chunk: same numbers), which
+    Left out: how long to run (fed.rounds), how to run it (fed.mode, fed.client_chunk, fed.pack_clients, fed.pack_padding: same numbers), which
     methods (each has its own checkpoints), evaluation, checkpointing and paths.
     """
-    fed = {k: v for k, v in config.fed.to_dict().items() if k not in ("rounds", "mode", "methods", "client_chunk")
+    fed = {k: v for k, v in config.fed.to_dict().items() if k not in ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding")
            and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     data = {k: v for k, v in config.data.to_dict().items() if k not in ("dir", "root")}
     return {"seed": config.seed, "model": config.model.to_dict(), "data": data, "fed": fed, "backbone": backbone_key}

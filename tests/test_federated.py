@@ -160,6 +160,42 @@ def test_clients_in_chunks_equal_one_vmap(tiny_config):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
 
 
+def packed_outputs(graphdef, frozen, data, broadcast, method, client_rows, epochs, max_padding, cap=0, states=None):
+    from fednano_jax.federated.packing import make_packed_program, packed_schedule
+
+    packed = packed_schedule(client_rows, 2, epochs, 0, 0, range(len(client_rows)), cap, max_padding=max_padding,
+                             states=states)
+    program = jax.jit(make_packed_program(graphdef, optax.adamw(1e-2), method))
+    outputs = program(frozen, data, broadcast, jax.tree.map(jnp.asarray, packed.lanes))
+    order = packed.order()
+    return packed, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[order], outputs)
+
+
+def test_packed_clients_give_the_unpacked_adapters_uploads_and_losses(tiny_config):
+    from fednano_jax.federated.methods.locft import LocFT
+
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    client_rows = [np.arange(0, 7), np.arange(7, 9), np.arange(9, 10), np.arange(10, 12), np.arange(2, 5)]
+    broadcast = {"adapters": adapters}
+    rows, valid = client_schedule(client_rows, 2, 2, seed=0, round_index=0)  # 2 epochs, padded to 4 steps each
+    for method, cap in ((FedNano(FED), 0), (FedNano(FED), 3)):
+        unpacked, _ = make_client_programs(graphdef, optax.adamw(1e-2), method, 4, extra_pass_examples=cap)
+        expected = jax.jit(unpacked)(frozen, data, broadcast, ClientInputs(jnp.asarray(rows), jnp.asarray(valid)))
+        packed, got = packed_outputs(graphdef, frozen, data, broadcast, method, client_rows, 2, 0.1, cap)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, expected)
+        assert packed.lanes.rows.shape[0] < len(client_rows)  # several clients really shared a lane
+        assert packed.padded_client_steps - packed.client_steps <= 0.1 * packed.client_steps
+        assert packed.client_steps == 2 * (4 + 1 + 1 + 1 + 2)
+    # A method with client state: LocFT starts each client from its own adapters.
+    personal = jax.tree.map(lambda x: jnp.stack([x + 0.01 * k for k in range(5)]), adapters)
+    locft = LocFT(FED)
+    unpacked, _ = make_client_programs(graphdef, optax.adamw(1e-2), locft, 4)
+    expected = jax.jit(unpacked)(frozen, data, broadcast, ClientInputs(jnp.asarray(rows), jnp.asarray(valid),
+                                                                       personal))
+    _, got = packed_outputs(graphdef, frozen, data, broadcast, locft, client_rows, 2, 0.1, states=personal)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, expected)
+
+
 def test_fisher_examples_caps_the_extra_pass_to_the_first_examples(tiny_config):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=6)
     rows = jnp.array([[3, 1, 4, 0], [5, 2, 0, 0], [0, 0, 0, 0]])

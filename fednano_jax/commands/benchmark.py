@@ -42,6 +42,8 @@ from fednano_jax.federated.client import ClientInputs, initial_carry, local_upda
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods.fedavg import FedAvg
 from fednano_jax.federated.methods.fednano import FedNano
+from fednano_jax.federated.packing import make_packed_program, packed_schedule
+from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.federated.rounds import make_optimizer
 
 MODES = ("loop", "sequential", "vmap", "torch")  # JAX's smallest memory first: a device's peak counter only grows
@@ -277,13 +279,62 @@ def compare_fisher(p: Problem, repeats: int, cap: int) -> tuple[dict, dict]:
                     f"fednano_fisher_examples_{cap}_over_fedavg": ratios[f"fednano_fisher_examples_{cap}"]}
 
 
-COMPARISONS = ("logits", "fisher")
+def partition_sizes(config) -> list[int]:
+    """Training examples per client of the config's own partition (its data, without images)."""
+    from fednano_jax.data import datasets
+    from fednano_jax.data.pipeline import client_partition
+
+    splits = datasets.load_splits(config, with_images=False)
+    clients = client_partition(splits, config.fed.num_clients, config.data.dirichlet_alpha, config.seed)
+    return [len(rows) for rows in clients["train"]]
 
 
-def comparisons(p: Problem, which: list[str], repeats: int, fisher_cap: int) -> tuple[dict, dict]:
+def compare_packing(p: Problem, config, repeats: int) -> tuple[dict, dict]:
+    """The config's round (its partition's client sizes, one epoch, FedAvg) with every client padded to the
+    largest, against packed lanes (`federated/packing.py`)."""
+    sizes = partition_sizes(config)
+    batch, total = p.work.batch, sum(sizes)
+    work = synthetic.Workload(1, -(-total // batch), batch, p.work.seq_len)
+    data, _, _ = synthetic.synthetic_data(p.mcfg, work)
+    bounds = np.cumsum([0] + sizes)
+    client_rows = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    rows, valid = client_schedule(client_rows, batch, 1, config.seed, 0)
+    packed = packed_schedule(client_rows, batch, 1, config.seed, 0, range(len(sizes)),
+                             max_padding=config.fed.get("pack_padding", 0.1))
+    broadcast = {"adapters": p.adapters}
+    vmapped, _ = make_client_programs(p.graphdef, p.optimizer, p.method, rows.shape[1])
+    padded_args = (p.frozen, data, broadcast, ClientInputs(rows, valid))
+    packed_args = (p.frozen, data, broadcast, jax.tree.map(jax.numpy.asarray, packed.lanes))
+    programs = {"padded": (jax.jit(vmapped), padded_args),
+                "packed": (jax.jit(make_packed_program(p.graphdef, p.optimizer, p.method)), packed_args)}
+
+    def prepared(name):
+        program, args = programs[name]
+        compiled, seconds = _compiled(program, *args)
+        return compiled, seconds, lambda: jax.block_until_ready(compiled(*args))
+
+    result = compare(p, {name: functools.partial(prepared, name) for name in programs}, "packed", repeats)
+    real = packed.client_steps
+    result["client_sizes"] = sizes
+    result["client_steps"] = real
+    result["padded_client_steps"] = {"padded": rows.shape[0] * rows.shape[1], "packed": packed.padded_client_steps}
+    result["padding_share"] = {name: steps / real - 1 for name, steps in result["padded_client_steps"].items()}
+    result["lanes"] = packed.members.tolist()
+    return result, {"packed_over_padded": result["over_packed"]["padded"]}
+
+
+COMPARISONS = ("logits", "fisher", "packing")
+
+
+def comparisons(p: Problem, config, which: list[str], repeats: int, fisher_cap: int) -> tuple[dict, dict]:
     results, speedup = {}, {}
     for name in which:
-        result, ratios = compare_logits(p, repeats) if name == "logits" else compare_fisher(p, repeats, fisher_cap)
+        if name == "logits":
+            result, ratios = compare_logits(p, repeats)
+        elif name == "fisher":
+            result, ratios = compare_fisher(p, repeats, fisher_cap)
+        else:
+            result, ratios = compare_packing(p, config, repeats)
         results[name] = result
         speedup.update(ratios)
     return results, speedup
@@ -308,7 +359,7 @@ def comparison_report(config, args, problem: Problem) -> dict:
     unknown = sorted(set(args.compare) - set(COMPARISONS))
     if unknown:
         raise ConfigError(f"--compare={','.join(unknown)} is not a comparison; expected some of {list(COMPARISONS)}.")
-    results, speedup = comparisons(problem, args.compare, args.repeats, args.fisher_examples)
+    results, speedup = comparisons(problem, config, args.compare, args.repeats, args.fisher_examples)
     return {"config": config.get("name"), "preset": args.preset, "device": device_summary(),
             "mesh": dict(problem.mesh.shape), "dtype": problem.dtype,
             "workload": {**dataclasses.asdict(problem.work), "answer_tokens": int(problem.data["answer_valid"].shape[1])},
@@ -320,6 +371,9 @@ def comparison_summary(report: dict) -> str:
     for name, result in report["comparisons"].items():
         rounds = ", ".join(f"{variant} {seconds:.4f} s" for variant, seconds in result["round_seconds"].items())
         lines.append(f"  {name}: vmap rounds {rounds}")
+        if "padding_share" in result:
+            shares = ", ".join(f"{variant} {share:.1%}" for variant, share in result["padding_share"].items())
+            lines.append(f"    padded client-steps over the {result['client_steps']} real ones: {shares}")
     lines += [f"  {name}: {value:.2f}x" for name, value in report["speedup"].items()]
     return "\n".join(lines)
 
@@ -353,5 +407,5 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Write the results here as JSON.")
     flags.DEFINE_list("compare", [], "Instead of the modes, time vmap rounds against each other: `logits` (answer-"
                                      "only against full-sequence logits), `fisher` (FedNano, capped and not, against "
-                                     "FedAvg).")
+                                     "FedAvg), `packing` (the config's partition, padded against packed).")
     flags.DEFINE_integer("fisher_examples", 128, "The cap on the Fisher pass's examples per client in --compare=fisher.")

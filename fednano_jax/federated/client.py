@@ -6,8 +6,8 @@ batches are padded; a step with no valid example leaves adapters, optimizer stat
 the method's running sums exactly as they were.
 
 What differs between methods enters through the method's hooks (`methods/base.py`):
-where a client starts, extra gradient terms, what it sums over its steps, and what it
-uploads and keeps at the end. Everything per client travels in one named pytree,
+where a client starts, extra gradient terms, what it sums over its steps, what a pass over
+its data after training adds up (FedNano's Fisher), and what it uploads and keeps at the end. Everything per client travels in one named pytree,
 `ClientInputs`, whose leaves lead with the clients axis; everything shared (the frozen
 backbone, the dataset, what the server broadcasts) is broadcast.
 """
@@ -65,17 +65,28 @@ class LocalResult:
     sums: Any  # the method's running sums over its steps
     steps: jax.Array  # real (unpadded) steps taken
     loss: jax.Array
+    extra: Any = None  # the totals of the method's extra pass (None without one)
 
 
 @dataclasses.dataclass(frozen=True)
-class FinalContext:
-    """What `client_final` may use besides the training result: the model and one epoch of the client's data."""
+class Model:
+    """What a method's extra pass computes with: the split model and the shared dataset."""
 
     graphdef: Any
     frozen: Any
     data: dict
-    epoch_rows: jax.Array  # [steps per epoch, batch]: the client's first epoch, every example once
-    epoch_valid: jax.Array
+
+
+def run_extra_pass(method, model: Model, adapters, rows: jax.Array, valid: jax.Array):
+    """The method's extra pass over rows, valid [steps, batch] at `adapters` -> its totals (None without one)."""
+    totals = method.extra_pass_init(adapters)
+    if totals is None:
+        return None
+
+    def step(totals, inputs):
+        return method.extra_pass_step(totals, model, adapters, *inputs), None
+
+    return jax.lax.scan(step, totals, (rows, valid))[0]
 
 
 def tree_select(predicate, on_true, on_false):
@@ -137,11 +148,11 @@ def local_update(graphdef, optimizer: optax.GradientTransformation, method, step
     (adapters, _, sums), losses = jax.lax.scan(step, carry, (client.rows, client.valid, step_active))
     steps = step_active.sum()
     loss = jnp.sum(losses * step_active) / jnp.maximum(steps, 1)
-    result = LocalResult(start, adapters, sums, steps, loss)
     epoch_rows, epoch_valid = extra_pass_rows(client.rows[:steps_per_epoch], client.valid[:steps_per_epoch],
                                               extra_pass_examples)
-    context = FinalContext(graphdef, frozen, data, epoch_rows, epoch_valid)
-    upload, state = method.client_final(result, context, broadcast, client.state)
+    extra = run_extra_pass(method, Model(graphdef, frozen, data), adapters, epoch_rows, epoch_valid)
+    upload, state = method.client_final(LocalResult(start, adapters, sums, steps, loss, extra), broadcast,
+                                        client.state)
     return ClientOutputs(upload, state, loss)
 
 

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from fednano_jax.errors import CheckpointMismatch
 from fednano_jax.federated.checkpoints import RoundCheckpoints
-from fednano_jax.federated.client import ClientInputs, ClientOutputs, make_client_programs
+from fednano_jax.federated.client import ClientInputs, make_client_programs
 from fednano_jax.federated.methods.base import Method
+from fednano_jax.federated.packing import make_packed_program, packed_schedule
 from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
 from fednano_jax.federated.server import ClientUploads, reporting_clients, server_round
 from fednano_jax.parallel import mesh as sharding
@@ -60,6 +61,7 @@ class RoundPrograms:
     local: Callable  # (frozen, data, broadcast, ClientInputs [K]) -> ClientOutputs [K]
     server: Callable  # (server state, ClientUploads [K], reporting [K]) -> (server state, used [K])
     plain_local: Callable  # local training without the method's hooks, for its after_rounds phase
+    packed: Callable  # (frozen, data, broadcast, PackedLanes [L]) -> ClientOutputs [L, P] (fed.pack_clients)
 
 
 def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh | None = None) -> RoundPrograms:
@@ -74,8 +76,10 @@ def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh
             return sequential
         return sharding.sharded_client_program(vmapped, mesh) if mesh is not None else jax.jit(vmapped)
 
+    packed = make_packed_program(graphdef, optimizer, method)
+    packed = sharding.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
     server = jax.jit(functools.partial(server_round, method))
-    return RoundPrograms(client_program(method), server, client_program(Method(fed)))
+    return RoundPrograms(client_program(method), server, client_program(Method(fed)), packed)
 
 
 def tree_bytes(tree) -> int:
@@ -159,10 +163,8 @@ def run_round(run: Round, state: dict, round_index: int):
     method, fed, config = run.method, run.config.fed, run.config
     cohort = sample_cohort(len(run.train_rows), 0 if method.pooled else fed.clients_per_round, config.seed,
                            round_index)
-    rows, valid = run.schedule(cohort, fed.local_epochs, round_index)
     broadcast = run.place_replicated(method.broadcast(state["server"]))
-    outputs: ClientOutputs = run.programs.local(run.frozen, run.data, broadcast,
-                                                ClientInputs(rows, valid, _rows(state["clients"], cohort)))
+    outputs, steps = local_updates(run, cohort, broadcast, _rows(state["clients"], cohort), round_index)
     # A method that sends nothing (LocFT, Centralized) has nothing to lose to a dropped connection.
     reporting = (reporting_clients(cohort, fed.dropout, config.seed, round_index) if method.uploads
                  else np.ones(len(cohort), bool))
@@ -172,7 +174,30 @@ def run_round(run: Round, state: dict, round_index: int):
     new_client_states = jax.tree.map(sharding.to_host, outputs.state)
     used = used & _finite_rows(new_client_states, len(cohort))
     clients = _set_rows(state["clients"], cohort, used, new_client_states)
-    return {"server": server, "clients": clients}, cohort, reporting, used, sharding.to_host(outputs.loss)
+    return {"server": server, "clients": clients}, cohort, reporting, used, sharding.to_host(outputs.loss), steps
+
+
+def packs_clients(fed) -> bool:
+    return bool(fed.get("pack_clients", False)) and fed.mode != "sequential"
+
+
+def local_updates(run: Round, cohort: np.ndarray, broadcast, states, round_index: int):
+    """The cohort's local training -> (ClientOutputs [K] in cohort order, {client_steps, padded_client_steps}):
+    steps the clients really take, and the steps the round's programs run, padding included."""
+    fed = run.config.fed
+    if not packs_clients(fed):
+        rows, valid = run.schedule(cohort, fed.local_epochs, round_index)
+        outputs = run.programs.local(run.frozen, run.data, broadcast, ClientInputs(rows, valid, states))
+        lanes = sharding.padded_cohort(len(cohort), run.mesh) if run.mesh is not None else len(cohort)
+        return outputs, {"client_steps": int(valid.any(axis=2).sum()), "padded_client_steps": lanes * rows.shape[1]}
+    devices = run.mesh.shape[sharding.CLIENTS] if run.mesh is not None else 1
+    packed = packed_schedule([run.train_rows[k] for k in cohort], fed.batch_size, fed.local_epochs, run.config.seed,
+                             round_index, cohort, fed.get("fisher_examples", 0), devices, fed.get("pack_padding", 0.1),
+                             states)
+    outputs = run.programs.packed(run.frozen, run.data, broadcast, packed.lanes)
+    order = packed.order()
+    outputs = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[order], outputs)
+    return outputs, {"client_steps": packed.client_steps, "padded_client_steps": packed.padded_client_steps}
 
 
 def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dict, client_rows: list[np.ndarray],
@@ -199,7 +224,7 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
                             initial=first, total=fed.rounds):
         clock.take()
         start = time.perf_counter()
-        state, cohort, reporting, used, losses = run_round(run, state, round_index)
+        state, cohort, reporting, used, losses, steps = run_round(run, state, round_index)
         last = round_index + 1 == fed.rounds
         if last:
             state["clients"] = method.after_rounds(state["server"], state["clients"], run.local_trainer)
@@ -207,7 +232,7 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
         compile_seconds = clock.take()
         record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
                   "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
-                  "train_loss": losses.tolist(), "uploaded_bytes": int(upload_bytes * reporting.sum()),
+                  "train_loss": losses.tolist(), **steps, "uploaded_bytes": int(upload_bytes * reporting.sum()),
                   "round_seconds": time.perf_counter() - start - compile_seconds,
                   "compile_seconds": compile_seconds}
         _warn_about_faults(record, used)

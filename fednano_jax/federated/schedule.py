@@ -41,3 +41,4 @@ def sample_cohort(num_clients: int, cohort_size: int, seed: int, round_index: in
         return np.arange(num_clients)
     rng = generator(seed, Purpose.COHORT, round_index)
     return np.sort(rng.choice(num_clients, size=cohort_size, replace=False))
+

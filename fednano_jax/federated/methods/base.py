@@ -13,7 +13,9 @@ A round, as the loop runs it:
         start = method.local_start(broadcast, client_state)
         each local step: direction = method.local_gradient(grad, adapters, start, broadcast, client_state)
                          sums = method.accumulate(sums, step gradients)   # from method.sums_init(start)
-        upload, client_state = method.client_final(result, context, broadcast, client_state)
+        extra pass (FedNano's Fisher), over the first epoch: totals = method.extra_pass_step(totals, ...) per step,
+                   from method.extra_pass_init(adapters) (None: no pass)
+        upload, client_state = method.client_final(result, broadcast, client_state)
     server_state = method.server_update(server_state, uploads, weights)  # weights: |D_k|, 0 if unusable
     after the last round: client_states = method.after_rounds(...)       # FedDPA-F's local phase
     method.evaluate(evaluator, server_state, client_states, last)
@@ -62,8 +64,16 @@ class Method:
         """Add one real step's `StepGradients` to the running sums."""
         return sums
 
-    def client_final(self, result, context, broadcast, client_state):
-        """-> (upload, new client state) after local training (`client.LocalResult`, `client.FinalContext`)."""
+    def extra_pass_init(self, adapters):
+        """Running totals of a pass over the client's data after training, at its trained adapters (None: no pass)."""
+        return None
+
+    def extra_pass_step(self, totals, model, adapters, rows, valid):
+        """Add one batch (rows, valid [batch]) to the totals; `model` has the graphdef, frozen backbone and data."""
+        return totals
+
+    def client_final(self, result, broadcast, client_state):
+        """-> (upload, new client state) after local training and the extra pass (`client.LocalResult`)."""
         return {"adapters": result.adapters}, client_state
 
     # ------------------------------------------------------------ server side

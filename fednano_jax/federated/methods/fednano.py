@@ -1,7 +1,10 @@
 """FedNano: local epochs, then an extra pass over the local data for the diagonal Fisher; Fisher merge (Eq. 1)."""
 
+import jax
+import jax.numpy as jnp
+
 from fednano_jax.federated.aggregation import fisher_merge
-from fednano_jax.federated.fisher import diagonal_fisher
+from fednano_jax.federated.fisher import add_squared_example_grads
 from fednano_jax.federated.methods.base import Method
 
 
@@ -10,9 +13,17 @@ class FedNano(Method):
     uploads = ("adapters", "fisher")
     extra_passes = 1
 
-    def client_final(self, result, context, broadcast, client_state):
-        fisher = diagonal_fisher(context.graphdef, result.adapters, context.frozen, context.data,
-                                 context.epoch_rows, context.epoch_valid)
+    def extra_pass_init(self, adapters):
+        return {"squares": jax.tree.map(jnp.zeros_like, adapters), "examples": jnp.zeros((), jnp.float32)}
+
+    def extra_pass_step(self, total, model, adapters, rows, valid):
+        squares = add_squared_example_grads(model.graphdef, adapters, model.frozen, model.data, total["squares"],
+                                            rows, valid)
+        return {"squares": squares, "examples": total["examples"] + valid.sum()}
+
+    def client_final(self, result, broadcast, client_state):
+        count = jnp.maximum(result.extra["examples"], 1.0)
+        fisher = jax.tree.map(lambda s: s / count, result.extra["squares"])
         return {"adapters": result.adapters, "fisher": fisher}, client_state
 
     def server_update(self, server_state, uploads, weights):

@@ -21,6 +21,9 @@ class FedNanoEF(FedNano):
     name, label = "fednano_ef", "FedNano-EF"
     extra_passes = 0
 
+    def extra_pass_init(self, adapters):
+        return None
+
     def sums_init(self, start):
         return {"squares": jax.tree.map(jnp.zeros_like, start), "examples": jnp.zeros((), jnp.float32)}
 
@@ -28,7 +31,7 @@ class FedNanoEF(FedNano):
         squares = jax.tree.map(lambda total, g: total + jnp.square(g), sums["squares"], grads.summed)
         return {"squares": squares, "examples": sums["examples"] + grads.examples}
 
-    def client_final(self, result, context, broadcast, client_state):
+    def client_final(self, result, broadcast, client_state):
         count = jnp.maximum(result.sums["examples"], 1.0)
         fisher = jax.tree.map(lambda s: s / count, result.sums["squares"])
         return {"adapters": result.adapters, "fisher": fisher}, client_state

@@ -13,7 +13,7 @@ class LocFT(Method):
     def local_start(self, broadcast, client_state):
         return client_state
 
-    def client_final(self, result, context, broadcast, client_state):
+    def client_final(self, result, broadcast, client_state):
         return {}, result.adapters
 
     def server_update(self, server_state, uploads, weights):

@@ -42,7 +42,7 @@ class Scaffold(Method):
     def accumulate(self, sums, grads):
         return jax.tree.map(jnp.add, sums, grads.mean)
 
-    def client_final(self, result, context, broadcast, client_state):
+    def client_final(self, result, broadcast, client_state):
         steps = jnp.maximum(result.steps, 1).astype(jnp.float32)
         control = jax.tree.map(lambda s: s / steps, result.sums)
         delta = jax.tree.map(jnp.subtract, control, client_state["control"])
