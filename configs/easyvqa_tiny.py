@@ -61,7 +61,7 @@ def get_config() -> ConfigDict:
     config.fed.dpa_max_weight = 0.5  # FedDPA-F: largest weight the local adapter can get
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
     config.fed.client_chunk = 0  # clients each device trains at once (the rest wait their turn); 0 = all
-    config.fed.pack_clients = False  # small clients one after another in a vmap lane: less padding, same adapters
+    config.fed.pack_clients = True  # small clients one after another in a vmap lane: less padding, same adapters
     config.fed.pack_padding = 0.1  # packing: the most lanes whose padded steps stay within this share
 
     config.mesh = ConfigDict()  # devices: clients x model (-1 = the rest); see fednano_jax/parallel/mesh.py
