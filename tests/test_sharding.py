@@ -131,7 +131,7 @@ def test_round_time_follows_the_cohort_not_the_population(tiny_config, monkeypat
     # at a time (fed.client_chunk=1); the Fisher pass is sharded too.
     ("fednano", 6, 5, 4, 2, "fsdp", 1, False),
     ("locft", 8, 8, -1, 1, "replicated", 0, False),  # one client per device; personal adapters sharded as inputs
-    ("fednano", 8, 8, 2, 4, "fsdp", 0, True),  # packed lanes sharded over 2 client devices, against unpacked
+    ("fednano", 8, 8, 2, 4, "fsdp", 1, True),  # packed lanes sharded over 2 client devices, a lane at a time
 ])
 def test_sharded_round_matches_one_device(tiny_config, method, num_clients, cohort, clients, model, backbone, chunk,
                                           packed):

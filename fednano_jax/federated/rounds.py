@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fednano_jax.errors import CheckpointMismatch
 from fednano_jax.federated.checkpoints import RoundCheckpoints
-from fednano_jax.federated.client import ClientInputs, make_client_programs
+from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
 from fednano_jax.federated.methods.base import Method
 from fednano_jax.federated.packing import make_packed_program, packed_schedule
 from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
@@ -67,16 +67,16 @@ class RoundPrograms:
 def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh | None = None) -> RoundPrograms:
     """With a mesh (vmap mode), clients run sharded over its `clients` axis (see parallel/mesh.py)."""
     optimizer = make_optimizer(fed)
+    devices = mesh.shape[sharding.CLIENTS] if mesh is not None else 1
 
     def client_program(hooks: Method):
-        devices = mesh.shape[sharding.CLIENTS] if mesh is not None else 1
         vmapped, sequential = make_client_programs(graphdef, optimizer, hooks, epoch_steps,
                                                    fed.get("client_chunk", 0), devices, fed.get("fisher_examples", 0))
         if fed.mode == "sequential":
             return sequential
         return sharding.sharded_client_program(vmapped, mesh) if mesh is not None else jax.jit(vmapped)
 
-    packed = make_packed_program(graphdef, optimizer, method)
+    packed = in_chunks(make_packed_program(graphdef, optimizer, method), fed.get("client_chunk", 0), devices)
     packed = sharding.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
     server = jax.jit(functools.partial(server_round, method))
     return RoundPrograms(client_program(method), server, client_program(Method(fed)), packed)
