@@ -152,9 +152,8 @@ def test_clients_in_chunks_equal_one_vmap(tiny_config):
     broadcast = {"adapters": adapters}
     whole, _ = make_client_programs(graphdef, optax.adamw(1e-2), FedNano(FED), rows.shape[1])
     expected = jax.jit(whole)(frozen, data, broadcast, clients)
-    # 6 clients in chunks of 4 (the last padded with dummies); as 3 "devices" of 2 clients one at a time; as 2
-    # "devices" of 3 clients two at a time.
-    for chunk, devices in ((4, 1), (1, 3), (2, 2)):
+    # 6 clients in chunks of 4 (the last padded with dummies); as 2 "devices" of 3 clients two at a time.
+    for chunk, devices in ((4, 1), (2, 2)):
         chunked, _ = make_client_programs(graphdef, optax.adamw(1e-2), FedNano(FED), rows.shape[1], chunk, devices)
         got = jax.jit(chunked)(frozen, data, broadcast, clients)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
@@ -178,7 +177,7 @@ def test_packed_clients_give_the_unpacked_adapters_uploads_and_losses(tiny_confi
     client_rows = [np.arange(0, 7), np.arange(7, 9), np.arange(9, 10), np.arange(10, 12), np.arange(2, 5)]
     broadcast = {"adapters": adapters}
     rows, valid = client_schedule(client_rows, 2, 2, seed=0, round_index=0)  # 2 epochs, padded to 4 steps each
-    for method, cap in ((FedNano(FED), 0), (FedNano(FED), 3)):
+    for method, cap in ((FedNano(FED), 3),):  # FedNano's Fisher pass, capped at 3 examples, is packed too
         unpacked, _ = make_client_programs(graphdef, optax.adamw(1e-2), method, 4, extra_pass_examples=cap)
         expected = jax.jit(unpacked)(frozen, data, broadcast, ClientInputs(jnp.asarray(rows), jnp.asarray(valid)))
         packed, got = packed_outputs(graphdef, frozen, data, broadcast, method, client_rows, 2, 0.1, cap)

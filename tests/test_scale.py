@@ -150,8 +150,8 @@ def planned(tmp_path, *flags) -> dict:
 @pytest.fixture(scope="module")
 def h100_plans(tmp_path_factory):
     """The tiny config's run planned for one H100 by XLA's CUDA compiler, with and without remat."""
-    return {policy: planned(tmp_path_factory.mktemp(policy), "--target=h100-80gb", f"--remat={policy}")
-            for policy in ("none", "full")}
+    return {"full": planned(tmp_path_factory.mktemp("full"), "--target=h100-80gb", "--remat=full"),
+            "none": planned(tmp_path_factory.mktemp("none"), "--target=h100-80gb", "--remat=none", "--methods=fedavg")}
 
 
 RUN_PROGRAMS = {"local:fedavg", "server:fedavg", "local:fednano", "server:fednano", "local:feddpa_f",
@@ -169,18 +169,19 @@ def test_memory_plan_plans_every_program_of_the_run_for_an_h100(h100_plans):
         assert set(program) >= {"arguments", "temporaries", "outputs", "per_device_total_gib"}
     # The device dataset (easy-VQA's 2,600 rows of 64 px images, about 31 MiB) is an argument of every local update.
     assert report["programs"]["local:fedavg"]["arguments"] > 2600 * 64 * 64 * 3 / 2**30
-    # FedAvg's local update is FedDPA-F's: one module, compiled once.
-    assert report["programs"]["local:feddpa_f"].get("same_module_as") == "local:fedavg"
+    # FedDPA-F's aggregation is FedAvg's: one module, compiled once.
+    assert report["programs"]["server:feddpa_f"].get("same_module_as") == "server:fedavg"
+    assert report["packed"]  # the tiny config packs clients, and its packed programs were planned
 
 
 def test_the_gpu_plan_keeps_fewer_activations_with_remat(h100_plans):
-    none, full = (h100_plans[p]["programs"]["local:fednano"]["temporaries"] for p in ("none", "full"))
+    none, full = (h100_plans[p]["programs"]["local:fedavg"]["temporaries"] for p in ("none", "full"))
     assert full < none
 
 
 def test_memory_plan_on_the_cpu_target_and_its_exit_when_a_program_does_not_fit(tmp_path):
-    report = planned(tmp_path, "--target=cpu")
-    assert report["target"] == "cpu" and set(report["programs"]) == RUN_PROGRAMS
+    report = planned(tmp_path, "--target=cpu", "--methods=fedavg")
+    assert report["target"] == "cpu" and set(report["programs"]) == {"local:fedavg", "server:fedavg", "eval:generate"}
     command = [sys.executable, "-m", "fednano_jax.memory_plan", "--config=configs/easyvqa_tiny.py", *SMALL_MODEL,
                *PLANNED, "--target=h100-80gb", "--methods=fedavg", "--batch=60000"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT},

@@ -36,11 +36,12 @@ from fednano_jax.config import method_names
 from fednano_jax.data.prompts import bucket
 from fednano_jax.data.split_sizes import official_split_sizes
 from fednano_jax.eval.generate import greedy_generate
-from fednano_jax.federated.client import ClientInputs, make_client_programs
+from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
 from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.methods.base import Method
 from fednano_jax.federated.methods.feddpa_f import mixed_generate, prompt_features
-from fednano_jax.federated.rounds import make_optimizer
+from fednano_jax.federated.packing import PackedLanes, make_packed_program
+from fednano_jax.federated.rounds import make_optimizer, packs_clients
 from fednano_jax.federated.server import ClientUploads, server_round
 from fednano_jax.models.mllm import MllmConfig, count_params
 from fednano_jax.parallel import mesh as sharding
@@ -96,7 +97,8 @@ def _placed(tree, sharding):
 
 
 def _stacked(tree, count: int, sharding):
-    return jax.tree.map(lambda x: _sds((count,) + x.shape, x.dtype, sharding), tree)
+    return jax.tree.map(lambda x: _sds((count,) + x.shape, x.dtype, sharding) if sharding is not None
+                        else jax.ShapeDtypeStruct((count,) + x.shape, x.dtype), tree)
 
 
 def device_dataset_shapes(mcfg: MllmConfig, sizes: Sizes, everywhere) -> dict:
@@ -155,23 +157,43 @@ def epoch_steps(setting: Setting, method: Method) -> int:
     return max(math.ceil(rows / fed.batch_size), 1)
 
 
-def local_program(setting: Setting, method: Method, name: str, clients: int, hooks: Method | None = None) -> Program:
-    """The vmapped local update of `clients` clients, as `rounds.compile_programs` builds it."""
+def local_program(setting: Setting, method: Method, name: str, clients: int, hooks: Method | None = None,
+                  packed: bool = False) -> Program:
+    """The vmapped local update of `clients` clients, as `rounds.compile_programs` builds it: one lane per
+    client, or packed lanes (`federated/packing.py`), planned at one client per lane, the most lanes packing
+    runs (a lane's length, a scan, does not change its memory)."""
     fed = setting.config.fed
     hooks = hooks or method
     steps = epoch_steps(setting, method)
     padded = sharding.padded_cohort(clients, setting.mesh)
-    vmapped, _ = make_client_programs(setting.graphdef, make_optimizer(fed), hooks, steps,
-                                      fed.get("client_chunk", 0), setting.client_devices, fed.get("fisher_examples", 0))
     by_client = sharding.client_sharding(setting.mesh)
     schedule = (padded, steps * fed.local_epochs, fed.batch_size)
     state = hooks.client_state_init(setting.adapters)
-    inputs = ClientInputs(_sds(schedule, jnp.int32, by_client), _sds(schedule, bool, by_client),
-                          None if state is None else _stacked(state, padded, by_client))
+    chunk = fed.get("client_chunk", 0)
+    if packed:
+        vmapped = in_chunks(make_packed_program(setting.graphdef, make_optimizer(fed), hooks), chunk,
+                            setting.client_devices)
+        inputs = _packed_lanes(schedule, steps, fed, by_client,
+                               None if state is None else _stacked(_stacked(state, 1, None), padded, by_client))
+    else:
+        vmapped, _ = make_client_programs(setting.graphdef, make_optimizer(fed), hooks, steps, chunk,
+                                          setting.client_devices, fed.get("fisher_examples", 0))
+        inputs = ClientInputs(_sds(schedule, jnp.int32, by_client), _sds(schedule, bool, by_client),
+                              None if state is None else _stacked(state, padded, by_client))
     broadcast = _placed(jax.eval_shape(lambda a: hooks.broadcast(hooks.server_init(a)), setting.adapters),
                         setting.everywhere)
     program = jax.jit(vmapped, out_shardings=by_client)
     return Program(name, lambda: program.lower(setting.frozen, setting.data, broadcast, inputs))
+
+
+def _packed_lanes(schedule, steps: int, fed, by_client, state) -> PackedLanes:
+    lanes, length, batch = schedule
+    cap = fed.get("fisher_examples", 0)
+    extra = min(steps, -(-cap // batch)) if cap else steps
+    return PackedLanes(_sds(schedule, jnp.int32, by_client), _sds(schedule, bool, by_client),
+                       _sds((lanes, length), jnp.int32, by_client), _sds((lanes, length), bool, by_client),
+                       _sds((lanes, 1), bool, by_client), _sds((lanes, extra, batch), jnp.int32, by_client),
+                       _sds((lanes, extra, batch), bool, by_client), _sds((lanes, extra), jnp.int32, by_client), state)
 
 
 def server_program(setting: Setting, method: Method, clients: int) -> Program:
@@ -218,19 +240,19 @@ def dpa_programs(setting: Setting) -> list[Program]:
 
 
 def run_programs(setting: Setting) -> list[Program]:
-    """Every program a run of the config compiles, named `kind:method`."""
+    """Every program a run of the config compiles, named `kind:method` (FedDPA-F's local phase is never packed)."""
     fed = setting.config.fed
     cohort = fed.clients_per_round or fed.num_clients
     programs = []
     for name in method_names(setting.config):
         method = get_method(name, fed)
         clients = 1 if method.pooled else cohort
-        programs.append(local_program(setting, method, f"local:{name}", clients))
+        programs.append(local_program(setting, method, f"local:{name}", clients, packed=packs_clients(fed)))
         if method.uploads:
             programs.append(server_program(setting, method, clients))
         if name == "feddpa_f":
             programs.append(local_program(setting, method, "local:feddpa_f_local_phase", fed.num_clients,
-                                          hooks=Method(fed)))
+                                          hooks=Method(fed), packed=False))
             programs.extend(dpa_programs(setting))
     return programs + [generate_program(setting)]
 
@@ -269,7 +291,8 @@ def plan(config, target: targets.Target, text_tokens: int, answer_tokens: int) -
             "mesh": dict(setting.mesh.shape), "remat": setting.mcfg.llm.remat, "units": "GiB per device",
             "frozen_params": count_params(setting.frozen), "adapter_params": count_params(setting.adapters),
             "frozen_dtype": setting.mcfg.llm.dtype, "sizes": dataclasses.asdict(setting.sizes),
-            "client_chunk": config.fed.get("client_chunk", 0), "programs": programs}
+            "client_chunk": config.fed.get("client_chunk", 0), "packed": packs_clients(config.fed),
+            "programs": programs}
 
 
 def table(report: dict) -> str:
