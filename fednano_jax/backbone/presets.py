@@ -14,8 +14,8 @@ def llava15_7b(rank: int = 64, alpha: float = 16.0) -> ConfigDict:
     """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 patches, layer -2), mlp2x_gelu, Vicuna-7B."""
     return ConfigDict(dict(
         dtype="bfloat16",
-        # Per decoder layer, as the plans say (docs/memory.md): without it a 5-client round needs about 144 GiB
-        # per H100; with it about 26.
+        # Per decoder layer, as the plans say (docs/memory.md): without it a 5-client round was planned at
+        # 144 GiB per H100; with it (and the answer-only loss) at 34 GiB.
         remat="full",
         connector="mlp2x_gelu",
         vision=dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24,
