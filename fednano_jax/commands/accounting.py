@@ -28,7 +28,7 @@ from flax import nnx
 from fednano_jax.commands import cli
 from fednano_jax.backbone.shapes import model_shapes
 from fednano_jax.backbone.synthetic import abstract_model
-from fednano_jax.data.split_sizes import official_split_sizes
+from fednano_jax.data.split_sizes import federated_train_rows
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
 from fednano_jax.models.mllm import MllmConfig
@@ -103,17 +103,13 @@ def mean_examples_per_client(config, override: int | None) -> tuple[int, str]:
     clients = config.fed.num_clients
     if override is not None:
         return override, "--examples_per_client"
-    if config.data.get("train_examples"):
-        return config.data.train_examples // clients, f"data.train_examples over {clients} clients"
-    name = config.data.get("name", "easyvqa")  # data.datasets.DEFAULT, whose import needs tfds
-    sizes = official_split_sizes(name)
-    if sizes is None:
-        raise ConfigError(f"data.train_examples is 0 (all) and no official split size of {name!r} is recorded, so "
-                          "the examples per client are unknown here; pass --examples_per_client=N.")
-    held_aside = config.data.get("pretrain_examples", 0)
-    train = sizes["train"] - held_aside
-    less = f" less {held_aside:,} held aside for pretraining" if held_aside else ""
-    return train // clients, f"{name}'s official train split ({sizes['train']:,} examples{less}) over {clients} clients"
+    found = federated_train_rows(config)
+    if found is None:
+        raise ConfigError(f"data.train_examples is 0 (all) and no official split size of "
+                          f"{config.data.get('name', 'easyvqa')!r} is recorded, so the examples per client are "
+                          "unknown here; pass --examples_per_client=N.")
+    rows, source = found
+    return rows // clients, f"{source} over {clients} clients"
 
 
 def traffic_for(config, mcfg: MllmConfig, text_tokens: int, examples: int) -> Traffic:

@@ -34,7 +34,7 @@ from fednano_jax.backbone import synthetic
 from fednano_jax.commands import cli
 from fednano_jax.config import method_names
 from fednano_jax.data.prompts import bucket
-from fednano_jax.data.split_sizes import official_split_sizes
+from fednano_jax.data.split_sizes import federated_train_rows, official_split_sizes
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
 from fednano_jax.federated.methods import get_method
@@ -68,21 +68,18 @@ def run_sizes(config, mcfg: MllmConfig, text_tokens: int, answer_tokens: int) ->
     image_tokens = mcfg.vision.num_image_tokens if mcfg.vision else 0
     seq_len = bucket(1 + image_tokens + text_tokens)
     prompt_len = bucket(1 + image_tokens + text_tokens - answer_tokens)
-    name = config.data.get("name", "easyvqa")
-    sizes = official_split_sizes(name)
+    train, source = federated_train_rows(config) or (config.data.train_examples, "data.train_examples")
+    sizes = official_split_sizes(config.data.get("name", "easyvqa"))
     if sizes is not None:
-        held_aside = config.data.get("pretrain_examples", 0)
-        train = config.data.get("train_examples") or sizes["train"] - held_aside
         test = config.data.get("test_examples") or sizes["test"]
         images = sizes.get("images", {})
         image_fraction = {split: images.get(split, sizes[split]) / sizes[split] for split in ("train", "test")}
         image_rows = 1 + math.ceil(train * image_fraction["train"]) + math.ceil(test * image_fraction["test"])
-        source = f"{name}'s official splits: {train:,} train rows, {test:,} test rows"
     else:
-        train, test = config.data.train_examples, config.data.test_examples
-        image_rows = 1 + train + test
-        source = f"data.train_examples={train:,} and data.test_examples={test:,}, one image each"
-    return Sizes(train, image_rows, seq_len, prompt_len, answer_tokens, source)
+        test = config.data.test_examples
+        image_rows = 1 + train + test  # one image per row: an upper bound
+    return Sizes(train, image_rows, seq_len, prompt_len, answer_tokens,
+                 f"{train:,} train rows ({source}), {test:,} test rows")
 
 
 def _sds(shape, dtype, sharding):
@@ -96,9 +93,8 @@ def _placed(tree, sharding):
     return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), tree, sharding)
 
 
-def _stacked(tree, count: int, sharding):
-    return jax.tree.map(lambda x: _sds((count,) + x.shape, x.dtype, sharding) if sharding is not None
-                        else jax.ShapeDtypeStruct((count,) + x.shape, x.dtype), tree)
+def _stacked(tree, count: int, sharding=None):
+    return jax.tree.map(lambda x: _sds((count,) + x.shape, x.dtype, sharding), tree)
 
 
 def device_dataset_shapes(mcfg: MllmConfig, sizes: Sizes, everywhere) -> dict:
@@ -174,7 +170,7 @@ def local_program(setting: Setting, method: Method, name: str, clients: int, hoo
         vmapped = in_chunks(make_packed_program(setting.graphdef, make_optimizer(fed), hooks), chunk,
                             setting.client_devices)
         inputs = _packed_lanes(schedule, steps, fed, by_client,
-                               None if state is None else _stacked(_stacked(state, 1, None), padded, by_client))
+                               None if state is None else _stacked(_stacked(state, 1), padded, by_client))
     else:
         vmapped, _ = make_client_programs(setting.graphdef, make_optimizer(fed), hooks, steps, chunk,
                                           setting.client_devices, fed.get("fisher_examples", 0))

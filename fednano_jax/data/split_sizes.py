@@ -17,3 +17,17 @@ def _recorded() -> dict:
 def official_split_sizes(name: str) -> dict | None:
     """{"train", "val", "test", "source", ...} for a dataset name (`config.data.name`); None where none is recorded."""
     return _recorded().get(name)
+
+
+def federated_train_rows(config) -> tuple[int, str] | None:
+    """-> (the federated training rows a run of the config takes, where that number comes from): data.train_examples,
+    or the official train split less the rows held aside for pretraining; None where neither says."""
+    if config.data.get("train_examples"):
+        return config.data.train_examples, f"data.train_examples={config.data.train_examples:,}"
+    name = config.data.get("name", "easyvqa")  # data.datasets.DEFAULT, whose import needs tfds
+    sizes = official_split_sizes(name)
+    if sizes is None:
+        return None
+    held_aside = config.data.get("pretrain_examples", 0)
+    less = f" less {held_aside:,} held aside for pretraining" if held_aside else ""
+    return sizes["train"] - held_aside, f"{name}'s official train split ({sizes['train']:,} examples{less})"
