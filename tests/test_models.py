@@ -119,3 +119,42 @@ def test_generation_pads_after_eos(tiny_config):
     stopped = greedy_generate(graphdef, frozen, adapters, batch["input_ids"], batch["attention_mask"],
                               batch["images"], max_new_tokens=3, pad_id=0, eos_id=eos)
     assert int(stopped[0, 0]) == eos and np.all(np.asarray(stopped[0, 1:]) == 0)
+
+
+def test_stacked_decoder_layers_equal_the_layers_applied_in_turn(tiny_config):
+    """The scan over the stacked layers computes what applying layer 0, then 1, ... does, under any remat."""
+    import dataclasses
+
+    from fednano_jax.models.llama import LlamaDecoder, positions_from_mask
+
+    llm = dataclasses.replace(tiny_config.llm, num_layers=3)
+    decoder = LlamaDecoder(llm, nnx.Rngs(0))
+    assert jax.tree.leaves(nnx.state(decoder.layers))[0].shape[0] == 3
+    embeds = jax.random.normal(jax.random.key(1), (2, 6, llm.hidden_size))
+    attention_mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]], jnp.int32)
+    mask = jnp.tril(jnp.ones((6, 6), bool))[None] & attention_mask.astype(bool)[:, None, :]
+    graphdef, state = nnx.split(decoder.layers)
+    x = embeds
+    for i in range(3):
+        x = nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[i], state))(x, positions_from_mask(attention_mask),
+                                                                            mask)[0]
+    expected = decoder.norm(x)
+    for policy in ("none", "full"):
+        decoder.config = dataclasses.replace(llm, remat=policy)
+        np.testing.assert_allclose(decoder.hidden_states(embeds, attention_mask), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backbone_saved_per_layer_loads_with_its_layers_stacked(tmp_path, tiny_config):
+    """Backbones cached (or shipped) before the decoder layers were stacked still load, stacked as they load."""
+    from fednano_jax.backbone.cache import load_backbone, save_backbone
+    from fednano_jax.data.tokenizer import build_tokenizer
+
+    _, frozen, _ = split_model(MultimodalModel(tiny_config, nnx.Rngs(0)))
+    pure = nnx.to_pure_dict(frozen)
+    layers = pure["server"]["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    per_layer = {**pure, "server": {**pure["server"],
+                                    "layers": {str(i): jax.tree.map(lambda x: x[i], layers) for i in range(count)}}}
+    save_backbone(str(tmp_path / "old"), per_layer, build_tokenizer(["a b"]))
+    loaded = nnx.to_pure_dict(load_backbone(str(tmp_path / "old"), frozen))
+    jax.tree.map(np.testing.assert_array_equal, loaded, pure)

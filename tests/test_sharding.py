@@ -14,12 +14,14 @@ import jax
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
+from flax import nnx
 
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.client import ClientInputs
 from fednano_jax.federated.rounds import compile_programs, run_method
+from fednano_jax.models.mllm import MultimodalModel, split_model
 from test_federated import tiny_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,6 +104,19 @@ def test_fsdp_rule_shards_only_large_matrices_on_a_divisible_dimension():
     assert sharding.backbone_spec((4096,), "fsdp", 8, 1024) == P()  # norms stay replicated
     assert sharding.backbone_spec((16, 16), "fsdp", 8, 1024) == P()  # too small to be worth it
     assert sharding.backbone_spec((4096, 11008), "replicated", 8, 1024) == P()
+    # Stacked decoder layers [layers, in, out]: the layer axis the scan slices is never sharded.
+    assert sharding.backbone_spec((32, 4096, 11008), "fsdp", 8, 1024, stacked=True) == P(None, "model")
+    assert sharding.backbone_spec((32, 4096), "fsdp", 8, 1024, stacked=True) == P()  # stacked norms
+
+
+def test_only_the_decoder_layers_are_seen_as_stacked(tiny_config):
+    """The vision tower's layers are a list (`layers/0/...`); the decoder's are one stacked module."""
+    _, frozen, _ = split_model(MultimodalModel(tiny_config, nnx.Rngs(0)))
+    stacked = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(frozen)
+               if sharding.is_layer_stack(path)}
+    assert stacked and all(name.startswith("['server']['layers']") for name in stacked)
+    assert any("['vision']['layers']" in jax.tree_util.keystr(path)
+               for path, _ in jax.tree_util.tree_leaves_with_path(frozen))
 
 
 def test_round_time_follows_the_cohort_not_the_population(tiny_config, monkeypatch):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -38,14 +40,50 @@ def save_backbone(directory: str, frozen: nnx.State | dict, tokenizer) -> None:
 
 
 def load_backbone(directory: str, abstract_frozen: nnx.State | dict) -> nnx.State | dict:
-    """Restores into the structure (and shapes) of `abstract_frozen`, a state or a dict of arrays."""
+    """Restores into the structure (and shapes) of `abstract_frozen`, a state or a dict of arrays.
+
+    A backbone saved before the decoder layers were stacked (one entry per layer) is stacked as it loads."""
     is_state = isinstance(abstract_frozen, nnx.State)
     tree = nnx.to_pure_dict(abstract_frozen) if is_state else abstract_frozen
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    path = os.path.join(os.path.abspath(directory), PARAMS)
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS), target)
+        saved = checkpointer.metadata(path).item_metadata.tree
+        restored = _stacked(checkpointer.restore(path, _as_saved(target, saved)), target)
     if not is_state:
         return restored
     state = jax.tree.map(lambda x: x, abstract_frozen)
     nnx.replace_by_pure_dict(state, restored)
     return state
+
+
+def _per_layer(saved) -> bool:
+    return isinstance(saved, Mapping) and bool(saved) and all(str(key).isdigit() for key in saved)
+
+
+def _as_saved(target, saved):
+    """`target` with each stacked-layers subtree that was saved per layer ({'0': ..., '1': ...}) unstacked."""
+    if not isinstance(target, dict) or not isinstance(saved, Mapping):
+        return target
+    out = {}
+    for key, value in target.items():
+        if key == "layers" and not _per_layer(value) and _per_layer(saved.get(key)):
+            layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), value)
+            out[key] = {str(i): layer for i in range(len(saved[key]))}
+        else:
+            out[key] = _as_saved(value, saved.get(key))
+    return out
+
+
+def _stacked(restored, target):
+    """Restored arrays in `target`'s structure: per-layer entries stacked on a leading axis."""
+    if not isinstance(target, dict):
+        return restored
+    out = {}
+    for key, value in target.items():
+        part = restored[key]
+        if key == "layers" and not _per_layer(value) and _per_layer(part):
+            layers = [part[str(i)] for i in range(len(part))]
+            part = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        out[key] = _stacked(part, value)
+    return out

@@ -4,6 +4,10 @@ The decoder consumes input embeddings (token embeddings live on the client, in
 NanoEdge) and returns logits. One attention path serves training and KV-cache
 decoding: without a cache the keys are the sequence itself; with a cache the new
 keys are written at `cache.index` and queries attend to every valid earlier slot.
+
+The decoder layers are one stacked module, every parameter leading with a
+[num_layers] axis, run by `lax.scan` (MaxText's `scan_layers`): a 32-layer
+decoder is traced and compiled as one layer, not 32.
 """
 
 from __future__ import annotations
@@ -63,26 +67,18 @@ REMAT_POLICIES = {
 }
 
 
-def _layer_output(layer, x, positions, mask):
-    return layer(x, positions, mask)[0]
-
-
-def layer_forward(policy: str):
-    """(layer, x, positions, mask) -> x, rematerialised per layer by the named policy.
-
-    The layer is split into (graphdef, state) so `jax.checkpoint` sees plain arrays.
-    """
+def scan_body(graphdef, policy: str, positions, mask):
+    """(x, layer state) -> (x, None): one decoder layer as a `lax.scan` body over the stacked layers,
+    rematerialised by the named policy (a remat policy keeps only what it names for the backward pass)."""
     if policy not in REMAT_POLICIES:
         raise ValueError(f"Unknown remat policy {policy!r}; expected one of {sorted(REMAT_POLICIES)}.")
+
+    def body(x, layer_state):
+        return nnx.merge(graphdef, layer_state)(x, positions, mask)[0], None
+
     if REMAT_POLICIES[policy] is None:
-        return _layer_output
-
-    def forward(layer, x, positions, mask):
-        graphdef, state = nnx.split(layer)
-        pure = lambda s, h: _layer_output(nnx.merge(graphdef, s), h, positions, mask)  # noqa: E731
-        return jax.checkpoint(pure, policy=REMAT_POLICIES[policy])(state, x)
-
-    return forward
+        return body
+    return jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
 class RMSNorm(nnx.Module):
@@ -185,11 +181,20 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def stacked_layers(config: LlamaConfig, rngs: nnx.Rngs) -> "DecoderLayer":
+    """One DecoderLayer whose parameters are every layer's, stacked on a leading [num_layers] axis.
+
+    Each layer is initialised as an unstacked list would be (the same random draws, in order)."""
+    layers = [nnx.split(DecoderLayer(config, rngs)) for _ in range(config.num_layers)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in layers])
+    return nnx.merge(layers[0][0], stacked)
+
+
 class LlamaDecoder(nnx.Module):
     """Decoder blocks + final norm + LM head: everything the server keeps frozen."""
 
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
-        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
+        self.layers = stacked_layers(config, rngs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = dense(rngs, config.hidden_size, config.vocab_size, dtype=jnp.dtype(config.dtype))
         self.config = config
@@ -200,11 +205,9 @@ class LlamaDecoder(nnx.Module):
         length = embeds.shape[1]
         causal = jnp.tril(jnp.ones((length, length), bool))
         mask = causal[None] & valid[:, None, :]
-        positions = positions_from_mask(attention_mask)
-        x = embeds
-        forward = layer_forward(self.config.remat)
-        for layer in self.layers:
-            x = forward(layer, x, positions, mask)
+        graphdef, state = nnx.split(self.layers)
+        body = scan_body(graphdef, self.config.remat, positions_from_mask(attention_mask), mask)
+        x, _ = jax.lax.scan(body, embeds, state)
         return self.norm(x)
 
     def __call__(self, embeds, attention_mask):
@@ -227,8 +230,16 @@ class LlamaDecoder(nnx.Module):
         query_slots = cache.index + jnp.arange(length)
         causal = jnp.arange(max_len)[None, :] <= query_slots[:, None]
         mask = causal[None] & valid_slots[:, None, :]
-        x, keys, values = embeds, cache.keys, cache.values
-        for i, layer in enumerate(self.layers):
-            x, (keys, values) = layer(x, positions, mask, (keys, values, i, cache.index))
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, inputs):  # the whole cache rides in the carry, so each layer's write is in place
+            x, keys, values = carry
+            layer_state, layer = inputs
+            x, (keys, values) = nnx.merge(graphdef, layer_state)(x, positions, mask, (keys, values, layer,
+                                                                                       cache.index))
+            return (x, keys, values), None
+
+        layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x, keys, values), _ = jax.lax.scan(body, (embeds, cache.keys, cache.values), (state, layer_ids))
         logits = self.lm_head(self.norm(x[:, -1]))  # greedy decoding reads only the last position
         return logits, KVCache(keys, values, valid_slots, cache.index + length)

@@ -68,21 +68,35 @@ def client_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(CLIENTS))
 
 
-def backbone_spec(shape: tuple[int, ...], layout: str, model_size: int, min_size: int) -> P:
-    """The rule for one frozen leaf: replicated, or (fsdp) its first dimension `model` divides."""
-    if layout != "fsdp" or model_size == 1 or len(shape) < 2 or int(np.prod(shape)) < min_size:
+def backbone_spec(shape: tuple[int, ...], layout: str, model_size: int, min_size: int, stacked: bool = False) -> P:
+    """The rule for one frozen leaf: replicated, or (fsdp) its first dimension `model` divides.
+
+    A stacked layer's leading (layer) axis is never sharded: the scan over layers slices it."""
+    first = 1 if stacked else 0
+    if layout != "fsdp" or model_size == 1 or len(shape) < first + 2 or int(np.prod(shape)) < min_size:
         return P()
-    for axis, size in enumerate(shape):
+    for axis, size in enumerate(shape[first:], start=first):
         if size % model_size == 0:
             return P(*([None] * axis + [MODEL]))
     return P()
 
 
+def _key(entry) -> object:
+    return getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
+
+
+def is_layer_stack(path) -> bool:
+    """A leaf of stacked layers (`models/llama.py`): under a `layers` entry not followed by a layer number."""
+    keys = [_key(entry) for entry in path]
+    return any(key == "layers" and not isinstance(after, int) for key, after in zip(keys, keys[1:]))
+
+
 def backbone_shardings(frozen, mesh: Mesh, mesh_config):
     """A NamedSharding per frozen leaf (a tree like `frozen`)."""
     model_size = mesh.shape[MODEL]
-    return jax.tree.map(lambda x: NamedSharding(mesh, backbone_spec(x.shape, mesh_config.backbone, model_size,
-                                                                    mesh_config.fsdp_min_size)), frozen)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, backbone_spec(x.shape, mesh_config.backbone, model_size,
+                                                          mesh_config.fsdp_min_size, is_layer_stack(path))), frozen)
 
 
 def place_backbone(frozen, mesh: Mesh, mesh_config):

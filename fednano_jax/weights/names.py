@@ -2,7 +2,8 @@
 
 Checkpoint names are Hugging Face's (LLaMA, CLIP vision, LLaVA projector); GGUF names
 are translated to them first (`gguf_llama.hf_name`), so one table serves every format.
-Our names are the '/'-joined paths of the model's state (`nnx.to_pure_dict`).
+Our names are the '/'-joined paths of the model's state (`nnx.to_pure_dict`). The decoder's
+layers are stacked (`models/llama.py`): layer i of a stacked parameter is named `path@i`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def llava_prefixes(keys: set[str]) -> Prefixes:
                     _prefix(keys, "linear_1.weight", "multi_modal_projector"))
 
 
+STACKED = "@"  # `path@i`: slice i of a parameter whose layers are stacked on its leading axis
+
+
+def stacked_slot(name: str) -> tuple[str, int | None]:
+    """`path@i` -> (path, i); a plain name -> (name, None)."""
+    path, sep, index = name.rpartition(STACKED)
+    return (path, int(index)) if sep else (name, None)
+
+
 def to_flax(array: np.ndarray, transform: str) -> np.ndarray:
     if transform == LINEAR:
         return array.T
@@ -62,13 +72,13 @@ def llama_table(p: Prefixes, num_layers: int, tied: bool) -> dict[str, tuple[str
              "server/norm/weight": (f"{lm}norm.weight", COPY),
              "server/lm_head/kernel": (f"{lm}embed_tokens.weight" if tied else p.lm_head, LINEAR)}
     for i in range(num_layers):
-        src, dst = f"{lm}layers.{i}.", f"server/layers/{i}/"
+        src, at = f"{lm}layers.{i}.", f"{STACKED}{i}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            table[f"{dst}{norm}/weight"] = (f"{src}{norm}.weight", COPY)
+            table[f"server/layers/{norm}/weight{at}"] = (f"{src}{norm}.weight", COPY)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            table[f"{dst}self_attn/{proj}/kernel"] = (f"{src}self_attn.{proj}.weight", LINEAR)
+            table[f"server/layers/self_attn/{proj}/kernel{at}"] = (f"{src}self_attn.{proj}.weight", LINEAR)
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            table[f"{dst}mlp/{proj}/kernel"] = (f"{src}mlp.{proj}.weight", LINEAR)
+            table[f"server/layers/mlp/{proj}/kernel{at}"] = (f"{src}mlp.{proj}.weight", LINEAR)
     return table
 
 
