@@ -17,6 +17,7 @@ def get_config() -> ConfigDict:
     config.data.train_examples = 2000  # federated training questions (0 = all)
     config.data.test_examples = 600  # federated test questions from the official test split (0 = all)
     config.data.dirichlet_alpha = 1.0  # non-IID skew over question categories
+    config.data.stream_images = False  # True: the image table stays on the host, each step fetches its images
 
     config.model = ConfigDict()
     config.model.dtype = "float32"

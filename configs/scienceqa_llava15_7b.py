@@ -20,6 +20,7 @@ def paper_setup(config: ConfigDict) -> ConfigDict:
     config.data.pretrain_examples = 0  # LLaVA is already aligned: nothing held aside
     config.data.train_examples = 0  # the whole official train split
     config.data.test_examples = 0  # the whole official val and test splits
+    config.data.stream_images = True  # the image table stays in host memory; each step fetches its images
     fed = config.fed
     fed.methods = ("centralized", "locft", "fedavg", "fedprox", "feddpa_f", "fednano", "fednano_ef")
     fed.num_clients, fed.rounds, fed.local_epochs, fed.batch_size = 5, 10, 1, 8

@@ -124,12 +124,13 @@ LATER_DEFAULTS = {"fisher_examples": 0}
 def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
     """The settings a run resumed from a round checkpoint must share with the run that wrote it.
 
-    Left out: how long to run (fed.rounds), how to run it (fed.mode, fed.client_chunk, fed.pack_clients, fed.pack_padding: same numbers), which
+    Left out: how long to run (fed.rounds), how to run it (fed.mode, fed.client_chunk, fed.pack_clients, fed.pack_padding,
+    data.stream_images: same numbers), which
     methods (each has its own checkpoints), evaluation, checkpointing and paths.
     """
     fed = {k: v for k, v in config.fed.to_dict().items() if k not in ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding")
            and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
-    data = {k: v for k, v in config.data.to_dict().items() if k not in ("dir", "root")}
+    data = {k: v for k, v in config.data.to_dict().items() if k not in ("dir", "root", "stream_images")}
     return {"seed": config.seed, "model": config.model.to_dict(), "data": data, "fed": fed, "backbone": backbone_key}
 
 

@@ -90,7 +90,7 @@ def run_experiment(config, workdir: str) -> None:
         raise ConfigError(str(error)) from error
     sizes = [len(r) for r in data.client_train]
     print(f"{config.fed.num_clients} clients, train examples {sizes}, test examples {[len(r) for r in data.client_test]}")
-    device_data = device_dataset(data.train, data.images)
+    device_data = device_dataset(data.train, data.images, config.data.get("stream_images", False))
     evaluator = Evaluator(graphdef, frozen, data, tokenizer, config)
 
     # ------------------------------------------------------------- Methods

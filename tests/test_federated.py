@@ -159,6 +159,29 @@ def test_clients_in_chunks_equal_one_vmap(tiny_config):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
 
 
+def test_images_streamed_from_the_host_give_the_device_tables_outputs(tiny_config):
+    """`data.stream_images`: the step's images come from a host callback, not a device table; same numbers,
+    vmapped, chunked and packed, and the compiled program no longer takes the table as an argument."""
+    from fednano_jax.data.batches import HostImages
+
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    streamed = {**data, "images": HostImages(np.asarray(data["images"]))}
+    client_rows = [np.arange(0, 5), np.arange(5, 8), np.arange(8, 12)]
+    rows, valid = client_schedule(client_rows, 2, 1, seed=0, round_index=0)
+    clients = ClientInputs(jnp.asarray(rows), jnp.asarray(valid))
+    broadcast = {"adapters": adapters}
+    for chunk in (0, 2):
+        program = jax.jit(make_client_programs(graphdef, optax.adamw(1e-2), FedNano(FED), rows.shape[1], chunk)[0])
+        expected, got = program(frozen, data, broadcast, clients), program(frozen, streamed, broadcast, clients)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, expected)
+    arguments = [program.lower(frozen, d, broadcast, clients).compile().memory_analysis().argument_size_in_bytes
+                 for d in (data, streamed)]
+    assert arguments[0] - arguments[1] == data["images"].nbytes
+    _, packed_expected = packed_outputs(graphdef, frozen, data, broadcast, FedNano(FED), client_rows, 1, 0.5)
+    _, packed_got = packed_outputs(graphdef, frozen, streamed, broadcast, FedNano(FED), client_rows, 1, 0.5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), packed_got, packed_expected)
+
+
 def packed_outputs(graphdef, frozen, data, broadcast, method, client_rows, epochs, max_padding, cap=0, states=None):
     from fednano_jax.federated.packing import make_packed_program, packed_schedule
 

@@ -16,6 +16,7 @@ import pytest
 from ml_collections import ConfigDict
 from flax import nnx
 
+from fednano_jax.data.batches import HostImages
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.federated.methods import get_method
@@ -71,8 +72,10 @@ class DecodingEvaluation:
 
 
 def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=None, rounds=1, evaluate=False,
-                  client_chunk=0, packed=False):
+                  client_chunk=0, packed=False, stream_images=False):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=3 * num_clients)
+    if stream_images:  # data.stream_images: the image table on the host, each step's images fetched
+        data = {**data, "images": HostImages(np.asarray(data["images"]))}
     client_rows = np.array_split(np.arange(3 * num_clients), num_clients)
     client_rows[0] = np.arange(3 * num_clients)[:7]  # uneven clients, so packing has lanes to fill
     config = run_config(num_clients, cohort, rounds)
@@ -142,19 +145,19 @@ def test_round_time_follows_the_cohort_not_the_population(tiny_config, monkeypat
 
 
 @needs_8
-@pytest.mark.parametrize("method, num_clients, cohort, clients, model, backbone, chunk, packed", [
+@pytest.mark.parametrize("method, num_clients, cohort, clients, model, backbone, chunk, packed, stream", [
     # A cohort of 5 padded to 8 on 4 client devices x 2 FSDP devices, each device training its 2 clients one
-    # at a time (fed.client_chunk=1); the Fisher pass is sharded too.
-    ("fednano", 6, 5, 4, 2, "fsdp", 1, False),
-    ("locft", 8, 8, -1, 1, "replicated", 0, False),  # one client per device; personal adapters sharded as inputs
-    ("fednano", 4, 4, 2, 4, "fsdp", 1, True),  # packed lanes sharded over 2 client devices, a lane at a time
+    # at a time (fed.client_chunk=1); the Fisher pass is sharded too; images streamed from the host.
+    ("fednano", 6, 5, 4, 2, "fsdp", 1, False, True),
+    ("locft", 8, 8, -1, 1, "replicated", 0, False, False),  # one client per device; personal adapters sharded
+    ("fednano", 4, 4, 2, 4, "fsdp", 1, True, True),  # packed lanes sharded over 2 client devices, a lane at a time
 ])
 def test_sharded_round_matches_one_device(tiny_config, method, num_clients, cohort, clients, model, backbone, chunk,
-                                          packed):
+                                          packed, stream):
     cfg = mesh_config(clients, model, backbone)
     single = federated_run(tiny_config, method, num_clients, cohort)
     sharded = federated_run(tiny_config, method, num_clients, cohort, sharding.make_mesh(cfg), cfg,
-                            client_chunk=chunk, packed=packed)
+                            client_chunk=chunk, packed=packed, stream_images=stream)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     jax.tree.map(close, (single.server, single.clients), (sharded.server, sharded.clients))
     np.testing.assert_allclose(single.history[0]["train_loss"], sharded.history[0]["train_loss"], rtol=1e-5)

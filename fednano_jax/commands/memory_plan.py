@@ -33,6 +33,7 @@ from absl import flags
 from fednano_jax.backbone import synthetic
 from fednano_jax.commands import cli
 from fednano_jax.config import method_names
+from fednano_jax.data.batches import HostImages
 from fednano_jax.data.prompts import bucket
 from fednano_jax.data.split_sizes import federated_train_rows, official_split_sizes
 from fednano_jax.eval.generate import greedy_generate
@@ -97,13 +98,15 @@ def _stacked(tree, count: int, sharding=None):
     return jax.tree.map(lambda x: _sds((count,) + x.shape, x.dtype, sharding), tree)
 
 
-def device_dataset_shapes(mcfg: MllmConfig, sizes: Sizes, everywhere) -> dict:
-    """What `data.batches.device_dataset` puts on every device, as abstract arrays."""
+def device_dataset_shapes(mcfg: MllmConfig, sizes: Sizes, everywhere, stream_images: bool = False) -> dict:
+    """What `data.batches.device_dataset` puts on every device, as abstract arrays (with `stream_images`,
+    the image table stays on the host: the plan counts only each step's fetched images)."""
     n, t, s = sizes.train_rows, sizes.seq_len, sizes.answer_slots
     size = mcfg.vision.image_size if mcfg.vision else 1
+    images = jax.ShapeDtypeStruct((sizes.images, size, size, 3), jnp.uint8)
     return {"input_ids": _sds((n, t), jnp.int32, everywhere), "attention_mask": _sds((n, t), bool, everywhere),
             "loss_mask": _sds((n, t), bool, everywhere), "image_index": _sds((n,), jnp.int32, everywhere),
-            "images": _sds((sizes.images, size, size, 3), jnp.uint8, everywhere),
+            "images": HostImages(images) if stream_images else _sds(images.shape, images.dtype, everywhere),
             "answer_positions": _sds((n, s), jnp.int32, everywhere), "answer_valid": _sds((n, s), bool, everywhere)}
 
 
@@ -142,7 +145,7 @@ def make_setting(config, target: targets.Target, text_tokens: int, answer_tokens
     graphdef, frozen, adapters = synthetic.abstract_model(mcfg)
     frozen = _placed(frozen, sharding.backbone_shardings(frozen, mesh, mesh_config))
     sizes = run_sizes(config, mcfg, text_tokens, answer_tokens)
-    data = device_dataset_shapes(mcfg, sizes, sharding.replicated(mesh))
+    data = device_dataset_shapes(mcfg, sizes, sharding.replicated(mesh), config.data.get("stream_images", False))
     return Setting(config, mcfg, mesh, sizes, graphdef, frozen, adapters, data)
 
 
