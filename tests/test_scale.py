@@ -149,9 +149,12 @@ def planned(tmp_path, *flags) -> dict:
 
 @pytest.fixture(scope="module")
 def h100_plans(tmp_path_factory):
-    """The tiny config's run planned for one H100 by XLA's CUDA compiler, with and without remat."""
+    """The tiny config's run planned for one H100 by XLA's CUDA compiler, with and without remat (and
+    without, its images streamed from the host), and for a TPU v5p slice of 4 chips by libtpu's."""
     return {"full": planned(tmp_path_factory.mktemp("full"), "--target=h100-80gb", "--remat=full"),
-            "none": planned(tmp_path_factory.mktemp("none"), "--target=h100-80gb", "--remat=none", "--methods=fedavg")}
+            "none": planned(tmp_path_factory.mktemp("none"), "--target=h100-80gb", "--remat=none", "--methods=fedavg",
+                            "--config.data.stream_images=True"),
+            "tpu": planned(tmp_path_factory.mktemp("tpu"), "--target=tpu:v5p:2x2x1", "--methods=fedavg")}
 
 
 RUN_PROGRAMS = {"local:fedavg", "server:fedavg", "local:fednano", "server:fednano", "local:feddpa_f",
@@ -177,6 +180,20 @@ def test_memory_plan_plans_every_program_of_the_run_for_an_h100(h100_plans):
 def test_the_gpu_plan_keeps_fewer_activations_with_remat(h100_plans):
     none, full = (h100_plans[p]["programs"]["local:fedavg"]["temporaries"] for p in ("none", "full"))
     assert full < none
+
+
+def test_streamed_images_leave_the_image_table_out_of_the_devices_arguments(h100_plans):
+    on_device, streamed = (h100_plans[p]["programs"]["local:fedavg"]["arguments"] for p in ("full", "none"))
+    table = h100_plans["full"]["sizes"]["images"] * 64 * 64 * 3 / 2**30  # uint8 images at 64 px
+    assert on_device - streamed == pytest.approx(table, rel=1e-3)
+
+
+def test_the_tpu_plan_spreads_the_clients_over_the_slices_chips(h100_plans):
+    report = h100_plans["tpu"]
+    assert report["target"] == "tpu:v5p:2x2x1" and report["devices"] == 4 and report["device_kind"].startswith("TPU v5")
+    assert report["mesh"] == {"clients": 4, "model": 1}
+    assert report["device_memory_gib"] == pytest.approx(95.0, abs=1.0)
+    assert {"local:fedavg", "server:fedavg", "eval:generate"} <= set(report["programs"])
 
 
 def test_memory_plan_on_the_cpu_target_and_its_exit_when_a_program_does_not_fit(tmp_path):

@@ -98,6 +98,19 @@ def _stacked(tree, count: int, sharding=None):
     return jax.tree.map(lambda x: _sds((count,) + x.shape, x.dtype, sharding), tree)
 
 
+class PlannedHostImages(HostImages):
+    """`HostImages` for a plan: a host callback cannot be lowered for a GPU that is not there, so a
+    computed batch of the fetched images' shape stands in for it (the barrier keeps it a real buffer).
+    What matters for memory is kept: the table is not an argument, each step holds its own images."""
+
+    def take(self, index: jax.Array) -> jax.Array:
+        pixels = index.astype(self.dtype).reshape(tuple(index.shape) + (1,) * (len(self.shape) - 1))
+        return jax.lax.optimization_barrier(jnp.broadcast_to(pixels, tuple(index.shape) + self.shape[1:]))
+
+
+jax.tree_util.register_pytree_node(PlannedHostImages, lambda images: ((), images), lambda images, _: images)
+
+
 def device_dataset_shapes(mcfg: MllmConfig, sizes: Sizes, everywhere, stream_images: bool = False) -> dict:
     """What `data.batches.device_dataset` puts on every device, as abstract arrays (with `stream_images`,
     the image table stays on the host: the plan counts only each step's fetched images)."""
@@ -106,7 +119,7 @@ def device_dataset_shapes(mcfg: MllmConfig, sizes: Sizes, everywhere, stream_ima
     images = jax.ShapeDtypeStruct((sizes.images, size, size, 3), jnp.uint8)
     return {"input_ids": _sds((n, t), jnp.int32, everywhere), "attention_mask": _sds((n, t), bool, everywhere),
             "loss_mask": _sds((n, t), bool, everywhere), "image_index": _sds((n,), jnp.int32, everywhere),
-            "images": HostImages(images) if stream_images else _sds(images.shape, images.dtype, everywhere),
+            "images": PlannedHostImages(images) if stream_images else _sds(images.shape, images.dtype, everywhere),
             "answer_positions": _sds((n, s), jnp.int32, everywhere), "answer_valid": _sds((n, s), bool, everywhere)}
 
 
