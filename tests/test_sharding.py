@@ -120,6 +120,11 @@ def test_only_the_decoder_layers_are_seen_as_stacked(tiny_config):
     assert stacked and all(name.startswith("['server']['layers']") for name in stacked)
     assert any("['vision']['layers']" in jax.tree_util.keystr(path)
                for path, _ in jax.tree_util.tree_leaves_with_path(frozen))
+    # As a restored checkpoint spells them: layer numbers as strings.
+    restored = {"vision": {"layers": {"0": {"fc1": np.zeros(2)}}}, "layers": {"mlp": np.zeros(2)}}
+    assert {jax.tree_util.keystr(path): sharding.is_layer_stack(path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(restored)} == {
+        "['vision']['layers']['0']['fc1']": False, "['layers']['mlp']": True}
 
 
 def test_round_time_follows_the_cohort_not_the_population(tiny_config, monkeypatch):

@@ -87,8 +87,8 @@ def _key(entry) -> object:
 
 def is_layer_stack(path) -> bool:
     """A leaf of stacked layers (`models/llama.py`): under a `layers` entry not followed by a layer number."""
-    keys = [_key(entry) for entry in path]
-    return any(key == "layers" and not isinstance(after, int) for key, after in zip(keys, keys[1:]))
+    keys = [str(_key(entry)) for entry in path]  # a restored checkpoint spells layer numbers as strings
+    return any(key == "layers" and not after.isdigit() for key, after in zip(keys, keys[1:]))
 
 
 def backbone_shardings(frozen, mesh: Mesh, mesh_config):
