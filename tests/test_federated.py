@@ -265,3 +265,19 @@ def test_client_schedule_covers_each_client_once_per_epoch():
     other, _ = client_schedule(clients, batch_size=2, epochs=2, seed=1, round_index=4)
     np.testing.assert_array_equal(rows, again)
     assert not np.array_equal(rows, other)
+
+
+def test_per_example_gradients_from_one_batched_pass_equal_one_backward_pass_per_example(tiny_config):
+    """The Fisher pass's per-example adapter gradients (one batched backward through the LLM) are those of
+    each example's own backward pass, padding rows included (zero)."""
+    from fednano_jax.data.batches import gather_batch
+    from fednano_jax.federated.objective import per_example_adapter_grads
+
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    batch = gather_batch(with_slots(data), jnp.array([0, 3, 5, 7]), jnp.array([True, True, True, False]))
+    got = per_example_adapter_grads(graphdef, frozen, adapters, batch, summed_answer_nll)
+    for i in range(4):
+        one = jax.tree.map(lambda x: x[i:i + 1], batch)
+        expected = adapter_value_and_grad(graphdef, frozen, adapters, one, summed_answer_nll)[1]
+        jax.tree.map(lambda g, e: np.testing.assert_allclose(g[i], e, rtol=1e-4, atol=1e-8), got, expected)
+    assert all(float(jnp.abs(g[3]).max()) == 0.0 for g in jax.tree.leaves(got))  # the padding row

@@ -6,18 +6,13 @@ import jax
 import jax.numpy as jnp
 
 from fednano_jax.data.batches import gather_batch
-from fednano_jax.federated.objective import adapter_value_and_grad
+from fednano_jax.federated.objective import per_example_adapter_grads
 from fednano_jax.models.loss import summed_answer_nll
 
 
 def add_squared_example_grads(graphdef, adapters, frozen, data, total, rows, valid):
     """`total` plus the squared adapter gradient of each valid example's summed answer NLL. rows, valid: [batch]."""
-
-    def example_grad(example):
-        one = jax.tree.map(lambda x: x[None], example)
-        return adapter_value_and_grad(graphdef, frozen, adapters, one, summed_answer_nll)[1]
-
-    grads = jax.vmap(example_grad)(gather_batch(data, rows, valid))
+    grads = per_example_adapter_grads(graphdef, frozen, adapters, gather_batch(data, rows, valid), summed_answer_nll)
     weights = valid.astype(jnp.float32)
     return jax.tree.map(lambda t, g: t + jnp.tensordot(weights, jnp.square(g), axes=1), total, grads)
 
