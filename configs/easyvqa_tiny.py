@@ -60,6 +60,9 @@ def get_config() -> ConfigDict:
     config.fed.dpa_local_epochs = 1  # FedDPA-F: local fine-tuning of the local adapter after the rounds
     config.fed.dpa_instances = 5  # FedDPA-F: local training inputs compared with each test input
     config.fed.dpa_max_weight = 0.5  # FedDPA-F: largest weight the local adapter can get
+    config.fed.server_optimizer = "none"  # or avgm, adagrad, adam, yogi: a step along the round's pseudo-gradient
+    config.fed.server_learning_rate = 1.0  # its step size (optax's betas and epsilon)
+    config.fed.server_momentum = 0.9  # avgm's momentum
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
     config.fed.client_chunk = 0  # clients each device trains at once (the rest wait their turn); 0 = all
     config.fed.pack_clients = True  # small clients one after another in a vmap lane: less padding, same adapters

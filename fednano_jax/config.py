@@ -11,6 +11,7 @@ import os
 from ml_collections import ConfigDict
 
 from fednano_jax.errors import ConfigError
+from fednano_jax.federated.server_optimizer import OPTIMIZERS as SERVER_OPTIMIZERS
 from fednano_jax.models.llama import REMAT_POLICIES, LlamaConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig
 from fednano_jax.models.vision import VisionConfig
@@ -65,6 +66,13 @@ def validate(config: ConfigDict, known_methods) -> None:
              f"fed.fisher_examples must be 0 (every example) or a positive cap, got {fed.get('fisher_examples')}.")
     _require(0.0 <= fed.get("pack_padding", 0.1) < 1.0,
              f"fed.pack_padding must be a share in [0, 1), got {fed.get('pack_padding')}.")
+    _require(fed.get("server_optimizer", "none") in ("none", *SERVER_OPTIMIZERS),
+             f"fed.server_optimizer must be one of {['none', *sorted(SERVER_OPTIMIZERS)]}, "
+             f"got {fed.get('server_optimizer')!r}.")
+    _require(fed.get("server_learning_rate", 1.0) > 0,
+             f"fed.server_learning_rate must be positive, got {fed.get('server_learning_rate')}.")
+    _require(0.0 <= fed.get("server_momentum", 0.9) < 1.0,
+             f"fed.server_momentum must be in [0, 1), got {fed.get('server_momentum')}.")
     _require(fed.prox_mu >= 0, f"fed.prox_mu must be non-negative, got {fed.prox_mu}.")
     _require(fed.dpa_local_epochs >= 1, f"fed.dpa_local_epochs must be at least 1, got {fed.dpa_local_epochs}.")
     _require(fed.dpa_instances >= 1, f"fed.dpa_instances must be at least 1, got {fed.dpa_instances}.")
@@ -118,7 +126,7 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
 
 # Settings added after checkpoints were first written, with the value that means what their absence meant:
 # at that value they stay out of the fingerprint, so older workdirs still resume.
-LATER_DEFAULTS = {"fisher_examples": 0}
+LATER_DEFAULTS = {"fisher_examples": 0, "server_optimizer": "none", "server_learning_rate": 1.0, "server_momentum": 0.9}
 
 
 def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:

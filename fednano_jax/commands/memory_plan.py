@@ -44,6 +44,7 @@ from fednano_jax.federated.methods.feddpa_f import mixed_generate, prompt_featur
 from fednano_jax.federated.packing import PackedLanes, make_packed_program
 from fednano_jax.federated.rounds import make_optimizer, packs_clients
 from fednano_jax.federated.server import ClientUploads, server_round
+from fednano_jax.federated.server_optimizer import init_state, server_optimizer
 from fednano_jax.models.mllm import MllmConfig, count_params
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.parallel import targets
@@ -211,10 +212,12 @@ def _packed_lanes(schedule, steps: int, fed, by_client, state) -> PackedLanes:
 def server_program(setting: Setting, method: Method, clients: int) -> Program:
     """The server's aggregation of the cohort's uploads (`federated/server.py`)."""
     everywhere = setting.everywhere
-    state = _placed(jax.eval_shape(method.server_init, setting.adapters), everywhere)
+    optimizer = server_optimizer(setting.config.fed, method)
+    state = _placed(jax.eval_shape(lambda a: init_state(optimizer, method.server_init(a)), setting.adapters),
+                    everywhere)
     upload_shapes = {name: setting.adapters for name in method.uploads}
     uploads = ClientUploads(_stacked(upload_shapes, clients, everywhere), _sds((clients,), jnp.int32, everywhere))
-    program = jax.jit(functools.partial(server_round, method))
+    program = jax.jit(functools.partial(server_round, method, optimizer=optimizer))
     return Program(f"server:{method.name}", lambda: program.lower(state, uploads, _sds((clients,), bool, everywhere)))
 
 

@@ -29,6 +29,7 @@ from fednano_jax.federated.methods.base import Method
 from fednano_jax.federated.packing import make_packed_program, packed_schedule
 from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
 from fednano_jax.federated.server import ClientUploads, reporting_clients, server_round
+from fednano_jax.federated.server_optimizer import init_state as init_server_optimizer, server_optimizer
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.parallel.xla_stats import compile_clock
 from fednano_jax.streams import Purpose
@@ -78,7 +79,7 @@ def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh
 
     packed = in_chunks(make_packed_program(graphdef, optimizer, method), fed.get("client_chunk", 0), devices)
     packed = sharding.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
-    server = jax.jit(functools.partial(server_round, method))
+    server = jax.jit(functools.partial(server_round, method, optimizer=server_optimizer(fed, method)))
     return RoundPrograms(client_program(method), server, client_program(Method(fed)), packed)
 
 
@@ -215,7 +216,8 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
                 epoch_steps, config, mesh)
     upload_bytes = len(method.uploads) * tree_bytes(init_adapters)
 
-    init_state = {"server": jax.tree.map(np.asarray, method.server_init(init_adapters)),
+    server_init = init_server_optimizer(server_optimizer(fed, method), method.server_init(init_adapters))
+    init_state = {"server": jax.tree.map(np.asarray, server_init),
                   "clients": _stack(method.client_state_init(init_adapters), len(train_rows))}
     first, state, history = _resume(checkpoints, init_state, fed.rounds)
     state["server"] = run.place_replicated(state["server"])

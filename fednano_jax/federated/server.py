@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fednano_jax.federated import server_optimizer
 from fednano_jax.streams import Purpose, generator
 
 
@@ -36,11 +37,13 @@ def _zero_out(tree, keep):
     return jax.tree.map(lambda x: jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), tree)
 
 
-def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array):
-    """-> (new server state, [K] bool of the clients that were used)."""
+def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array, optimizer=None):
+    """-> (new server state, [K] bool of the clients that were used). `optimizer`: the server optimizer
+    that steps the global adapters along the round's pseudo-gradient (`server_optimizer.py`), or None."""
     keep = reporting & finite_clients(uploads)
     weights = jnp.where(keep, uploads.num_examples, 0).astype(jnp.float32)
     updated = method.server_update(server_state, _zero_out(uploads.trees, keep), weights)
+    updated = server_optimizer.step(optimizer, server_state, updated)
     return jax.tree.map(lambda new, old: jnp.where(keep.any(), new, old), updated, server_state), keep
 
 
