@@ -15,6 +15,7 @@ from fednano_jax.federated.methods.fednano_ef import FedNanoEF
 from fednano_jax.federated.methods.fedprox import FedProx
 from fednano_jax.federated.methods.locft import LocFT
 from fednano_jax.federated.methods.scaffold import Scaffold
+from fednano_jax.federated.server_optimizer import LABELS as SERVER_LABELS, server_optimizer
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in [
     Centralized, LocFT, FedAvg, FedProx, FedDPAF, FedNano, FedNanoEF, Scaffold]}
@@ -25,4 +26,7 @@ def get_method(name: str, fed) -> Method:
     """The method `name`, reading its settings from the config's `fed` section."""
     if name not in METHODS:
         raise ConfigError(f"Unknown method {name!r}; expected one of {sorted(METHODS)}.")
-    return METHODS[name](fed)
+    method = METHODS[name](fed)
+    if server_optimizer(fed, method) is not None:  # the report's row says what stepped the global adapters
+        method.label = f"{method.label} + {SERVER_LABELS[fed.server_optimizer]}"
+    return method
