@@ -16,7 +16,12 @@ def get_config() -> ConfigDict:
     config.data.pretrain_images = 2000  # training images held aside for backbone pretraining only
     config.data.train_examples = 2000  # federated training questions (0 = all)
     config.data.test_examples = 600  # federated test questions from the official test split (0 = all)
-    config.data.dirichlet_alpha = 1.0  # non-IID skew over question categories
+    config.data.partition = "dirichlet"  # or iid, pathological, size_skew, natural (fednano_jax/data/partition.py)
+    config.data.dirichlet_alpha = 1.0  # dirichlet: non-IID skew over question categories (smaller: more skewed)
+    config.data.min_client_size = 1  # dirichlet: redraw until every client has this many training examples
+    config.data.categories_per_client = 2  # pathological: categories each client holds
+    config.data.size_exponent = 1.0  # size_skew: client k's share is proportional to (k + 1) ** -exponent
+    config.data.natural_key = "subject"  # natural: ScienceQA subject or grade, IconQA subtask
     config.data.stream_images = False  # True: the image table stays on the host, each step fetches its images
 
     config.model = ConfigDict()

@@ -10,6 +10,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from fednano_jax.data.partition import PARTITIONS, Partition
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.server_optimizer import OPTIMIZERS as SERVER_OPTIMIZERS
 from fednano_jax.models.llama import REMAT_POLICIES, LlamaConfig
@@ -78,6 +79,13 @@ def validate(config: ConfigDict, known_methods) -> None:
     _require(fed.dpa_instances >= 1, f"fed.dpa_instances must be at least 1, got {fed.dpa_instances}.")
     _require(0.0 <= fed.dpa_max_weight <= 1.0, f"fed.dpa_max_weight must lie in [0, 1], got {fed.dpa_max_weight}.")
     _require(data.dirichlet_alpha > 0, f"data.dirichlet_alpha must be positive, got {data.dirichlet_alpha}.")
+    partition = Partition.of(data)
+    _require(partition.kind in PARTITIONS, f"data.partition must be one of {list(PARTITIONS)}, got {partition.kind!r}.")
+    _require(partition.min_client_size >= 1,
+             f"data.min_client_size must be at least 1, got {partition.min_client_size}.")
+    _require(partition.categories_per_client >= 1,
+             f"data.categories_per_client must be at least 1, got {partition.categories_per_client}.")
+    _require(partition.size_exponent >= 0, f"data.size_exponent must be non-negative, got {partition.size_exponent}.")
     _require(config.pretrain.steps >= 0, f"pretrain.steps must be non-negative, got {config.pretrain.steps}.")
     _require(config.model.get("remat", "none") in REMAT_POLICIES,
              f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {config.model.get('remat')!r}.")
@@ -126,7 +134,15 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
 
 # Settings added after checkpoints were first written, with the value that means what their absence meant:
 # at that value they stay out of the fingerprint, so older workdirs still resume.
-LATER_DEFAULTS = {"fisher_examples": 0, "server_optimizer": "none", "server_learning_rate": 1.0, "server_momentum": 0.9}
+LATER_DEFAULTS = {"fed": {"fisher_examples": 0, "server_optimizer": "none", "server_learning_rate": 1.0,
+                          "server_momentum": 0.9},
+                  "data": {"partition": "dirichlet", "min_client_size": 1, "categories_per_client": 2,
+                           "size_exponent": 1.0, "natural_key": "subject"}}
+
+
+def _fingerprinted(section: str, settings: dict, left_out: tuple[str, ...]) -> dict:
+    later = LATER_DEFAULTS[section]
+    return {k: v for k, v in settings.items() if k not in left_out and not (k in later and v == later[k])}
 
 
 def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
@@ -136,9 +152,9 @@ def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
     data.stream_images: same numbers), which
     methods (each has its own checkpoints), evaluation, checkpointing and paths.
     """
-    fed = {k: v for k, v in config.fed.to_dict().items() if k not in ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding")
-           and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
-    data = {k: v for k, v in config.data.to_dict().items() if k not in ("dir", "root", "stream_images")}
+    fed = _fingerprinted("fed", config.fed.to_dict(),
+                         ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding"))
+    data = _fingerprinted("data", config.data.to_dict(), ("dir", "root", "stream_images"))
     return {"seed": config.seed, "model": config.model.to_dict(), "data": data, "fed": fed, "backbone": backbone_key}
 
 

@@ -15,6 +15,7 @@ from fednano_jax.backbone.build import experiment_backbone, with_remat
 from fednano_jax.config import method_names, resume_fingerprint, validate
 from fednano_jax.data import datasets, pipeline
 from fednano_jax.data.batches import device_dataset
+from fednano_jax.data.partition import Partition
 from fednano_jax.errors import ConfigError
 from fednano_jax.eval.evaluate import Evaluator
 from fednano_jax.eval.report import write_report
@@ -85,7 +86,7 @@ def run_experiment(config, workdir: str) -> None:
     # ------------------------------------------------------ Federated data
     try:
         data = pipeline.federated_data(splits, tokenizer, mcfg.vision.num_image_tokens, config.fed.num_clients,
-                                       config.data.dirichlet_alpha, config.seed)
+                                       Partition.of(config.data), config.seed)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     sizes = [len(r) for r in data.client_train]

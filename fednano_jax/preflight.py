@@ -17,6 +17,7 @@ from fednano_jax.backbone.shapes import model_shapes
 from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.config import method_names, validate
 from fednano_jax.data import datasets, pipeline
+from fednano_jax.data.partition import Partition
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
 from fednano_jax.federated.schedule import steps_per_epoch
@@ -38,7 +39,7 @@ def backbone_source(config, checkpoint_has_vision: bool) -> str:
 
 def _client_train_rows(config, splits) -> list:
     try:
-        rows = pipeline.client_partition(splits, config.fed.num_clients, config.data.dirichlet_alpha, config.seed)
+        rows = pipeline.client_partition(splits, config.fed.num_clients, Partition.of(config.data), config.seed)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return rows["train"]

@@ -40,11 +40,12 @@ def test_unusable_paths_stop_with_one_sentence(flag, message):
 
 def test_more_clients_than_examples_is_refused(easy_vqa_dir):
     from fednano_jax.data import pipeline
+    from fednano_jax.data.partition import Partition
 
     splits = pipeline.load_splits(easy_vqa_dir, 50, 30, 10, seed=0)
     tokenizer = pipeline.tokenizer_for(splits)
     with pytest.raises(ValueError, match=r"fed.num_clients \(31\) exceeds the 30 federated training examples"):
-        pipeline.federated_data(splits, tokenizer, 16, num_clients=31, alpha=1.0, seed=0)
+        pipeline.federated_data(splits, tokenizer, 16, num_clients=31, partition=Partition(), seed=0)
 
 
 def test_command_modules_import_together_without_defining_flags():

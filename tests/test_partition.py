@@ -1,7 +1,9 @@
+import re
+
 import numpy as np
 import pytest
 
-from fednano_jax.data.partition import dirichlet_partition, dirichlet_proportions, partition_by_proportions
+from fednano_jax.data.partition import Partition, dirichlet_partition, dirichlet_proportions, partition_by_proportions
 
 NUM_CATEGORIES = 6
 NUM_CLIENTS = 5
@@ -118,3 +120,116 @@ def test_bad_proportions_or_order_raise():
         partition_by_proportions(["a", "b"], np.full((2, 2), 0.4), ["a", "b"], seed=0)
     with pytest.raises(ValueError, match="once"):
         partition_by_proportions(["a"], np.full((2, 2), 0.5), ["a", "a"], seed=0)
+
+
+# ------------------------------------------------------------------ data.partition: every partitioner
+def fake_splits(num_train=600, num_test=200, seed=0):
+    """Splits with 6 categories of uneven sizes and ScienceQA-like metadata (subject, grade)."""
+    from fednano_jax.data.pipeline import Examples, Splits
+
+    rng = np.random.default_rng(seed)
+    categories = [f"topic{i}" for i in range(6)]
+
+    def pool(count):
+        cats = list(rng.choice(categories, size=count, p=[0.3, 0.25, 0.2, 0.12, 0.08, 0.05]))
+        meta = [{"subject": f"s{categories.index(c) % 3}", "grade": f"grade{rng.integers(1, 9)}"} for c in cats]
+        return Examples(["q"] * count, ["a"] * count, cats, np.zeros(count, np.int32), meta)
+
+    return Splits(np.zeros((1, 1, 1, 3), np.uint8), pool(0), pool(num_train), pool(num_test), ["q", "a"],
+                  tuple(categories))
+
+
+def partitioned(partition, num_clients=5, seed=0, splits=None):
+    from fednano_jax.data.pipeline import client_partition
+
+    return client_partition(splits or fake_splits(), num_clients, partition, seed)
+
+
+PARTITIONERS = [Partition(), Partition("iid"), Partition("pathological", categories_per_client=2),
+                Partition("size_skew", size_exponent=1.0), Partition("natural", natural_key="grade")]
+
+
+@pytest.mark.parametrize("partition", PARTITIONERS, ids=lambda p: p.kind)
+def test_every_partitioner_covers_every_example_once_and_is_seeded(partition):
+    splits = fake_splits()
+    clients = partitioned(partition, splits=splits)
+    for split, pool in (("train", splits.federated_train), ("test", splits.federated_test)):
+        assert sorted(np.concatenate(clients[split]).tolist()) == list(range(len(pool)))
+    again, other = partitioned(partition, splits=splits), partitioned(partition, seed=1, splits=splits)
+    assert all(np.array_equal(a, b) for a, b in zip(clients["train"], again["train"]))
+    same_for_another_seed = all(np.array_equal(a, b) for a, b in zip(clients["train"], other["train"]))
+    assert same_for_another_seed == (partition.kind == "natural")  # the dataset's own groups: no random choice
+
+
+def _category_shares(splits, rows):
+    cats = np.array(splits.federated_train.categories)
+    return np.array([(cats[r][:, None] == np.array(splits.category_order)).mean(axis=0) for r in rows])
+
+
+def test_iid_clients_follow_the_global_category_mix_and_dirichlet_ones_do_not():
+    splits = fake_splits(num_train=3000)
+    overall = _category_shares(splits, [np.arange(3000)])[0]
+    iid = np.abs(_category_shares(splits, partitioned(Partition("iid"), splits=splits)["train"]) - overall).max()
+    skewed = np.abs(_category_shares(splits, partitioned(Partition(alpha=0.1), splits=splits)["train"])
+                    - overall).max()
+    assert iid < 0.01 < 0.2 < skewed
+
+
+def test_pathological_clients_hold_only_their_categories():
+    splits = fake_splits()
+    clients = partitioned(Partition("pathological", categories_per_client=2), splits=splits)["train"]
+    cats = np.array(splits.federated_train.categories)
+    assert [len(set(cats[rows])) for rows in clients] == [2] * 5
+    with pytest.raises(ValueError, match="cannot hold all 6 categories"):
+        partitioned(Partition("pathological", categories_per_client=1), splits=splits)
+
+
+def test_size_skew_sizes_follow_the_power_law_and_labels_stay_mixed():
+    splits = fake_splits(num_train=3000)
+    clients = partitioned(Partition("size_skew", size_exponent=1.0), splits=splits)["train"]
+    sizes = np.sort([len(rows) for rows in clients])[::-1]
+    np.testing.assert_allclose(sizes / sizes.sum(), (1 / np.arange(1, 6)) / (1 / np.arange(1, 6)).sum(), atol=0.01)
+    overall = _category_shares(splits, [np.arange(3000)])[0]
+    assert np.abs(_category_shares(splits, clients[:1]) - overall).max() < 0.02  # the largest client
+
+
+def test_natural_groups_stay_whole_and_a_missing_key_is_named():
+    splits = fake_splits()
+    clients = partitioned(Partition("natural", natural_key="grade"), splits=splits)
+    for split, pool in (("train", splits.federated_train), ("test", splits.federated_test)):
+        owner = {}
+        for client, rows in enumerate(clients[split]):
+            for row in rows:
+                assert owner.setdefault(pool.meta[row]["grade"], client) == client
+    with pytest.raises(ValueError, match="fewer than fed.num_clients=5"):
+        partitioned(Partition("natural", natural_key="subject"), splits=splits)  # 3 subjects
+    with pytest.raises(ValueError, match="data.natural_key='subtask', which this dataset's examples do not carry"):
+        partitioned(Partition("natural", natural_key="subtask"), splits=splits)
+
+
+def test_dirichlet_redraws_until_every_client_has_its_minimum():
+    splits = fake_splits(num_train=200)
+    first_draw = partitioned(Partition(alpha=0.1), splits=splits)["train"]
+    assert min(len(rows) for rows in first_draw) < 20  # the first draw is not enough ...
+    clients = partitioned(Partition(alpha=0.1, min_client_size=20), splits=splits)["train"]
+    assert min(len(rows) for rows in clients) >= 20  # ... a redraw is
+    with pytest.raises(ValueError, match="No Dirichlet"):
+        partitioned(Partition(alpha=0.1, min_client_size=60), splits=splits)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("partition", "shards", "data.partition must be one of ['dirichlet', 'iid', 'pathological', 'size_skew', "
+                            "'natural'], got 'shards'."),
+    ("min_client_size", 0, "data.min_client_size must be at least 1, got 0."),
+    ("size_exponent", -1.0, "data.size_exponent must be non-negative, got -1.0."),
+])
+def test_a_bad_partition_setting_is_one_clear_sentence(key, value, message):
+    from configs.easyvqa_tiny import get_config
+    from fednano_jax.config import validate
+    from fednano_jax.errors import ConfigError
+    from fednano_jax.federated.methods import METHODS
+
+    config = get_config()
+    config.data[key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(config, METHODS)

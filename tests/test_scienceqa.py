@@ -12,7 +12,7 @@ import pytest
 from fednano_jax.data import datasets
 from fednano_jax.errors import DataError
 from fednano_jax.data.images import mean_colour
-from fednano_jax.data.partition import dirichlet_proportions
+from fednano_jax.data.partition import Partition, dirichlet_proportions
 from fednano_jax.data.pipeline import client_partition, tokenizer_for
 from fednano_jax.data.tokenizer import IMAGE
 from fednano_jax.config import load_config_file, method_names, validate
@@ -148,7 +148,7 @@ def test_one_dirichlet_draw_partitions_train_val_and_test_by_topic(release, tmp_
     config = tiny_config(root, tmp_path)
     splits = datasets.load_splits(config, with_images=False)
     assert splits.images.shape[0] == 1  # nothing decoded
-    clients = client_partition(splits, 3, 1.0, seed=7)
+    clients = client_partition(splits, 3, Partition(alpha=1.0), seed=7)
     proportions = dirichlet_proportions(len(splits.category_order), 3, 1.0, 7)
     for split, pool in (("train", splits.federated_train), ("val", splits.federated_val),
                         ("test", splits.federated_test)):
@@ -171,8 +171,9 @@ def run_module(module, config, *flags, timeout=300):
 def test_paper_config_prints_its_partition_statistics(release, tmp_path):
     root, _ = release
     result = run_module("fednano_jax.data.partition_stats", "scienceqa_llava15_7b", f"--config.data.root={root}",
-                        f"--config.data.dir={tmp_path}")
+                        f"--config.data.dir={tmp_path}", f"--png={tmp_path / 'clients.png'}")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the per-client histogram
     out = result.stdout
     assert "scienceqa: 5 clients, Dirichlet alpha 1.0, 4 categories" in out
     first_table = out.split("Examples per client and split:\n")[1].split("\n\n")[0].splitlines()

@@ -282,10 +282,11 @@ def compare_fisher(p: Problem, repeats: int, cap: int) -> tuple[dict, dict]:
 def partition_sizes(config) -> list[int]:
     """Training examples per client of the config's own partition (its data, without images)."""
     from fednano_jax.data import datasets
+    from fednano_jax.data.partition import Partition
     from fednano_jax.data.pipeline import client_partition
 
     splits = datasets.load_splits(config, with_images=False)
-    clients = client_partition(splits, config.fed.num_clients, config.data.dirichlet_alpha, config.seed)
+    clients = client_partition(splits, config.fed.num_clients, Partition.of(config.data), config.seed)
     return [len(rows) for rows in clients["train"]]
 
 

@@ -1,15 +1,57 @@
-"""Label-skewed client partitions: per category, Dirichlet(alpha) shares over clients.
+"""Client partitions, as flwr-datasets offers them: a [categories, clients] matrix of shares, then cut.
+
+`data.partition` chooses the matrix:
+- `dirichlet` (default): per category, Dirichlet(alpha) shares over clients, redrawn until every
+  client has `data.min_client_size` training examples;
+- `iid`: every category split evenly over the clients;
+- `pathological`: each client holds `data.categories_per_client` categories, each category split
+  evenly over the clients that hold it;
+- `size_skew`: every category split in the same power-law shares, client k (in a seeded order)
+  getting a share proportional to (k + 1) ** -`data.size_exponent`: sizes skewed, labels not;
+- `natural`: the dataset's own groups (`data.natural_key`: ScienceQA `subject` or `grade`, IconQA
+  `subtask`), each wholly on one client, the largest first to the client with the fewest examples.
 
 The proportions are drawn apart from their application so that one draw can be applied to
 both the train and the test pool, giving every client a test set that follows its own train
 distribution.
 """
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
 from fednano_jax.streams import Purpose, generator
+
+PARTITIONS = ("dirichlet", "iid", "pathological", "size_skew", "natural")
+DIRICHLET_ATTEMPTS = 100  # draws tried for a Dirichlet partition whose every client meets the minimum size
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """How to split the examples over clients (the config's `data` section)."""
+
+    kind: str = "dirichlet"
+    alpha: float = 1.0  # dirichlet
+    min_client_size: int = 1  # dirichlet: training examples every client gets at least
+    categories_per_client: int = 2  # pathological
+    size_exponent: float = 1.0  # size_skew
+    natural_key: str = "subject"  # natural: the per-example metadata field that names a client's group
+
+    @classmethod
+    def of(cls, data) -> "Partition":
+        """From a config's `data` section (a key it lacks keeps its default)."""
+        defaults = cls()
+        return cls(data.get("partition", defaults.kind), data.get("dirichlet_alpha", defaults.alpha),
+                    data.get("min_client_size", defaults.min_client_size),
+                    data.get("categories_per_client", defaults.categories_per_client),
+                    data.get("size_exponent", defaults.size_exponent), data.get("natural_key", defaults.natural_key))
+
+    def describe(self) -> str:
+        return {"dirichlet": f"Dirichlet alpha {self.alpha}", "iid": "IID",
+                "pathological": f"pathological, {self.categories_per_client} categories per client",
+                "size_skew": f"size skew, exponent {self.size_exponent}",
+                "natural": f"natural, by {self.natural_key}"}[self.kind]
 
 
 def _check_clients_and_alpha(num_clients: int, alpha: float) -> None:
@@ -19,13 +61,55 @@ def _check_clients_and_alpha(num_clients: int, alpha: float) -> None:
         raise ValueError(f"Expected a Dirichlet alpha > 0, got {alpha}.")
 
 
-def dirichlet_proportions(num_categories: int, num_clients: int, alpha: float, seed: int) -> np.ndarray:
-    """[num_categories, num_clients]; row i is category i's share per client, summing to 1."""
+def dirichlet_proportions(num_categories: int, num_clients: int, alpha: float, seed: int,
+                          attempt: int = 0) -> np.ndarray:
+    """[num_categories, num_clients]; row i is category i's share per client, summing to 1. Each
+    `attempt` (a redraw) has a stream of its own; attempt 0 is the first draw."""
     _check_clients_and_alpha(num_clients, alpha)
     if num_categories < 1:
         raise ValueError(f"Expected num_categories >= 1, got {num_categories}.")
-    rng = generator(seed, Purpose.PARTITION)
+    rng = generator(seed, Purpose.PARTITION, 0, attempt)
     return rng.dirichlet(np.full(num_clients, float(alpha)), size=num_categories)
+
+
+def iid_proportions(num_categories: int, num_clients: int) -> np.ndarray:
+    return np.full((num_categories, num_clients), 1.0 / num_clients)
+
+
+def pathological_proportions(num_categories: int, num_clients: int, per_client: int, seed: int) -> np.ndarray:
+    """Client i holds `per_client` consecutive categories of a seeded shuffle, wrapping round, so
+    every category is held when num_clients * per_client >= num_categories."""
+    if not 1 <= per_client <= num_categories:
+        raise ValueError(f"Expected data.categories_per_client between 1 and the {num_categories} categories, "
+                         f"got {per_client}.")
+    if num_clients * per_client < num_categories:
+        raise ValueError(f"{num_clients} clients x {per_client} categories each cannot hold all {num_categories} "
+                         "categories; raise data.categories_per_client or fed.num_clients.")
+    order = generator(seed, Purpose.PARTITION).permutation(num_categories)
+    held = np.zeros((num_categories, num_clients))
+    for client in range(num_clients):
+        held[order[(client * per_client + np.arange(per_client)) % num_categories], client] = 1.0
+    return held / held.sum(axis=1, keepdims=True)
+
+
+def size_skew_proportions(num_categories: int, num_clients: int, exponent: float, seed: int) -> np.ndarray:
+    if exponent < 0:
+        raise ValueError(f"Expected data.size_exponent >= 0, got {exponent}.")
+    shares = np.arange(1, num_clients + 1, dtype=np.float64) ** -float(exponent)
+    shares = shares[generator(seed, Purpose.PARTITION).permutation(num_clients)]
+    return np.tile(shares / shares.sum(), (num_categories, 1))
+
+
+def natural_proportions(group_sizes: Sequence[int], num_clients: int) -> np.ndarray:
+    """Each group wholly on one client: largest group first, to the client with the fewest examples."""
+    if len(group_sizes) < num_clients:
+        raise ValueError(f"The natural partition has {len(group_sizes)} groups, fewer than fed.num_clients="
+                         f"{num_clients}; lower fed.num_clients or choose another data.natural_key.")
+    held, load = np.zeros((len(group_sizes), num_clients)), np.zeros(num_clients)
+    for group in sorted(range(len(group_sizes)), key=lambda g: -group_sizes[g]):
+        client = int(np.argmin(load))
+        held[group, client], load[client] = 1.0, load[client] + group_sizes[group]
+    return held
 
 
 def _indices_by_row(categories: Sequence, category_order: Sequence) -> list[list[int]]:

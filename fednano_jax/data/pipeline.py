@@ -15,6 +15,7 @@ distribution.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -22,7 +23,9 @@ from PIL import Image
 
 from fednano_jax.data import easy_vqa
 from fednano_jax.data.easy_vqa_builder import ImageRecord, load_image_records
-from fednano_jax.data.partition import dirichlet_proportions, partition_by_proportions
+from fednano_jax.data.partition import (DIRICHLET_ATTEMPTS, PARTITIONS, Partition, dirichlet_proportions,
+                                        iid_proportions, natural_proportions, partition_by_proportions,
+                                        pathological_proportions, size_skew_proportions)
 from fednano_jax.data.prompts import TokenizedSet, render_prompt, tokenize_for_training, tokenize_prompts
 from fednano_jax.data.tokenizer import build_tokenizer
 from fednano_jax.streams import Purpose, generator
@@ -167,29 +170,71 @@ def tokenize_pretraining(splits: Splits, tokenizer, num_image_tokens: int) -> To
     return tokenize_for_training(tokenizer, p.prompts, p.answers, p.image_index, num_image_tokens)
 
 
-def client_partition(splits: Splits, num_clients: int, alpha: float, seed: int) -> dict[str, list[np.ndarray]]:
-    """Per split ("train", "test" and "val" if present), each client's row indices; one Dirichlet draw over
-    `splits.category_order` for all splits, so every client is evaluated on its own distribution."""
-    order = splits.category_order
-    proportions = dirichlet_proportions(len(order), num_clients, alpha, seed)
+def _pools(splits: Splits) -> dict[str, Examples]:
     pools = {"train": splits.federated_train, "test": splits.federated_test}
     if splits.federated_val is not None:
         pools["val"] = splits.federated_val
-    return {name: partition_by_proportions(pool.categories, proportions, order, seed, split_index)
-            for split_index, (name, pool) in enumerate(pools.items())}
+    return pools
+
+
+def _natural_keys(pool: Examples, key: str) -> list[str]:
+    if not pool.meta or key not in pool.meta[0]:
+        fields = sorted(pool.meta[0]) if pool.meta else []
+        raise ValueError(f"data.partition='natural' groups examples by data.natural_key={key!r}, which this "
+                         f"dataset's examples do not carry (they carry {fields or 'no metadata'}; ScienceQA has "
+                         "subject and grade, IconQA subtask).")
+    return [str(example[key]) for example in pool.meta]
+
+
+def client_partition(splits: Splits, num_clients: int, partition: Partition, seed: int) -> dict[str, list[np.ndarray]]:
+    """Per split ("train", "test" and "val" if present), each client's row indices. One matrix of shares
+    (`data/partition.py`) serves every split, so every client is evaluated on its own distribution."""
+    pools = _pools(splits)
+    if partition.kind not in PARTITIONS:
+        raise ValueError(f"data.partition must be one of {list(PARTITIONS)}, got {partition.kind!r}.")
+    keys = {name: pool.categories for name, pool in pools.items()}
+    order = splits.category_order
+    if partition.kind == "natural":
+        keys = {name: _natural_keys(pool, partition.natural_key) for name, pool in pools.items()}
+        order = tuple(sorted({key for pool_keys in keys.values() for key in pool_keys}))
+
+    def cut(proportions):
+        return {name: partition_by_proportions(keys[name], proportions, order, seed, split_index)
+                for split_index, name in enumerate(pools)}
+
+    if partition.kind != "dirichlet":
+        return cut(_proportions(partition, order, keys["train"], num_clients, seed))
+    for attempt in range(DIRICHLET_ATTEMPTS):
+        clients = cut(dirichlet_proportions(len(order), num_clients, partition.alpha, seed, attempt))
+        if min(len(rows) for rows in clients["train"]) >= partition.min_client_size:
+            return clients
+    raise ValueError(f"No Dirichlet(alpha={partition.alpha}) draw in {DIRICHLET_ATTEMPTS} gave every one of "
+                     f"{num_clients} clients {partition.min_client_size} training examples; raise "
+                     "data.dirichlet_alpha or data.train_examples, or lower data.min_client_size or fed.num_clients.")
+
+
+def _proportions(partition: Partition, order, train_keys, num_clients: int, seed: int) -> np.ndarray:
+    if partition.kind == "iid":
+        return iid_proportions(len(order), num_clients)
+    if partition.kind == "pathological":
+        return pathological_proportions(len(order), num_clients, partition.categories_per_client, seed)
+    if partition.kind == "size_skew":
+        return size_skew_proportions(len(order), num_clients, partition.size_exponent, seed)
+    sizes = collections.Counter(train_keys)
+    return natural_proportions([sizes[group] for group in order], num_clients)
 
 
 def federated_data(splits: Splits, tokenizer, num_image_tokens: int, num_clients: int,
-                   alpha: float, seed: int) -> FederatedData:
+                   partition: Partition, seed: int) -> FederatedData:
     train, test = splits.federated_train, splits.federated_test
     if num_clients > len(train.prompts):
         raise ValueError(f"fed.num_clients ({num_clients}) exceeds the {len(train.prompts)} federated "
                          "training examples; lower it or raise data.train_examples.")
-    clients = client_partition(splits, num_clients, alpha, seed)
+    clients = client_partition(splits, num_clients, partition, seed)
     empty = [k for k, rows in enumerate(clients["train"]) if len(rows) == 0]
     if empty:
-        raise ValueError(f"Clients {empty} received no training examples; raise data.train_examples or "
-                         "data.dirichlet_alpha, or lower fed.num_clients.")
+        raise ValueError(f"Clients {empty} received no training examples; raise data.train_examples, lower "
+                         "fed.num_clients, or choose another data.partition.")
     return FederatedData(
         images=splits.images,
         train=tokenize_for_training(tokenizer, train.prompts, train.answers, train.image_index, num_image_tokens),
