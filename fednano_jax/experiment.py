@@ -6,7 +6,6 @@ study runner runs once per grid cell.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ from fednano_jax.eval.report import write_report
 from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.rounds import run_method
+from fednano_jax.metrics import MetricsLog
 from fednano_jax.models.mllm import count_params
 from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_config_of, mesh_description, place_backbone
 
@@ -54,15 +54,8 @@ def run_experiment(config, workdir: str) -> None:
     # -------------------------------------------------------------- Config
     validate(config, METHODS)
     prepare_workdir(workdir)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     started = time.perf_counter()
-    run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
-
-    def log(record: dict) -> None:
-        # Appended, tagged with this run's start time: rerunning into a workdir keeps earlier runs' metrics.
-        if is_main_process():
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"run": run_id, **record}) + "\n")
+    log = MetricsLog(workdir, time.strftime("%Y-%m-%dT%H:%M:%S"), is_main_process())  # each record flushed
 
     fingerprint = resume_fingerprint(config, pretrain.cache_key(config))
     methods = method_names(config)
@@ -115,6 +108,7 @@ def run_experiment(config, workdir: str) -> None:
         histories[method.label] = result.history
         final = result.history[-1]
         rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown") if key in final}
+    log.close()
 
     # -------------------------------------------------------------- Report
     if not is_main_process():
@@ -123,5 +117,5 @@ def run_experiment(config, workdir: str) -> None:
                                          "method_seconds": seconds, "history": histories,
                                          "total_seconds": time.perf_counter() - started})
     print(f"\nPer-client test accuracy (%), {config.fed.num_clients} clients, {config.fed.rounds} rounds:\n{table}")
-    print(f"\nWritten to {workdir}/results.md, results.json and metrics.jsonl "
+    print(f"\nWritten to {workdir}/results.md, results.json, metrics.jsonl and tensorboard/ "
           f"({time.perf_counter() - started:.0f} s in all)")

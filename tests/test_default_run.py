@@ -65,3 +65,37 @@ def test_readme_table_is_what_the_default_command_gives(default_run):
         assert len(got) == len(row), label
         np.testing.assert_allclose(got[:-1], row[:-1], atol=CELL_TOLERANCE, err_msg=label)
         np.testing.assert_allclose(got[-1], row[-1], atol=AVERAGE_TOLERANCE, err_msg=label)
+
+
+def tensorboard_scalars(directory) -> dict[tuple[str, int], float]:
+    """(tag, step) -> value from the TensorBoard event files in `directory` (TFRecord framing, read by hand)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    values = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                values[(value.tag, event.step)] = value.simple_value
+    return values
+
+
+def test_every_round_is_in_tensorboard_as_in_metrics_jsonl(default_run):
+    """Each method is its own TensorBoard run, stepped by round, with metrics.jsonl's numbers."""
+    for method in ("untuned", "fedavg", "fednano"):
+        scalars = tensorboard_scalars(default_run.workdir / "tensorboard" / method)
+        records = [r for r in default_run.records if r["method"] == method]
+        assert records and {step for _, step in scalars} == {r["round"] for r in records}
+        for record in records:
+            step = record["round"]
+            np.testing.assert_allclose(scalars[("average_accuracy", step)], record["average"], rtol=1e-6)
+            np.testing.assert_allclose(scalars[("client_accuracy/C2", step)], record["accuracy"][1], rtol=1e-6)
+            if method != "untuned":
+                np.testing.assert_allclose(scalars[("train_loss", step)], np.mean(record["train_loss"]), rtol=1e-6)
+                assert scalars[("uploaded_bytes", step)] == record["uploaded_bytes"]
