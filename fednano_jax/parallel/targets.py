@@ -112,6 +112,8 @@ def _tpu(topology_name: str, devices: int | None) -> Target:
         raise ConfigError(f"--target=tpu:{topology_name} names no TPU generation recorded here; expected one of "
                           f"{sorted(_tpu_memory())}, as in tpu:v5p:2x2x1.")
     try:
+        # Compile-only: nothing claims a chip, so another process using libtpu (a second plan) is no conflict.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
     except Exception as error:
         raise ConfigError(f"--target=tpu:{topology_name} could not be made ({error}); it needs libtpu "
