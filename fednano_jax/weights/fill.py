@@ -11,7 +11,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from fednano_jax.errors import WeightsError
-from fednano_jax.weights.names import CONV, LINEAR, by_source, stacked_slot, to_flax
+from fednano_jax.weights.names import CONV, LINEAR, QKV_Q, QKV_V, by_source, stacked_slot, to_flax
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -32,6 +32,8 @@ def _torch_layout(shape: tuple, transform: str) -> tuple:
         return tuple(reversed(shape))
     if transform == CONV:
         return (shape[3], shape[2], shape[0], shape[1])
+    if transform in (QKV_Q, QKV_V):
+        return (3 * shape[0],)
     return tuple(shape)
 
 

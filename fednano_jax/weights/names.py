@@ -17,6 +17,7 @@ from fednano_jax.errors import WeightsError
 LINEAR = "linear"  # torch [out, in] -> flax kernel [in, out]
 CONV = "conv"  # torch [out, in, kh, kw] -> flax [kh, kw, in, out]
 COPY = "copy"
+QKV_Q, QKV_V = "qkv_bias_q", "qkv_bias_v"  # HF BLIP-2's qkv bias is cat(q, zeros, v): its first or last third
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,9 @@ def to_flax(array: np.ndarray, transform: str) -> np.ndarray:
         return array.T
     if transform == CONV:
         return array.transpose(2, 3, 1, 0)
+    if transform in (QKV_Q, QKV_V):
+        third = array.shape[0] // 3
+        return array[:third] if transform == QKV_Q else array[2 * third:]
     return array
 
 
@@ -104,6 +108,46 @@ def clip_vision_table(p: Prefixes, num_layers: int) -> dict[str, tuple[str, str]
         table.update(_layer_norm(f"{dst}layer_norm2", f"{src}layer_norm2"))
         table.update(_linear(f"{dst}fc1", f"{src}mlp.fc1"))
         table.update(_linear(f"{dst}fc2", f"{src}mlp.fc2"))
+    return table
+
+
+def eva_vit_hf_table(src: str, dst: str, num_layers: int) -> dict[str, tuple[str, str]]:
+    """HF `Blip2VisionModel` (under `src`, e.g. `vision_model.`) -> our EvaVisionTower (under `dst`)."""
+    table = {f"{dst}patch_embed/kernel": (f"{src}embeddings.patch_embedding.weight", CONV),
+             f"{dst}patch_embed/bias": (f"{src}embeddings.patch_embedding.bias", COPY),
+             f"{dst}cls_token": (f"{src}embeddings.class_embedding", COPY),
+             f"{dst}pos_embed": (f"{src}embeddings.position_embedding", COPY),
+             **_layer_norm(f"{dst}ln_vision", f"{src}post_layernorm")}
+    for i in range(num_layers):
+        at, layer = f"{dst}blocks/{i}/", f"{src}encoder.layers.{i}."
+        table.update({f"{at}attn/qkv/kernel": (f"{layer}self_attn.qkv.weight", LINEAR),
+                      f"{at}attn/q_bias": (f"{layer}self_attn.qkv.bias", QKV_Q),
+                      f"{at}attn/v_bias": (f"{layer}self_attn.qkv.bias", QKV_V),
+                      **_linear(f"{at}attn/proj", f"{layer}self_attn.projection"),
+                      **_layer_norm(f"{at}norm1", f"{layer}layer_norm1"),
+                      **_layer_norm(f"{at}norm2", f"{layer}layer_norm2"),
+                      **_linear(f"{at}fc1", f"{layer}mlp.fc1"), **_linear(f"{at}fc2", f"{layer}mlp.fc2")})
+    return table
+
+
+def _qformer_attention(dst: str, src: str) -> dict[str, tuple[str, str]]:
+    return {**_linear(f"{dst}/query", f"{src}.attention.query"), **_linear(f"{dst}/key", f"{src}.attention.key"),
+            **_linear(f"{dst}/value", f"{src}.attention.value"), **_linear(f"{dst}/dense", f"{src}.output.dense"),
+            **_layer_norm(f"{dst}/layer_norm", f"{src}.output.LayerNorm")}
+
+
+def qformer_hf_table(src: str, dst: str, num_layers: int, cross_attention_frequency: int,
+                     query_tokens: str = "query_tokens") -> dict[str, tuple[str, str]]:
+    """HF `Blip2QFormerModel` (under `src`, e.g. `qformer.`) and BLIP-2's `query_tokens` -> our QFormer."""
+    table = {f"{dst}query_tokens": (query_tokens, COPY), **_layer_norm(f"{dst}layernorm", f"{src}layernorm")}
+    for i in range(num_layers):
+        at, layer = f"{dst}layers/{i}/", f"{src}encoder.layer.{i}."
+        table.update(_qformer_attention(f"{at}attention", f"{layer}attention"))
+        if i % cross_attention_frequency == 0:
+            table.update(_qformer_attention(f"{at}crossattention", f"{layer}crossattention"))
+        table.update({**_linear(f"{at}intermediate_query", f"{layer}intermediate_query.dense"),
+                      **_linear(f"{at}output_query", f"{layer}output_query.dense"),
+                      **_layer_norm(f"{at}output_query_norm", f"{layer}output_query.LayerNorm")})
     return table
 
 
