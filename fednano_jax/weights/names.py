@@ -130,21 +130,41 @@ def eva_vit_hf_table(src: str, dst: str, num_layers: int) -> dict[str, tuple[str
     return table
 
 
-def _qformer_attention(dst: str, src: str) -> dict[str, tuple[str, str]]:
-    return {**_linear(f"{dst}/query", f"{src}.attention.query"), **_linear(f"{dst}/key", f"{src}.attention.key"),
-            **_linear(f"{dst}/value", f"{src}.attention.value"), **_linear(f"{dst}/dense", f"{src}.output.dense"),
+def eva_vit_lavis_table(dst: str, num_layers: int, src: str = "", ln_vision: str = "ln_vision.") -> dict[str, tuple[str, str]]:
+    """LAVIS's `eva_vit_g.pth` (keys under `src`, none by default) and BLIP-2's `ln_vision` -> EvaVisionTower."""
+    table = {f"{dst}patch_embed/kernel": (f"{src}patch_embed.proj.weight", CONV),
+             f"{dst}patch_embed/bias": (f"{src}patch_embed.proj.bias", COPY),
+             f"{dst}cls_token": (f"{src}cls_token", COPY), f"{dst}pos_embed": (f"{src}pos_embed", COPY),
+             **_layer_norm(f"{dst}ln_vision", ln_vision.rstrip("."))}
+    for i in range(num_layers):
+        at, block = f"{dst}blocks/{i}/", f"{src}blocks.{i}."
+        table.update({f"{at}attn/qkv/kernel": (f"{block}attn.qkv.weight", LINEAR),
+                      f"{at}attn/q_bias": (f"{block}attn.q_bias", COPY),
+                      f"{at}attn/v_bias": (f"{block}attn.v_bias", COPY),
+                      **_linear(f"{at}attn/proj", f"{block}attn.proj"),
+                      **_layer_norm(f"{at}norm1", f"{block}norm1"), **_layer_norm(f"{at}norm2", f"{block}norm2"),
+                      **_linear(f"{at}fc1", f"{block}mlp.fc1"), **_linear(f"{at}fc2", f"{block}mlp.fc2")})
+    return table
+
+
+def _qformer_attention(dst: str, src: str, inner: str) -> dict[str, tuple[str, str]]:
+    return {**_linear(f"{dst}/query", f"{src}.{inner}.query"), **_linear(f"{dst}/key", f"{src}.{inner}.key"),
+            **_linear(f"{dst}/value", f"{src}.{inner}.value"), **_linear(f"{dst}/dense", f"{src}.output.dense"),
             **_layer_norm(f"{dst}/layer_norm", f"{src}.output.LayerNorm")}
 
 
-def qformer_hf_table(src: str, dst: str, num_layers: int, cross_attention_frequency: int,
-                     query_tokens: str = "query_tokens") -> dict[str, tuple[str, str]]:
-    """HF `Blip2QFormerModel` (under `src`, e.g. `qformer.`) and BLIP-2's `query_tokens` -> our QFormer."""
-    table = {f"{dst}query_tokens": (query_tokens, COPY), **_layer_norm(f"{dst}layernorm", f"{src}layernorm")}
+def qformer_table(src: str, dst: str, num_layers: int, cross_attention_frequency: int, lavis: bool = False,
+                  query_tokens: str = "query_tokens") -> dict[str, tuple[str, str]]:
+    """A BLIP-2 Q-Former (under `src`) and its `query_tokens` -> our QFormer. HF's `Blip2QFormerModel`
+    (`qformer.` in a BLIP-2 directory) names the attention `attention.attention` and the queries' norm
+    `layernorm`; LAVIS (`Qformer.bert.`) names them `attention.self` and `embeddings.LayerNorm`."""
+    inner, norm = ("self", "embeddings.LayerNorm") if lavis else ("attention", "layernorm")
+    table = {f"{dst}query_tokens": (query_tokens, COPY), **_layer_norm(f"{dst}layernorm", f"{src}{norm}")}
     for i in range(num_layers):
         at, layer = f"{dst}layers/{i}/", f"{src}encoder.layer.{i}."
-        table.update(_qformer_attention(f"{at}attention", f"{layer}attention"))
+        table.update(_qformer_attention(f"{at}attention", f"{layer}attention", inner))
         if i % cross_attention_frequency == 0:
-            table.update(_qformer_attention(f"{at}crossattention", f"{layer}crossattention"))
+            table.update(_qformer_attention(f"{at}crossattention", f"{layer}crossattention", inner))
         table.update({**_linear(f"{at}intermediate_query", f"{layer}intermediate_query.dense"),
                       **_linear(f"{at}output_query", f"{layer}output_query.dense"),
                       **_layer_norm(f"{at}output_query_norm", f"{layer}output_query.LayerNorm")})
