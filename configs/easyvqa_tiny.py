@@ -61,6 +61,7 @@ def get_config() -> ConfigDict:
     config.fed.weight_decay = 0.0  # AdamW's decoupled weight decay (0: Adam)
     config.fed.fisher_floor = 1e-6  # FedNano / FedNano-EF: floor on the diagonal Fisher
     config.fed.fisher_examples = 0  # FedNano: examples of its first epoch the Fisher pass uses (0 = all)
+    config.fed.fisher_example_weights = True  # FedNano: weight each client's Fisher by its examples |D_k| (Eq. 1)
     config.fed.prox_mu = 0.01  # FedProx: weight of mu/2 * ||adapters - global||^2
     config.fed.dpa_local_epochs = 1  # FedDPA-F: local fine-tuning of the local adapter after the rounds
     config.fed.dpa_instances = 5  # FedDPA-F: local training inputs compared with each test input

@@ -135,7 +135,7 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
 # Settings added after checkpoints were first written, with the value that means what their absence meant:
 # at that value they stay out of the fingerprint, so older workdirs still resume.
 LATER_DEFAULTS = {"fed": {"fisher_examples": 0, "server_optimizer": "none", "server_learning_rate": 1.0,
-                          "server_momentum": 0.9},
+                          "server_momentum": 0.9, "fisher_example_weights": True},
                   "data": {"partition": "dirichlet", "min_client_size": 1, "categories_per_client": 2,
                            "size_exponent": 1.0, "natural_key": "subject"}}
 

@@ -130,3 +130,17 @@ def test_no_data_array_reaches_the_servers_program(tiny_config, monkeypatch):
         assert len(vectors) == 2  # the example counts and who reported, nothing else per client
         losses = np.asarray(result.history[0]["train_loss"])
         assert not any(np.allclose(v, losses) for v in vectors)
+
+
+def test_the_fisher_merge_without_example_weights_weighs_every_usable_client_alike():
+    """fed.fisher_example_weights=False (the `merge` study's ablation): Fisher alone decides, not |D_k|."""
+    from fednano_jax.federated.aggregation import fisher_merge
+
+    fishers = jax.tree.map(lambda x: jnp.abs(x) + 1.0, ADAPTERS)
+    method = get_method("fednano", ConfigDict(dict(fisher_floor=1e-6, num_clients=3, fisher_example_weights=False)))
+    merged, _ = server_round(method, PREVIOUS, ClientUploads({"adapters": ADAPTERS, "fisher": fishers}, COUNTS),
+                             jnp.array([True, False, True]))
+    expected = fisher_merge(ADAPTERS, fishers, jnp.array([1.0, 0.0, 1.0]), 1e-6)
+    jax.tree.map(lambda m, e: np.testing.assert_allclose(m, e, rtol=1e-6), merged["adapters"], expected)
+    weighted, _ = run_server("fednano", {"adapters": ADAPTERS, "fisher": fishers}, (True, False, True))
+    assert not np.allclose(weighted["adapters"]["down"], merged["adapters"]["down"])

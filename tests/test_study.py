@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from conftest import ROOT, SMALL_MODEL
 
 
@@ -62,3 +65,60 @@ def test_sweep_grids():
     cell = with_overrides(config, cells("frequency", config)["rounds2_epochs3"], seed=4)
     assert (cell.seed, cell.fed.rounds, cell.fed.local_epochs) == (4, 2, 3)
     assert (config.seed, config.fed.rounds) == (0, 6)  # the base config is untouched
+
+
+def test_confidence_intervals_and_the_paired_test_are_the_textbook_ones():
+    from scipy import stats
+
+    from fednano_jax.commands.study import mean_ci, paired_test
+
+    fednano, fedavg = [0.70, 0.72, 0.75, 0.71, 0.74], [0.69, 0.72, 0.73, 0.70, 0.74]
+    mean, half = mean_ci(fednano)
+    values = 100 * np.array(fednano)
+    assert mean == pytest.approx(72.4)
+    assert half == pytest.approx(2.7764451 * values.std(ddof=1) / np.sqrt(5), rel=1e-6)  # t(0.975, 4 dof)
+    diff, diff_half, p = paired_test(fednano, fedavg)
+    assert diff == pytest.approx(0.8) and diff_half == pytest.approx(mean_ci(np.subtract(fednano, fedavg))[1])
+    assert p == pytest.approx(stats.ttest_rel(fednano, fedavg).pvalue) and 0.0 < p < 0.1
+
+
+def fake_results(cells_of_study: dict, seeds: int, labels_of) -> dict:
+    rng = np.random.default_rng(0)
+    return {(s, cell): {"results": {label: {"average": float(rng.uniform(0.6, 0.8))} for label in labels_of(cell)}}
+            for s in range(seeds) for cell in cells_of_study}
+
+
+def test_the_merge_study_compares_each_aggregation_with_fedavg_under_the_same_server_step(tmp_path):
+    from fednano_jax.commands.study import MERGE_CELLS, merge_table, paired_test
+
+    seeds = 5
+    results = fake_results(MERGE_CELLS, seeds, lambda cell: MERGE_CELLS[cell][0])
+    table = merge_table(results, seeds, str(tmp_path)).splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
+    assert list(rows) == ["FedAvg", "Fisher merge", "Fisher merge without example weights", "FedAvg + server Adam",
+                          "Fisher merge + server Adam", "Fisher merge without example weights + server Adam"]
+    values = lambda cell, label: [results[(s, cell)]["results"][label]["average"] for s in range(seeds)]  # noqa
+    diff, half, p = paired_test(values("merge_equal_adam", "FedNano + server Adam"),
+                                values("merge_adam", "FedAvg + server Adam"))
+    assert rows["Fisher merge without example weights + server Adam"][1:] == [f"{diff:+.2f} ± {half:.2f}", f"{p:.3f}"]
+    assert rows["FedAvg"][1:] == ["-", "-"]
+    assert (tmp_path / "merge.csv").exists() and (tmp_path / "accuracy_by_merge.png").stat().st_size > 1000
+
+
+def test_the_clients_and_heterogeneity_grids():
+    from configs.easyvqa_tiny import get_config
+    from fednano_jax.commands.study import cells, compared_table
+
+    config = get_config()
+    grid = cells("clients", config)
+    assert [(o["fed.num_clients"], o["fed.clients_per_round"]) for o in grid.values()] == [
+        (5, 0), (10, 0), (20, 10), (50, 10)]
+    heterogeneity = cells("heterogeneity", config)
+    assert [o["data.partition"] for o in heterogeneity.values()] == ["dirichlet"] * 5 + ["pathological"]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as workdir:
+        table = compared_table("heterogeneity", fake_results(heterogeneity, 5, lambda _: ("FedAvg", "FedNano")), 5,
+                               workdir, config).splitlines()
+    assert table[0] == "| Partition | FedAvg | FedNano | FedNano - FedAvg | p (paired t) |"
+    assert table[2].startswith("| Dirichlet 0.05 |") and table[-1].startswith("| pathological, 2 categories each |")

@@ -4,7 +4,12 @@
 
 Studies: `main` (Table 2: every method), `adapters` (Table 3: A_T only, A_I only,
 both), `rank` (Fig. 2a: adapter rank) and `frequency` (Fig. 2b: rounds x local
-epochs at a fixed budget of local epochs). Each cell is one `fednano_jax.main` run
+epochs at a fixed budget of local epochs); and the questions the paper's reviewers asked,
+each over 5 seeds by default with a 95% confidence interval and a paired test of FedNano
+against FedAvg (same seeds, same partitions): `clients` (5 to 50 clients, cohorts of 10
+beyond 10), `heterogeneity` (Dirichlet alpha 0.05 to 10, and pathological) and `merge`
+(FedAvg, the Fisher merge, the Fisher merge without its |D_k| weights, each with and
+without a server Adam step). Each cell is one `fednano_jax.main` run
 in `<workdir>/seed<s>/<cell>`; a cell whose results.json exists is not run again,
 and a half-finished one resumes from its round checkpoints. Every method sees the
 same data, partition, backbone and seeds. Writes `<study>.md`, `<study>.csv` and
@@ -33,6 +38,22 @@ RANKS = (8, 16, 32, 64, 128)
 ADAPTERS = {"A_T only": (False, True), "A_I only": (True, False), "A_I + A_T": (True, True)}
 
 
+CLIENT_COUNTS = (5, 10, 20, 50)
+COHORT = 10  # clients per round once there are more
+ALPHAS = (0.05, 0.1, 0.5, 1.0, 10.0)
+SERVER_ADAM = {"fed.server_optimizer": "adam", "fed.server_learning_rate": 0.01}
+MERGE_CELLS = {  # cell -> (the rows it gives: method label -> row name, its overrides)
+    "merge": ({"FedAvg": "FedAvg", "FedNano": "Fisher merge"}, {}),
+    "merge_equal": ({"FedNano": "Fisher merge without example weights"},
+                    {"fed.methods": ("fednano",), "fed.fisher_example_weights": False}),
+    "merge_adam": ({"FedAvg + server Adam": "FedAvg + server Adam", "FedNano + server Adam":
+                    "Fisher merge + server Adam"}, SERVER_ADAM),
+    "merge_equal_adam": ({"FedNano + server Adam": "Fisher merge without example weights + server Adam"},
+                         {"fed.methods": ("fednano",), "fed.fisher_example_weights": False, **SERVER_ADAM}),
+}
+DEFAULT_SEEDS = {"clients": 5, "heterogeneity": 5, "merge": 5}  # the others: 1
+
+
 def frequency_grid(config) -> list[tuple[int, int]]:
     """(rounds, local epochs) pairs with the config's budget of rounds x local epochs."""
     budget = config.fed.rounds * config.fed.local_epochs
@@ -49,6 +70,16 @@ def cells(study: str, config) -> dict[str, dict]:
                 for name, (image, text) in ADAPTERS.items()}
     if study == "rank":
         return {f"rank{r}": {"fed.methods": COMPARED, "model.adapter.rank": r} for r in RANKS}
+    if study == "clients":
+        return {f"clients{n}": {"fed.methods": COMPARED, "fed.num_clients": n,
+                                "fed.clients_per_round": 0 if n <= COHORT else COHORT} for n in CLIENT_COUNTS}
+    if study == "heterogeneity":
+        grid = {f"alpha{a:g}": {"fed.methods": COMPARED, "data.partition": "dirichlet", "data.dirichlet_alpha": a}
+                for a in ALPHAS}
+        return {**grid, "pathological2": {"fed.methods": COMPARED, "data.partition": "pathological",
+                                          "data.categories_per_client": 2}}
+    if study == "merge":
+        return {name: {"fed.methods": COMPARED, **overrides} for name, (_, overrides) in MERGE_CELLS.items()}
     return {f"rounds{r}_epochs{e}": {"fed.methods": COMPARED, "fed.rounds": r, "fed.local_epochs": e}
             for r, e in frequency_grid(config)}
 
@@ -88,6 +119,36 @@ def run_grid(config, study: str, seeds: int, workdir: str) -> dict:
 def mean_std(values) -> str:
     values = 100 * np.asarray(values, float)
     return f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}"
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """(mean, half-width of its 95% confidence interval, Student's t) of accuracies, in points."""
+    from scipy import stats
+
+    values = 100 * np.asarray(values, float)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def paired_test(treated, control) -> tuple[float, float, float]:
+    """(mean difference, its 95% CI half-width, two-sided p of the paired t-test) in points, seed by seed."""
+    from scipy import stats
+
+    treated, control = np.asarray(treated, float), np.asarray(control, float)
+    mean, half = mean_ci(treated - control)
+    p = float(stats.ttest_rel(treated, control).pvalue) if len(treated) > 1 else float("nan")
+    return mean, half, p
+
+
+def with_ci(values) -> str:
+    mean, half = mean_ci(values)
+    return f"{mean:.2f}" if np.isnan(half) else f"{mean:.2f} ± {half:.2f}"
+
+
+def difference(treated, control) -> list[str]:
+    mean, half, p = paired_test(treated, control)
+    return [f"{mean:+.2f}" if np.isnan(half) else f"{mean:+.2f} ± {half:.2f}", "-" if np.isnan(p) else f"{p:.3f}"]
 
 
 def method_costs(result: dict, label: str) -> tuple[float, float]:
@@ -175,6 +236,67 @@ def sweep_table(study: str, results: dict, seeds: int, workdir: str, config) -> 
     return write_table(os.path.join(workdir, study), header, rows)
 
 
+def averages(results: dict, seeds: int, cell: str, label: str) -> list[float]:
+    return [results[(s, cell)]["results"][label]["average"] for s in range(seeds)]
+
+
+def compared_table(study: str, results: dict, seeds: int, workdir: str, config) -> str:
+    """clients / heterogeneity: per cell, FedAvg's and FedNano's mean ± 95% CI, and their paired difference."""
+    grid = cells(study, config)
+    title = {"clients": "Clients (cohort)", "heterogeneity": "Partition"}[study]
+    header = [title, "FedAvg", "FedNano", "FedNano - FedAvg", "p (paired t)"]
+    rows, series = [], {"FedAvg": [], "FedNano": []}
+    for cell, overrides in grid.items():
+        fedavg, fednano = averages(results, seeds, cell, "FedAvg"), averages(results, seeds, cell, "FedNano")
+        rows.append([_cell_name(study, overrides), with_ci(fedavg), with_ci(fednano), *difference(fednano, fedavg)])
+        series["FedAvg"].append(100 * float(np.mean(fedavg)))
+        series["FedNano"].append(100 * float(np.mean(fednano)))
+    plot_sweep([row[0] for row in rows], series, title, os.path.join(workdir, f"accuracy_vs_{study}.png"))
+    return write_table(os.path.join(workdir, study), header, rows)
+
+
+def _cell_name(study: str, overrides: dict) -> str:
+    if study == "clients":
+        cohort = overrides["fed.clients_per_round"]
+        return f"{overrides['fed.num_clients']}" + (f" ({cohort} per round)" if cohort else "")
+    if overrides["data.partition"] == "pathological":
+        return f"pathological, {overrides['data.categories_per_client']} categories each"
+    return f"Dirichlet {overrides['data.dirichlet_alpha']:g}"
+
+
+def merge_table(results: dict, seeds: int, workdir: str) -> str:
+    """The merge ablation: each aggregation with and without server Adam, against FedAvg with the same server."""
+    header = ["Aggregation", "Avg", "- FedAvg (same server step)", "p (paired t)"]
+    rows, series = [], {}
+    for cell, (labels, overrides) in MERGE_CELLS.items():
+        baseline_cell = "merge_adam" if "fed.server_optimizer" in overrides else "merge"
+        baseline = averages(results, seeds, baseline_cell, "FedAvg + server Adam" if baseline_cell == "merge_adam"
+                            else "FedAvg")
+        for label, name in labels.items():
+            values = averages(results, seeds, cell, label)
+            compared = ["-", "-"] if name.startswith("FedAvg") else difference(values, baseline)
+            rows.append([name, with_ci(values), *compared])
+            series[name] = 100 * float(np.mean(values))
+    plot_bars(series, os.path.join(workdir, "accuracy_by_merge.png"))
+    return write_table(os.path.join(workdir, "merge"), header, rows)
+
+
+def plot_bars(series: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.barh(list(series), list(series.values()))
+    ax.set_xlabel("average client accuracy (%)")
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_sweep(names, series, xlabel, path) -> None:
     import matplotlib
 
@@ -195,7 +317,8 @@ def plot_sweep(names, series, xlabel, path) -> None:
 
 def main() -> None:
     args = flags.FLAGS
-    config, study, seeds = args.config, args.study, args.seeds
+    config, study = args.config, args.study
+    seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS.get(study, 1)
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}.")
     if args.dry_run:
@@ -208,8 +331,14 @@ def main() -> None:
     workdir = args.workdir or os.path.join("runs", config.name, f"study_{study}")
     started = time.perf_counter()
     results = run_grid(config, study, seeds, workdir)
-    table = (main_table(results, seeds, workdir) if study == "main"
-             else sweep_table(study, results, seeds, workdir, config))
+    if study == "main":
+        table = main_table(results, seeds, workdir)
+    elif study == "merge":
+        table = merge_table(results, seeds, workdir)
+    elif study in ("clients", "heterogeneity"):
+        table = compared_table(study, results, seeds, workdir, config)
+    else:
+        table = sweep_table(study, results, seeds, workdir, config)
     print(f"\n{study} study, {seeds} seed(s), average client accuracy (%):\n{table}")
     print(f"\nTables and plots in {workdir} ({time.perf_counter() - started:.0f} s)")
 
@@ -217,8 +346,10 @@ def main() -> None:
 def define_flags() -> None:
     """Command-line flags, defined only when run as a command (importing this module defines none)."""
     cli.define_config_flag(lock=False)
-    flags.DEFINE_enum("study", "main", ["main", "adapters", "rank", "frequency"], "Which study to run.")
-    flags.DEFINE_integer("seeds", 1, "Number of seeds (0..seeds-1); tables show mean and std over them.")
+    flags.DEFINE_enum("study", "main", ["main", "adapters", "rank", "frequency", "clients", "heterogeneity", "merge"],
+                      "Which study to run.")
+    flags.DEFINE_integer("seeds", None, "Number of seeds (0..seeds-1): 5 for clients, heterogeneity and merge "
+                         "(mean ± 95% CI, paired test), else 1 (mean ± std).")
     flags.DEFINE_string("workdir", None, "Study directory (default: runs/<config.name>/study_<study>).")
     flags.DEFINE_bool("dry_run", False, "Check every cell as `main --dry_run` does and stop: nothing is trained.")
 

@@ -27,5 +27,7 @@ class FedNano(Method):
         return {"adapters": result.adapters, "fisher": fisher}, client_state
 
     def server_update(self, server_state, uploads, weights):
+        if not self.fed.get("fisher_example_weights", True):  # the ablation: Fisher alone, no |D_k| weights
+            weights = (weights > 0).astype(weights.dtype)
         merged = fisher_merge(uploads["adapters"], uploads["fisher"], weights, self.fed.fisher_floor)
         return {**server_state, "adapters": merged}
