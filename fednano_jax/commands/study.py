@@ -245,13 +245,15 @@ def compared_table(study: str, results: dict, seeds: int, workdir: str, config) 
     grid = cells(study, config)
     title = {"clients": "Clients (cohort)", "heterogeneity": "Partition"}[study]
     header = [title, "FedAvg", "FedNano", "FedNano - FedAvg", "p (paired t)"]
-    rows, series = [], {"FedAvg": [], "FedNano": []}
+    rows, series, bands = [], {"FedAvg": [], "FedNano": []}, {"FedAvg": [], "FedNano": []}
     for cell, overrides in grid.items():
         fedavg, fednano = averages(results, seeds, cell, "FedAvg"), averages(results, seeds, cell, "FedNano")
         rows.append([_cell_name(study, overrides), with_ci(fedavg), with_ci(fednano), *difference(fednano, fedavg)])
-        series["FedAvg"].append(100 * float(np.mean(fedavg)))
-        series["FedNano"].append(100 * float(np.mean(fednano)))
-    plot_sweep([row[0] for row in rows], series, title, os.path.join(workdir, f"accuracy_vs_{study}.png"))
+        for label, values in (("FedAvg", fedavg), ("FedNano", fednano)):
+            mean, half = mean_ci(values)
+            series[label].append(mean)
+            bands[label].append(0.0 if np.isnan(half) else half)
+    plot_sweep([row[0] for row in rows], series, title, os.path.join(workdir, f"accuracy_vs_{study}.png"), bands)
     return write_table(os.path.join(workdir, study), header, rows)
 
 
@@ -276,20 +278,24 @@ def merge_table(results: dict, seeds: int, workdir: str) -> str:
             values = averages(results, seeds, cell, label)
             compared = ["-", "-"] if name.startswith("FedAvg") else difference(values, baseline)
             rows.append([name, with_ci(values), *compared])
-            series[name] = 100 * float(np.mean(values))
+            series[name] = mean_ci(values)
     plot_bars(series, os.path.join(workdir, "accuracy_by_merge.png"))
     return write_table(os.path.join(workdir, "merge"), header, rows)
 
 
-def plot_bars(series: dict, path: str) -> None:
+def plot_bars(series: dict[str, tuple[float, float]], path: str) -> None:
+    """name -> (mean, 95% CI half-width): a dot with its interval per row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.barh(list(series), list(series.values()))
-    ax.set_xlabel("average client accuracy (%)")
+    names = list(series)
+    means, halves = np.array([series[n][0] for n in names]), np.nan_to_num([series[n][1] for n in names])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.errorbar(means, range(len(names)), xerr=halves, fmt="o", capsize=4)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("average client accuracy (%): mean, 95% CI")
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -297,7 +303,8 @@ def plot_bars(series: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_sweep(names, series, xlabel, path) -> None:
+def plot_sweep(names, series, xlabel, path, bands=None) -> None:
+    """One line per method over the cells; `bands` (method -> 95% CI half-widths) shades each line's interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,6 +313,9 @@ def plot_sweep(names, series, xlabel, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, values in series.items():
         ax.plot(names, values, marker="o", label=label)
+        if bands:
+            low, high = np.subtract(values, bands[label]), np.add(values, bands[label])
+            ax.fill_between(range(len(names)), low, high, alpha=0.2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("average client accuracy (%)")
     ax.legend()
