@@ -316,6 +316,8 @@ def plot_sweep(names, series, xlabel, path, bands=None) -> None:
         if bands:
             low, high = np.subtract(values, bands[label]), np.add(values, bands[label])
             ax.fill_between(range(len(names)), low, high, alpha=0.2)
+    if max(len(str(name)) for name in names) > 6:  # long cell names: slant them so they do not overlap
+        plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("average client accuracy (%)")
     ax.legend()
