@@ -122,7 +122,7 @@ def mean_std(values) -> str:
 
 
 def mean_ci(values) -> tuple[float, float]:
-    """(mean, half-width of its 95% confidence interval, Student's t) of accuracies, in points."""
+    """(mean, half-width of its 95% Student-t confidence interval) of accuracies, in points."""
     from scipy import stats
 
     values = 100 * np.asarray(values, float)
