@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fednano_jax.models.vision import ACTIVATIONS, linear, normalize_pixels
+from fednano_jax.models.vision import ACTIVATIONS, attend, linear, normalize_pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,7 @@ class EvaAttention(nnx.Module):
         bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
         qkv = (self.qkv(x) + bias.astype(x.dtype)).reshape(batch, length, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / jnp.sqrt(d // self.num_heads)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return self.proj(jnp.einsum("bhts,bshd->bthd", probs, v).reshape(batch, length, d))
+        return self.proj(attend(q, k, v))
 
 
 class EvaBlock(nnx.Module):

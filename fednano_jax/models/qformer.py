@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fednano_jax.models.vision import ACTIVATIONS
+from fednano_jax.models.vision import ACTIVATIONS, attend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +46,9 @@ class QFormerAttention(nnx.Module):
         self.num_heads = config.num_heads
 
     def __call__(self, x, context):
-        batch, length, d = x.shape
+        d = x.shape[-1]
         heads = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_heads, d // self.num_heads)  # noqa: E731
-        q, k, v = heads(self.query(x)), heads(self.key(context)), heads(self.value(context))
-        scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(d // self.num_heads)
-        attended = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v).reshape(batch, length, d)
+        attended = attend(heads(self.query(x)), heads(self.key(context)), heads(self.value(context)))
         return self.layer_norm(self.dense(attended) + x)
 
 

@@ -60,6 +60,14 @@ def normalize_pixels(images: jax.Array, config: VisionConfig) -> jax.Array:
     return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(jnp.dtype(config.dtype))
 
 
+def attend(q, k, v):
+    """Unmasked softmax attention: q [B, T, H, D], k, v [B, S, H, D] -> [B, T, H * D], scores in float32."""
+    scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhts,bshd->bthd", probs, v)
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
 def linear(rngs, d_in, d_out, dtype):
     return nnx.Linear(d_in, d_out, dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.normal(0.02))
 
@@ -77,9 +85,7 @@ class VisionAttention(nnx.Module):
         batch, length, d = x.shape
         split = lambda t: t.reshape(batch, length, self.num_heads, d // self.num_heads)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / jnp.sqrt(d // self.num_heads)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return self.out_proj(jnp.einsum("bhts,bshd->bthd", probs, v).reshape(batch, length, d))
+        return self.out_proj(attend(q, k, v))
 
 
 class VisionLayer(nnx.Module):
