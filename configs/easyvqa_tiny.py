@@ -35,6 +35,8 @@ def get_config() -> ConfigDict:
         hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
         rope_theta=10000.0, rms_norm_eps=1e-5))
     config.model.adapter = ConfigDict(dict(rank=16, alpha=32.0, image=True, text=True))
+    # Heterogeneous ranks: e.g. (16, 8, 4), cycled over the clients (federated/ranks.py); () = all at `rank`.
+    config.model.adapter.client_ranks = ()
 
     config.pretrain = ConfigDict()
     config.pretrain.seed = 0  # the backbone: held-aside images, initialisation, batch order
@@ -69,6 +71,7 @@ def get_config() -> ConfigDict:
     config.fed.server_optimizer = "none"  # or avgm, adagrad, adam, yogi: a step along the round's pseudo-gradient
     config.fed.server_learning_rate = 1.0  # its step size (optax's betas and epsilon)
     config.fed.server_momentum = 0.9  # avgm's momentum
+    config.fed.rank_aggregation = "masked"  # client_ranks: each rank slice over its holders, or HetLoRA's "zero_pad"
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
     config.fed.client_chunk = 0  # clients each device trains at once (the rest wait their turn); 0 = all
     config.fed.pack_clients = True  # small clients one after another in a vmap lane: less padding, same adapters

@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 
 from fednano_jax.data.partition import PARTITIONS, Partition
 from fednano_jax.errors import ConfigError
+from fednano_jax.federated import ranks
 from fednano_jax.federated.server_optimizer import OPTIMIZERS as SERVER_OPTIMIZERS
 from fednano_jax.models.llama import REMAT_POLICIES, LlamaConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig
@@ -97,6 +98,27 @@ def validate(config: ConfigDict, known_methods) -> None:
     _require(len(methods) > 0, "fed.methods must name at least one method.")
     for name in methods:
         _require(name in known_methods, f"Unknown method {name!r} in fed.methods; expected one of {sorted(known_methods)}.")
+    validate_client_ranks(config, known_methods, methods)
+
+
+def validate_client_ranks(config: ConfigDict, known_methods: dict, methods: list[str]) -> None:
+    """model.adapter.client_ranks (each rank at most model.adapter.rank) and fed.rank_aggregation."""
+    adapter = config.model.adapter
+    try:
+        client_ranks = ranks.parse_client_ranks(adapter.get("client_ranks", ()))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    _require(all(1 <= r <= adapter.rank for r in client_ranks),
+             f"model.adapter.client_ranks must be ranks between 1 and model.adapter.rank={adapter.rank}, "
+             f"got {client_ranks}.")
+    aggregation = config.fed.get("rank_aggregation", ranks.MASKED)
+    _require(aggregation in ranks.AGGREGATIONS,
+             f"fed.rank_aggregation must be one of {list(ranks.AGGREGATIONS)}, got {aggregation!r}.")
+    unsupported = [name for name in methods if not known_methods[name].client_ranks]
+    supported = ", ".join(name for name, method in known_methods.items() if method.client_ranks)
+    _require(not client_ranks or not unsupported,
+             f"model.adapter.client_ranks works with {supported}, not {', '.join(unsupported)}: drop those from "
+             "fed.methods or leave client_ranks empty.")
 
 
 def method_names(config: ConfigDict) -> list[str]:
@@ -135,7 +157,8 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
 # Settings added after checkpoints were first written, with the value that means what their absence meant:
 # at that value they stay out of the fingerprint, so older workdirs still resume.
 LATER_DEFAULTS = {"fed": {"fisher_examples": 0, "server_optimizer": "none", "server_learning_rate": 1.0,
-                          "server_momentum": 0.9, "fisher_example_weights": True},
+                          "server_momentum": 0.9, "fisher_example_weights": True, "rank_aggregation": "masked"},
+                  "adapter": {"client_ranks": ()},
                   "data": {"partition": "dirichlet", "min_client_size": 1, "categories_per_client": 2,
                            "size_exponent": 1.0, "natural_key": "subject"}}
 
@@ -155,7 +178,10 @@ def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
     fed = _fingerprinted("fed", config.fed.to_dict(),
                          ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding"))
     data = _fingerprinted("data", config.data.to_dict(), ("dir", "root", "stream_images"))
-    return {"seed": config.seed, "model": config.model.to_dict(), "data": data, "fed": fed, "backbone": backbone_key}
+    model = config.model.to_dict()
+    model["adapter"] = _fingerprinted("adapter", {**model["adapter"], "client_ranks": ranks.parse_client_ranks(
+        model["adapter"].get("client_ranks", ()))}, ())
+    return {"seed": config.seed, "model": model, "data": data, "fed": fed, "backbone": backbone_key}
 
 
 def load_config_file(path: str) -> ConfigDict:

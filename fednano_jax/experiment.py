@@ -107,7 +107,8 @@ def run_experiment(config, workdir: str) -> None:
         seconds[method.label] = time.perf_counter() - method_start
         histories[method.label] = result.history
         final = result.history[-1]
-        rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown") if key in final}
+        rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown", "rank_average")
+                              if key in final}
     log.close()
 
     # -------------------------------------------------------------- Report
@@ -115,7 +116,8 @@ def run_experiment(config, workdir: str) -> None:
         return
     table = write_report(workdir, rows, {"config": config.to_dict(), "client_train_examples": sizes,
                                          "method_seconds": seconds, "history": histories,
-                                         "total_seconds": time.perf_counter() - started})
+                                         "total_seconds": time.perf_counter() - started},
+                         evaluator.ranks.tolist() if evaluator.ranks is not None else None)
     print(f"\nPer-client test accuracy (%), {config.fed.num_clients} clients, {config.fed.rounds} rounds:\n{table}")
     print(f"\nWritten to {workdir}/results.md, results.json, metrics.jsonl and tensorboard/ "
           f"({time.perf_counter() - started:.0f} s in all)")

@@ -39,7 +39,7 @@ SHRUNK_7B = ("--config.model.vocab_size=128", "--config.model.llm.hidden_size=64
              "--config.model.vision.num_heads=2", "--config.model.adapter.rank=4")
 TINY_FLAGS = {
     "fednano_jax.main": ("--dry_run",),
-    "fednano_jax.study": ("--dry_run", "--study=rank"),
+    "fednano_jax.study": ("--dry_run", "--study=ranks"),
     "fednano_jax.benchmark": ("--mode=loop", "--clients=1", "--steps=1", "--batch=1", "--text_tokens=4",
                               "--repeats=1"),
     "fednano_jax.memory_plan": ("--methods=fedavg", "--clients=1", "--batch=1", "--text_tokens=4", "--remat=full"),

@@ -181,11 +181,12 @@ def test_images_streamed_from_the_host_give_the_device_tables_outputs(tiny_confi
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), packed_got, packed_expected)
 
 
-def packed_outputs(graphdef, frozen, data, broadcast, method, client_rows, epochs, max_padding, cap=0, states=None):
+def packed_outputs(graphdef, frozen, data, broadcast, method, client_rows, epochs, max_padding, cap=0, states=None,
+                   ranks=None):
     from fednano_jax.federated.packing import make_packed_program, packed_schedule
 
     packed = packed_schedule(client_rows, 2, epochs, 0, 0, range(len(client_rows)), cap, max_padding=max_padding,
-                             states=states)
+                             states=states, ranks=ranks)
     program = jax.jit(make_packed_program(graphdef, optax.adamw(1e-2), method))
     outputs = program(frozen, data, broadcast, jax.tree.map(jnp.asarray, packed.lanes))
     order = packed.order()

@@ -122,3 +122,38 @@ def test_the_clients_and_heterogeneity_grids():
                                workdir, config).splitlines()
     assert table[0] == "| Partition | FedAvg | FedNano | FedNano - FedAvg | p (paired t) |"
     assert table[2].startswith("| Dirichlet 0.05 |") and table[-1].startswith("| pathological, 2 categories each |")
+
+
+def test_the_ranks_study_compares_tiers_with_everyone_at_the_smallest_rank(tmp_path):
+    from configs.easyvqa_tiny import get_config
+    from fednano_jax.commands.study import RANK_CELLS, cells, mean_ci, paired_test, ranks_table
+
+    grid = cells("ranks", get_config())
+    assert grid["ranks_tiers"]["model.adapter.client_ranks"] == (16, 8, 4)
+    assert grid["ranks_tiers_zero_pad"]["fed.rank_aggregation"] == "zero_pad"
+    assert grid["ranks_smallest"]["model.adapter.client_ranks"] == (4,)
+    assert "model.adapter.client_ranks" not in grid["ranks_full"]
+    seeds, rng = 5, np.random.default_rng(1)
+    results = {}
+    for s in range(seeds):
+        for cell in RANK_CELLS:
+            rows = {label: {"accuracy": rng.uniform(0.5, 0.9, size=5).tolist()} for label in ("FedAvg", "FedNano")}
+            for row in rows.values():
+                row["average"] = float(np.mean(row["accuracy"]))
+            history = {label: [{"round_seconds": 1.0, "uploaded_bytes": 2048 * 5, "clients": list(range(5))}]
+                       for label in rows}
+            results[(s, cell)] = {"results": rows, "history": history}
+    table = ranks_table(results, seeds, str(tmp_path)).splitlines()
+    assert len(table) == 2 + 2 * len(RANK_CELLS)
+    tiers = [c.strip() for c in table[4].split("|")[1:-1]]  # the tiers cell's FedAvg row
+    assert tiers[:2] == ["tiers 16/8/4, masked average", "FedAvg"]
+    # The rank-8 tier is clients 2 and 5 (indices 1 and 4) of each seed.
+    tier8 = [np.mean(np.asarray(results[(s, "ranks_tiers")]["results"]["FedAvg"]["accuracy"])[[1, 4]])
+             for s in range(seeds)]
+    mean, half = mean_ci(tier8)
+    assert tiers[4] == f"{mean:.2f} ± {half:.2f}"
+    values = lambda cell, label: [results[(s, cell)]["results"][label]["average"] for s in range(seeds)]  # noqa
+    diff, half, p = paired_test(values("ranks_tiers", "FedAvg"), values("ranks_smallest", "FedAvg"))
+    assert tiers[6:8] == [f"{diff:+.2f} ± {half:.2f}", f"{p:.3f}"] and tiers[8:10] == ["-", "-"]
+    assert table[-1].split("|")[7:9] == [" - ", " - "]  # everyone at rank 4 is the baseline itself
+    assert tiers[-1] == "2.0 KiB" and (tmp_path / "accuracy_by_ranks.png").stat().st_size > 1000

@@ -23,7 +23,7 @@ def llava15_7b(rank: int = 64, alpha: float = 16.0) -> ConfigDict:
         llm=dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
                  rope_theta=10000.0, rms_norm_eps=1e-5),
         vocab_size=32064,  # the checkpoint's text vocabulary, <image> (id 32000) and padding included
-        adapter=dict(rank=rank, alpha=alpha, image=True, text=True),
+        adapter=dict(rank=rank, alpha=alpha, image=True, text=True, client_ranks=()),
     ))
 
 
@@ -37,5 +37,5 @@ def smollm2_135m(rank: int = 16, alpha: float = 32.0) -> ConfigDict:
         llm=dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
                  rope_theta=100000.0, rms_norm_eps=1e-5),
         vocab_size=49152,
-        adapter=dict(rank=rank, alpha=alpha, image=True, text=True),
+        adapter=dict(rank=rank, alpha=alpha, image=True, text=True, client_ranks=()),
     ))

@@ -7,9 +7,11 @@ both), `rank` (Fig. 2a: adapter rank) and `frequency` (Fig. 2b: rounds x local
 epochs at a fixed budget of local epochs); and the questions the paper's reviewers asked,
 each over 5 seeds by default with a 95% confidence interval and a paired test of FedNano
 against FedAvg (same seeds, same partitions): `clients` (5 to 50 clients, cohorts of 10
-beyond 10), `heterogeneity` (Dirichlet alpha 0.05 to 10, and pathological) and `merge`
+beyond 10), `heterogeneity` (Dirichlet alpha 0.05 to 10, and pathological), `merge`
 (FedAvg, the Fisher merge, the Fisher merge without its |D_k| weights, each with and
-without a server Adam step). Each cell is one `fednano_jax.main` run
+without a server Adam step) and `ranks` (clients in rank tiers 16/8/4, aggregated under
+their masks or zero-padded as HetLoRA does, against everyone at rank 4 and everyone at 16).
+Each cell is one `fednano_jax.main` run
 in `<workdir>/seed<s>/<cell>`; a cell whose results.json exists is not run again,
 and a half-finished one resumes from its round checkpoints. Every method sees the
 same data, partition, backbone and seeds. Writes `<study>.md`, `<study>.csv` and
@@ -51,7 +53,16 @@ MERGE_CELLS = {  # cell -> (the rows it gives: method label -> row name, its ove
     "merge_equal_adam": ({"FedNano + server Adam": "Fisher merge without example weights + server Adam"},
                          {"fed.methods": ("fednano",), "fed.fisher_example_weights": False, **SERVER_ADAM}),
 }
-DEFAULT_SEEDS = {"clients": 5, "heterogeneity": 5, "merge": 5}  # the others: 1
+TIERS = (16, 8, 4)  # the ranks study's client tiers, cycled over the clients
+RANK_CELLS = {  # cell -> (its row name, its overrides)
+    "ranks_full": (f"everyone at rank {TIERS[0]}", {}),
+    "ranks_tiers": ("tiers " + "/".join(map(str, TIERS)) + ", masked average",
+                    {"model.adapter.client_ranks": TIERS}),
+    "ranks_tiers_zero_pad": ("tiers " + "/".join(map(str, TIERS)) + ", zero-padded (HetLoRA)",
+                             {"model.adapter.client_ranks": TIERS, "fed.rank_aggregation": "zero_pad"}),
+    "ranks_smallest": (f"everyone at rank {TIERS[-1]}", {"model.adapter.client_ranks": TIERS[-1:]}),
+}
+DEFAULT_SEEDS = {"clients": 5, "heterogeneity": 5, "merge": 5, "ranks": 5}  # the others: 1
 
 
 def frequency_grid(config) -> list[tuple[int, int]]:
@@ -80,6 +91,9 @@ def cells(study: str, config) -> dict[str, dict]:
                                           "data.categories_per_client": 2}}
     if study == "merge":
         return {name: {"fed.methods": COMPARED, **overrides} for name, (_, overrides) in MERGE_CELLS.items()}
+    if study == "ranks":
+        return {name: {"fed.methods": COMPARED, "model.adapter.rank": TIERS[0], **overrides}
+                for name, (_, overrides) in RANK_CELLS.items()}
     return {f"rounds{r}_epochs{e}": {"fed.methods": COMPARED, "fed.rounds": r, "fed.local_epochs": e}
             for r, e in frequency_grid(config)}
 
@@ -283,6 +297,33 @@ def merge_table(results: dict, seeds: int, workdir: str) -> str:
     return write_table(os.path.join(workdir, "merge"), header, rows)
 
 
+def tier_averages(result: dict, label: str) -> list[float]:
+    """The average accuracy of each tier's clients (client k in tier TIERS[k % len]), whatever ranks the cell ran."""
+    accuracy = np.asarray(result["results"][label]["accuracy"], float)
+    tiers = np.arange(len(accuracy)) % len(TIERS)
+    return [float(np.nanmean(accuracy[tiers == t])) for t in range(len(TIERS))]
+
+
+def ranks_table(results: dict, seeds: int, workdir: str) -> str:
+    """The ranks study: per setting and method, the average, each tier's clients, paired differences, upload."""
+    header = ["Setting", "Method", "Avg"] + [f"rank-{r} tier" for r in TIERS] + [
+        f"- everyone at rank {TIERS[-1]}", "p", "FedNano - FedAvg", "p", "upload/client/round"]
+    rows, series = [], {}
+    for cell, (setting, _) in RANK_CELLS.items():
+        for label in ("FedAvg", "FedNano"):
+            values = averages(results, seeds, cell, label)
+            tiers = np.array([tier_averages(results[(s, cell)], label) for s in range(seeds)])
+            smallest = (["-", "-"] if cell == "ranks_smallest"
+                        else difference(values, averages(results, seeds, "ranks_smallest", label)))
+            versus = difference(values, averages(results, seeds, cell, "FedAvg")) if label == "FedNano" else ["-", "-"]
+            upload = np.mean([method_costs(results[(s, cell)], label)[1] for s in range(seeds)])
+            rows.append([setting, label, with_ci(values), *[with_ci(tiers[:, t]) for t in range(len(TIERS))],
+                         *smallest, *versus, f"{upload / 1024:.1f} KiB"])
+            series[f"{label}, {setting}"] = mean_ci(values)
+    plot_bars(series, os.path.join(workdir, "accuracy_by_ranks.png"))
+    return write_table(os.path.join(workdir, "ranks"), header, rows)
+
+
 def plot_bars(series: dict[str, tuple[float, float]], path: str) -> None:
     """name -> (mean, 95% CI half-width): a dot with its interval per row."""
     import matplotlib
@@ -347,6 +388,8 @@ def main() -> None:
         table = main_table(results, seeds, workdir)
     elif study == "merge":
         table = merge_table(results, seeds, workdir)
+    elif study == "ranks":
+        table = ranks_table(results, seeds, workdir)
     elif study in ("clients", "heterogeneity"):
         table = compared_table(study, results, seeds, workdir, config)
     else:
@@ -358,9 +401,10 @@ def main() -> None:
 def define_flags() -> None:
     """Command-line flags, defined only when run as a command (importing this module defines none)."""
     cli.define_config_flag(lock=False)
-    flags.DEFINE_enum("study", "main", ["main", "adapters", "rank", "frequency", "clients", "heterogeneity", "merge"],
+    flags.DEFINE_enum("study", "main", ["main", "adapters", "rank", "frequency", "clients", "heterogeneity", "merge",
+                                               "ranks"],
                       "Which study to run.")
-    flags.DEFINE_integer("seeds", None, "Number of seeds (0..seeds-1): 5 for clients, heterogeneity and merge "
+    flags.DEFINE_integer("seeds", None, "Number of seeds (0..seeds-1): 5 for clients, heterogeneity, merge and ranks "
                          "(mean ± 95% CI, paired test), else 1 (mean ± std).")
     flags.DEFINE_string("workdir", None, "Study directory (default: runs/<config.name>/study_<study>).")
     flags.DEFINE_bool("dry_run", False, "Check every cell as `main --dry_run` does and stop: nothing is trained.")

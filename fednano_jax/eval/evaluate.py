@@ -6,19 +6,23 @@ breakdown the dataset's authors report, over all clients' test rows together.
 
 Methods answer through `shared` (one adapter for every client) or `personal` (each client
 its own); a method with its own way (FedDPA-F's per-instance mix) builds it from
-`batches`, `answers` and `score`.
+`batches`, `answers` and `score`. With heterogeneous adapter ranks (`model.adapter.client_ranks`)
+each client answers with the shared adapters truncated to its own rank, and results add the
+average accuracy of each rank's clients (`rank_average`).
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+from flax import nnx
 
 from fednano_jax.data.pipeline import FederatedData
 from fednano_jax.data.datasets import dataset_name
 from fednano_jax.eval.accuracy import per_client_accuracy
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.eval.official_accuracy import SCORERS, breakdown
+from fednano_jax.federated.ranks import client_ranks, truncate
 
 
 def decode_answers(tokenizer, tokens: np.ndarray) -> list[str]:
@@ -42,6 +46,7 @@ class Evaluator:
                            eos_id=tokenizer.eos_token_id)
         self.seed = config.seed
         self.scorer = SCORERS[dataset_name(config)]
+        self.ranks = client_ranks(config.model.adapter, len(data.client_test))
 
     def batches(self, rows: np.ndarray):
         """Fixed-size batches of test rows (the last padded by repeating row 0), so one compile serves all."""
@@ -61,20 +66,33 @@ class Evaluator:
         correct = self.scorer.correct([predictions[r] for r in rows], self.data.test_answers, meta)
         accuracy = per_client_accuracy(correct, self.data.client_test)
         result = {"accuracy": accuracy, "average": float(np.nanmean(accuracy))}
+        if self.ranks is not None:
+            result["rank_average"] = {str(r): float(np.nanmean(np.asarray(accuracy)[self.ranks == r]))
+                                      for r in sorted(set(self.ranks.tolist()), reverse=True)}
         groups = self.scorer.groups(meta) if meta else {}
         return {**result, "breakdown": breakdown(correct, groups)} if groups else result
 
     def shared(self, adapters) -> dict:
+        if self.ranks is not None:
+            return self._shared_by_rank(nnx.to_pure_dict(adapters) if isinstance(adapters, nnx.State) else adapters)
         rows = np.arange(len(self.data.test))
-        answers = self.answers(rows, lambda _, inputs: greedy_generate(
+        return self.score(dict(zip(rows.tolist(), self._generate(rows, adapters))))
+
+    def _generate(self, rows: np.ndarray, adapters) -> list[str]:
+        return self.answers(rows, lambda _, inputs: greedy_generate(
             self.graphdef, self.frozen, adapters, *inputs, **self.decode))
-        return self.score(dict(zip(rows.tolist(), answers)))
+
+    def _shared_by_rank(self, adapters) -> dict:
+        """Each client's test rows answered by the shared adapters truncated to that client's rank."""
+        predictions = {}
+        for rank in sorted(set(self.ranks.tolist())):
+            clients = np.flatnonzero(self.ranks == rank)
+            rows = np.concatenate([self.data.client_test[k] for k in clients])
+            predictions.update(zip(rows.tolist(), self._generate(rows, truncate(adapters, rank))))
+        return self.score(predictions)
 
     def personal(self, stacked_adapters) -> dict:
         predictions = {}
         for k, rows in enumerate(self.data.client_test):
-            adapters = _client(stacked_adapters, k)
-            answers = self.answers(rows, lambda _, inputs: greedy_generate(
-                self.graphdef, self.frozen, adapters, *inputs, **self.decode))
-            predictions.update(zip(rows.tolist(), answers))
+            predictions.update(zip(rows.tolist(), self._generate(rows, _client(stacked_adapters, k))))
         return self.score(predictions)

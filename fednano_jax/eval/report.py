@@ -7,9 +7,11 @@ import json
 import os
 
 
-def results_table(rows: dict[str, dict]) -> str:
+def results_table(rows: dict[str, dict], client_ranks=None) -> str:
+    """`client_ranks`: each client's adapter rank, shown in its column's header (heterogeneous ranks)."""
     num_clients = len(next(iter(rows.values()))["accuracy"])
-    header = ["Method"] + [f"C{k + 1}" for k in range(num_clients)] + ["Avg"]
+    header = ["Method"] + [f"C{k + 1}" + (f" (r={client_ranks[k]})" if client_ranks is not None else "")
+                           for k in range(num_clients)] + ["Avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (num_clients + 1)) + "|"]
     for name, result in rows.items():
         cells = [f"{100 * a:.2f}" for a in result["accuracy"]] + [f"{100 * result['average']:.2f}"]
@@ -30,15 +32,33 @@ def breakdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def report_tables(rows: dict[str, dict]) -> str:
-    """The per-client table, then the breakdown table if there is one."""
-    groups = breakdown_table(rows)
-    return results_table(rows) + (f"\n\nOfficial accuracy by group (%), all clients' test sets:\n{groups}"
-                                  if groups else "")
+def rank_table(rows: dict[str, dict]) -> str:
+    """Methods x adapter rank: the average accuracy of each rank's clients (%); '' without heterogeneous ranks."""
+    columns = list(dict.fromkeys(r for result in rows.values() for r in result.get("rank_average", {})))
+    if not columns:
+        return ""
+    lines = ["| " + " | ".join(["Method"] + [f"rank {r}" for r in columns]) + " |",
+             "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+    for name, result in rows.items():
+        scores = result.get("rank_average", {})
+        lines.append("| " + " | ".join([name] + [f"{100 * scores[r]:.2f}" if r in scores else "-"
+                                                 for r in columns]) + " |")
+    return "\n".join(lines)
 
 
-def write_report(workdir: str, rows: dict[str, dict], extra: dict) -> str:
-    table = report_tables(rows)
+def report_tables(rows: dict[str, dict], client_ranks=None) -> str:
+    """The per-client table, then the breakdown table and the rank table if there are any."""
+    table = results_table(rows, client_ranks)
+    groups, by_rank = breakdown_table(rows), rank_table(rows)
+    if groups:
+        table += f"\n\nOfficial accuracy by group (%), all clients' test sets:\n{groups}"
+    if by_rank:
+        table += f"\n\nAverage accuracy of each adapter rank's clients (%):\n{by_rank}"
+    return table
+
+
+def write_report(workdir: str, rows: dict[str, dict], extra: dict, client_ranks=None) -> str:
+    table = report_tables(rows, client_ranks)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
     # Written last and atomically: its presence marks a finished run (the study runner relies on it).

@@ -24,6 +24,7 @@ import optax
 
 from fednano_jax.data.batches import gather_batch
 from fednano_jax.federated.objective import adapter_value_and_grad
+from fednano_jax.federated.ranks import apply_mask, rank_mask
 from fednano_jax.models.loss import answer_tokens, summed_answer_nll
 
 
@@ -35,6 +36,7 @@ class ClientInputs:
     rows: jax.Array  # [steps, batch] row indices into the shared dataset
     valid: jax.Array  # [steps, batch] bool: False for padding
     state: Any = None  # the method's client state (None when it keeps none)
+    rank: jax.Array | None = None  # its adapter rank (heterogeneous ranks, `ranks.py`); None: the full rank
 
 
 @jax.tree_util.register_dataclass
@@ -102,15 +104,29 @@ def step_gradients(graphdef, frozen, adapters, batch, valid) -> tuple[jax.Array,
 
 
 def train_step(graphdef, optimizer: optax.GradientTransformation, method, frozen, data, broadcast, client_state,
-               start, carry, step_rows, step_valid):
-    """One optimizer step on one batch: carry (adapters, optimizer state, sums) -> (new carry, loss)."""
+               start, carry, step_rows, step_valid, mask=None):
+    """One optimizer step on one batch: carry (adapters, optimizer state, sums) -> (new carry, loss).
+    `mask`: the client's rank mask (None: full rank); the components it zeroes never move."""
     adapters, opt_state, sums = carry
     batch = gather_batch(data, step_rows, step_valid)
     loss, grads = step_gradients(graphdef, frozen, adapters, batch, step_valid)
     direction = method.local_gradient(grads.mean, adapters, start, broadcast, client_state)
     sums = method.accumulate(sums, grads)
+    if mask is not None:
+        direction = apply_mask(direction, mask)
     updates, opt_state = optimizer.update(direction, opt_state, adapters)
-    return (optax.apply_updates(adapters, updates), opt_state, sums), loss
+    adapters = optax.apply_updates(adapters, updates)
+    return (adapters if mask is None else apply_mask(adapters, mask), opt_state, sums), loss
+
+
+def client_mask(start, rank):
+    """A client's rank mask over adapters shaped like `start`, or None for a client at the full rank."""
+    return None if rank is None else rank_mask(start, rank)
+
+
+def masked_upload(upload: dict, mask) -> dict:
+    """What a client of a lower rank sends: each adapter-shaped tree with its components beyond the rank zeroed."""
+    return upload if mask is None else {name: apply_mask(tree, mask) for name, tree in upload.items()}
 
 
 def initial_carry(optimizer: optax.GradientTransformation, method, start):
@@ -136,12 +152,14 @@ def local_update(graphdef, optimizer: optax.GradientTransformation, method, step
     A method's extra pass after training (FedNano's Fisher) sees the client's first epoch, or its first
     `extra_pass_examples` examples (`fed.fisher_examples`)."""
     start = method.local_start(broadcast, client.state)
+    mask = client_mask(start, client.rank)
+    start = start if mask is None else apply_mask(start, mask)
     step_active = client.valid.any(axis=1)
 
     def step(carry, inputs):
         step_rows, step_valid, active = inputs
         new_carry, loss = train_step(graphdef, optimizer, method, frozen, data, broadcast, client.state, start,
-                                     carry, step_rows, step_valid)
+                                     carry, step_rows, step_valid, mask)
         return tree_select(active, new_carry, carry), loss
 
     carry = initial_carry(optimizer, method, start)
@@ -153,7 +171,7 @@ def local_update(graphdef, optimizer: optax.GradientTransformation, method, step
     extra = run_extra_pass(method, Model(graphdef, frozen, data), adapters, epoch_rows, epoch_valid)
     upload, state = method.client_final(LocalResult(start, adapters, sums, steps, loss, extra), broadcast,
                                         client.state)
-    return ClientOutputs(upload, state, loss)
+    return ClientOutputs(masked_upload(upload, mask), state, loss)
 
 
 def in_chunks(vmapped, chunk: int, devices: int = 1):

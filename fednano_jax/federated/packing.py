@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fednano_jax.federated.client import (ClientOutputs, LocalResult, Model, extra_pass_rows, initial_carry,
-                                          train_step, tree_select)
+from fednano_jax.federated.client import (ClientOutputs, LocalResult, Model, client_mask, extra_pass_rows,
+                                          initial_carry, masked_upload, train_step, tree_select)
+from fednano_jax.federated.ranks import apply_mask
 from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.streams import Purpose
 
@@ -78,6 +79,7 @@ class PackedLanes:
     extra_valid: jax.Array  # [L, X, batch]
     extra_slot: jax.Array  # [L, X]
     state: Any = None  # the clients' states [L, P, ...] (None when the method keeps none)
+    rank: jax.Array | None = None  # [L, P] the clients' adapter ranks (None: all at the full rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +116,11 @@ def _lay_out(pieces: list[tuple[np.ndarray, np.ndarray]], packed: list[list[int]
 
 def packed_schedule(client_rows: list[np.ndarray], batch_size: int, epochs: int, seed: int, round_index: int,
                     client_ids, extra_pass_examples: int = 0, devices: int = 1, max_padding: float = 0.1,
-                    states=None) -> PackedRound:
+                    states=None, ranks=None) -> PackedRound:
     """The cohort's lanes. Each client's batches are the ones `client_schedule` gives it (same shuffles), without
     the padding to the largest client; its extra pass sees its first epoch, or its first `extra_pass_examples`.
-    `states`: the cohort's client states [K, ...] (None when the method keeps none)."""
+    `states`: the cohort's client states [K, ...] (None when the method keeps none); `ranks`: their adapter
+    ranks [K] (None: all at the full rank)."""
     own = [client_own_schedule(rows, batch_size, epochs, seed, round_index, cid)
            for rows, cid in zip(client_rows, client_ids)]
     steps = [len(rows) for rows, _ in own]
@@ -133,7 +136,8 @@ def packed_schedule(client_rows: list[np.ndarray], batch_size: int, epochs: int,
     state = None
     if states is not None:
         state = jax.tree.map(lambda x: np.asarray(x)[np.maximum(members, 0)], states)
-    lanes = PackedLanes(rows, valid, slot, first, members >= 0, extra_rows, extra_valid, extra_slot, state)
+    rank = None if ranks is None else np.asarray(ranks)[np.maximum(members, 0)]
+    lanes = PackedLanes(rows, valid, slot, first, members >= 0, extra_rows, extra_valid, extra_slot, state, rank)
     return PackedRound(lanes, members, sum(steps), rows.shape[0] * rows.shape[1])
 
 
@@ -160,6 +164,9 @@ def packed_lane(graphdef, optimizer: optax.GradientTransformation, method, froze
         starts = jax.tree.map(lambda x: jnp.broadcast_to(x, (width,) + x.shape), method.local_start(broadcast, None))
     else:
         starts = jax.vmap(lambda state: method.local_start(broadcast, state))(states)
+    masks = None if lane.rank is None else jax.vmap(client_mask)(starts, lane.rank)
+    starts = starts if masks is None else apply_mask(starts, masks)
+    mask_at = (lambda slot: None) if masks is None else (lambda slot: _at(masks, slot))
 
     def fresh(slot):
         adapters, opt_state, sums = initial_carry(optimizer, method, _at(starts, slot))
@@ -175,7 +182,7 @@ def packed_lane(graphdef, optimizer: optax.GradientTransformation, method, froze
         carry = tree_select(first, fresh(slot), carry)
         core, loss = train_step(graphdef, optimizer, method, frozen, data, broadcast,
                                 None if states is None else _at(states, slot), _at(starts, slot),
-                                carry[:3], step_rows, step_valid)
+                                carry[:3], step_rows, step_valid, mask_at(slot))
         carry = tree_select(step_valid.any(), (*core, carry[3] + loss, carry[4] + 1), carry)
         buffers = jax.tree.map(lambda buffer, value: buffer.at[slot].set(value), buffers, kept(carry))
         return (carry, buffers), None
@@ -185,13 +192,13 @@ def packed_lane(graphdef, optimizer: optax.GradientTransformation, method, froze
     adapters, sums, loss_sums, steps = buffers
     extras = packed_extra_pass(method, Model(graphdef, frozen, data), adapters, lane)
 
-    def final(start, adapters, sums, loss_sum, steps, extra, state):
+    def final(start, adapters, sums, loss_sum, steps, extra, state, mask):
         loss = loss_sum / jnp.maximum(steps, 1)
         upload, new_state = method.client_final(LocalResult(start, adapters, sums, steps, loss, extra), broadcast,
                                                 state)
-        return ClientOutputs(upload, new_state, loss)
+        return ClientOutputs(masked_upload(upload, mask), new_state, loss)
 
-    return jax.vmap(final)(starts, adapters, sums, loss_sums, steps, extras, states)
+    return jax.vmap(final)(starts, adapters, sums, loss_sums, steps, extras, states, masks)
 
 
 def packed_extra_pass(method, model: Model, adapters, lane: PackedLanes):

@@ -27,6 +27,7 @@ from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
 from fednano_jax.federated.methods.base import Method
 from fednano_jax.federated.packing import make_packed_program, packed_schedule
+from fednano_jax.federated.ranks import client_ranks, rank_bytes
 from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
 from fednano_jax.federated.server import ClientUploads, reporting_clients, server_round
 from fednano_jax.federated.server_optimizer import init_state as init_server_optimizer, server_optimizer
@@ -79,12 +80,9 @@ def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh
 
     packed = in_chunks(make_packed_program(graphdef, optimizer, method), fed.get("client_chunk", 0), devices)
     packed = sharding.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
-    server = jax.jit(functools.partial(server_round, method, optimizer=server_optimizer(fed, method)))
+    server = jax.jit(functools.partial(server_round, method, optimizer=server_optimizer(fed, method),
+                                       rank_aggregation=fed.get("rank_aggregation", "masked")))
     return RoundPrograms(client_program(method), server, client_program(Method(fed)), packed)
-
-
-def tree_bytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def _stack(tree, count: int):
@@ -141,6 +139,10 @@ class Round:
     epoch_steps: int
     config: Any
     mesh: Mesh | None
+    ranks: np.ndarray | None = None  # [N] each client's adapter rank (model.adapter.client_ranks), or None
+
+    def cohort_ranks(self, cohort: np.ndarray):
+        return None if self.ranks is None else self.ranks[cohort]
 
     def place_replicated(self, tree):
         return sharding.place(tree, sharding.replicated(self.mesh)) if self.mesh is not None else tree
@@ -169,7 +171,9 @@ def run_round(run: Round, state: dict, round_index: int):
     # A method that sends nothing (LocFT, Centralized) has nothing to lose to a dropped connection.
     reporting = (reporting_clients(cohort, fed.dropout, config.seed, round_index) if method.uploads
                  else np.ones(len(cohort), bool))
-    uploads = ClientUploads(outputs.upload, jnp.asarray(run.num_examples[cohort]))
+    ranks = run.cohort_ranks(cohort)
+    uploads = ClientUploads(outputs.upload, jnp.asarray(run.num_examples[cohort]),
+                            None if ranks is None else jnp.asarray(ranks))
     server, used = run.programs.server(state["server"], uploads, jnp.asarray(reporting))
     used = sharding.to_host(used)
     new_client_states = jax.tree.map(sharding.to_host, outputs.state)
@@ -188,13 +192,14 @@ def local_updates(run: Round, cohort: np.ndarray, broadcast, states, round_index
     fed = run.config.fed
     if not packs_clients(fed):
         rows, valid = run.schedule(cohort, fed.local_epochs, round_index)
-        outputs = run.programs.local(run.frozen, run.data, broadcast, ClientInputs(rows, valid, states))
+        outputs = run.programs.local(run.frozen, run.data, broadcast,
+                                     ClientInputs(rows, valid, states, run.cohort_ranks(cohort)))
         lanes = sharding.padded_cohort(len(cohort), run.mesh) if run.mesh is not None else len(cohort)
         return outputs, {"client_steps": int(valid.any(axis=2).sum()), "padded_client_steps": lanes * rows.shape[1]}
     devices = run.mesh.shape[sharding.CLIENTS] if run.mesh is not None else 1
     packed = packed_schedule([run.train_rows[k] for k in cohort], fed.batch_size, fed.local_epochs, run.config.seed,
                              round_index, cohort, fed.get("fisher_examples", 0), devices, fed.get("pack_padding", 0.1),
-                             states)
+                             states, run.cohort_ranks(cohort))
     outputs = run.programs.packed(run.frozen, run.data, broadcast, packed.lanes)
     order = packed.order()
     outputs = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[order], outputs)
@@ -212,9 +217,11 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
     if mesh is not None:
         frozen = sharding.place_backbone(frozen, mesh, sharding.mesh_config_of(config))  # a no-op once placed
         device_data = sharding.place(device_data, sharding.replicated(mesh))
+    ranks = None if method.pooled else client_ranks(config.model.adapter, len(train_rows))
     run = Round(method, programs, frozen, device_data, train_rows, np.array([len(r) for r in train_rows]),
-                epoch_steps, config, mesh)
-    upload_bytes = len(method.uploads) * tree_bytes(init_adapters)
+                epoch_steps, config, mesh, ranks)
+    upload_bytes = [len(method.uploads) * rank_bytes(init_adapters, None if ranks is None else int(r))
+                    for r in (ranks if ranks is not None else [None] * len(train_rows))]
 
     server_init = init_server_optimizer(server_optimizer(fed, method), method.server_init(init_adapters))
     init_state = {"server": jax.tree.map(np.asarray, server_init),
@@ -234,7 +241,7 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
         compile_seconds = clock.take()
         record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
                   "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
-                  "train_loss": losses.tolist(), **steps, "uploaded_bytes": int(upload_bytes * reporting.sum()),
+                  "train_loss": losses.tolist(), **steps, "uploaded_bytes": int(sum(upload_bytes[k] for k in cohort[reporting])),
                   "round_seconds": time.perf_counter() - start - compile_seconds,
                   "compile_seconds": compile_seconds}
         _warn_about_faults(record, used)

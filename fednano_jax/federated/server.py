@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fednano_jax.federated import server_optimizer
+from fednano_jax.federated import ranks, server_optimizer
 from fednano_jax.streams import Purpose, generator
 
 
@@ -24,6 +24,7 @@ from fednano_jax.streams import Purpose, generator
 class ClientUploads:
     trees: dict  # name -> tree, leaves [K, ...]: what the method's clients send
     num_examples: jax.Array  # [K]
+    ranks: jax.Array | None = None  # [K] each client's adapter rank (heterogeneous ranks), or None: all full rank
 
 
 def finite_clients(uploads: ClientUploads) -> jax.Array:
@@ -37,12 +38,18 @@ def _zero_out(tree, keep):
     return jax.tree.map(lambda x: jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), tree)
 
 
-def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array, optimizer=None):
+def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array, optimizer=None,
+                 rank_aggregation: str = ranks.MASKED):
     """-> (new server state, [K] bool of the clients that were used). `optimizer`: the server optimizer
-    that steps the global adapters along the round's pseudo-gradient (`server_optimizer.py`), or None."""
+    that steps the global adapters along the round's pseudo-gradient (`server_optimizer.py`), or None.
+    Clients of heterogeneous ranks are aggregated under their rank masks, or as zero-padded uploads
+    (`rank_aggregation`, `ranks.py`)."""
     keep = reporting & finite_clients(uploads)
     weights = jnp.where(keep, uploads.num_examples, 0).astype(jnp.float32)
-    updated = method.server_update(server_state, _zero_out(uploads.trees, keep), weights)
+    masks = None
+    if uploads.ranks is not None and rank_aggregation == ranks.MASKED:
+        masks = ranks.stacked_masks(server_state["adapters"], uploads.ranks)
+    updated = method.server_update(server_state, _zero_out(uploads.trees, keep), weights, masks)
     updated = server_optimizer.step(optimizer, server_state, updated)
     return jax.tree.map(lambda new, old: jnp.where(keep.any(), new, old), updated, server_state), keep
 

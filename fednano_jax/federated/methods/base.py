@@ -16,7 +16,8 @@ A round, as the loop runs it:
         extra pass (FedNano's Fisher), over the first epoch: totals = method.extra_pass_step(totals, ...) per step,
                    from method.extra_pass_init(adapters) (None: no pass)
         upload, client_state = method.client_final(result, broadcast, client_state)
-    server_state = method.server_update(server_state, uploads, weights)  # weights: |D_k|, 0 if unusable
+    server_state = method.server_update(server_state, uploads, weights, masks)  # weights: |D_k|, 0 if unusable;
+                                                                                 # masks: clients' ranks, or None
     after the last round: client_states = method.after_rounds(...)       # FedDPA-F's local phase
     method.evaluate(evaluator, server_state, client_states, last)
 
@@ -39,6 +40,7 @@ class Method:
     downloads: tuple[str, ...] = ("adapters",)  # the adapter-sized trees it receives (its broadcast)
     pooled = False  # one "client" holding every client's data (Centralized)
     extra_passes = 0  # passes over local data after training, through the server LLM (FedNano's Fisher)
+    client_ranks = True  # runs with heterogeneous adapter ranks (model.adapter.client_ranks; ranks.py)
 
     def __init__(self, fed):
         self.fed = fed
@@ -84,10 +86,13 @@ class Method:
         """What every sampled client receives at the start of a round."""
         return {"adapters": server_state["adapters"]}
 
-    def server_update(self, server_state, uploads: dict, weights: jax.Array) -> dict:
+    def server_update(self, server_state, uploads: dict, weights: jax.Array, masks=None) -> dict:
         """The new server state from the stacked uploads [K, ...]; `weights` [K] are the clients' example
-        counts, zero for a client that did not report or whose upload was not finite (its upload is zeroed)."""
-        return {**server_state, "adapters": fedavg(uploads["adapters"], weights)}
+        counts, zero for a client that did not report or whose upload was not finite (its upload is zeroed).
+        `masks` [K, ...], shaped like the adapters: the rank components each client holds (heterogeneous
+        ranks, `ranks.py`), or None when every client holds all of them."""
+        merged = fedavg(uploads["adapters"], weights, masks, server_state["adapters"] if masks is not None else None)
+        return {**server_state, "adapters": merged}
 
     # ------------------------------------------------------------ after the rounds, evaluation
     def after_rounds(self, server_state, client_states, local_trainer):

@@ -26,8 +26,9 @@ class FedNano(Method):
         fisher = jax.tree.map(lambda s: s / count, result.extra["squares"])
         return {"adapters": result.adapters, "fisher": fisher}, client_state
 
-    def server_update(self, server_state, uploads, weights):
+    def server_update(self, server_state, uploads, weights, masks=None):
         if not self.fed.get("fisher_example_weights", True):  # the ablation: Fisher alone, no |D_k| weights
             weights = (weights > 0).astype(weights.dtype)
-        merged = fisher_merge(uploads["adapters"], uploads["fisher"], weights, self.fed.fisher_floor)
+        merged = fisher_merge(uploads["adapters"], uploads["fisher"], weights, self.fed.fisher_floor, masks,
+                              server_state["adapters"] if masks is not None else None)
         return {**server_state, "adapters": merged}

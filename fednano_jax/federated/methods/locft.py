@@ -16,7 +16,7 @@ class LocFT(Method):
     def client_final(self, result, broadcast, client_state):
         return {}, result.adapters
 
-    def server_update(self, server_state, uploads, weights):
+    def server_update(self, server_state, uploads, weights, masks=None):
         return server_state
 
     def evaluate(self, evaluator, server_state, client_states, last):

@@ -21,6 +21,7 @@ from fednano_jax.federated.methods.base import Method
 
 class Scaffold(Method):
     name, label = "scaffold", "SCAFFOLD"
+    client_ranks = False  # no heterogeneous ranks: its control variates are not rank-masked
     uploads = ("adapters", "control_delta")
     downloads = ("adapters", "control")
 
@@ -48,7 +49,7 @@ class Scaffold(Method):
         delta = jax.tree.map(jnp.subtract, control, client_state["control"])
         return {"adapters": result.adapters, "control_delta": delta}, {"control": control}
 
-    def server_update(self, server_state, uploads, weights):
+    def server_update(self, server_state, uploads, weights, masks=None):
         adapters = fedavg(uploads["adapters"], weights)
         share = 1.0 / self.fed.num_clients
         control = jax.tree.map(lambda c, d: c + share * d.sum(axis=0), server_state["control"],
