@@ -10,7 +10,7 @@ from conftest import ROOT
 
 # How far a fresh run may land from the README's table, in accuracy points: same shipped backbone, same seed;
 # what can still differ across machines is float rounding in XLA's CPU kernels.
-CELL_TOLERANCE, AVERAGE_TOLERANCE = 2.0, 1.0
+CELL_TOLERANCE, AVERAGE_TOLERANCE = 3.0, 1.0  # two CPUs of the same machine kind gave cells 2.1 apart
 MARGIN = 20.0  # points by which FedAvg and FedNano must beat the untuned model
 
 

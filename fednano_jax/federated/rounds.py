@@ -27,7 +27,7 @@ from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
 from fednano_jax.federated.methods.base import Method
 from fednano_jax.federated.packing import make_packed_program, packed_schedule
-from fednano_jax.federated.ranks import client_ranks, rank_bytes
+from fednano_jax.federated.ranks import MASKED, client_ranks, rank_bytes
 from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
 from fednano_jax.federated.server import ClientUploads, reporting_clients, server_round
 from fednano_jax.federated.server_optimizer import init_state as init_server_optimizer, server_optimizer
@@ -81,7 +81,7 @@ def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh
     packed = in_chunks(make_packed_program(graphdef, optimizer, method), fed.get("client_chunk", 0), devices)
     packed = sharding.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
     server = jax.jit(functools.partial(server_round, method, optimizer=server_optimizer(fed, method),
-                                       rank_aggregation=fed.get("rank_aggregation", "masked")))
+                                       rank_aggregation=fed.get("rank_aggregation", MASKED)))
     return RoundPrograms(client_program(method), server, client_program(Method(fed)), packed)
 
 
@@ -220,8 +220,8 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
     ranks = None if method.pooled else client_ranks(config.model.adapter, len(train_rows))
     run = Round(method, programs, frozen, device_data, train_rows, np.array([len(r) for r in train_rows]),
                 epoch_steps, config, mesh, ranks)
-    upload_bytes = [len(method.uploads) * rank_bytes(init_adapters, None if ranks is None else int(r))
-                    for r in (ranks if ranks is not None else [None] * len(train_rows))]
+    own_ranks = ranks.tolist() if ranks is not None else [None] * len(train_rows)
+    upload_bytes = [len(method.uploads) * rank_bytes(init_adapters, rank) for rank in own_ranks]  # per client
 
     server_init = init_server_optimizer(server_optimizer(fed, method), method.server_init(init_adapters))
     init_state = {"server": jax.tree.map(np.asarray, server_init),
