@@ -35,7 +35,7 @@ def get_config() -> ConfigDict:
         hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
         rope_theta=10000.0, rms_norm_eps=1e-5))
     config.model.adapter = ConfigDict(dict(rank=16, alpha=32.0, image=True, text=True))
-    # Heterogeneous ranks: e.g. (16, 8, 4), cycled over the clients (federated/ranks.py); () = all at `rank`.
+    # Heterogeneous ranks: e.g. (16, 8, 4), cycled over the clients (models/adapter_ranks.py); () = all at `rank`.
     config.model.adapter.client_ranks = ()
 
     config.pretrain = ConfigDict()

@@ -12,7 +12,7 @@ from ml_collections import ConfigDict
 
 from fednano_jax.data.partition import PARTITIONS, Partition
 from fednano_jax.errors import ConfigError
-from fednano_jax.federated import ranks
+from fednano_jax.models import adapter_ranks as ranks
 from fednano_jax.federated.server_optimizer import OPTIMIZERS as SERVER_OPTIMIZERS
 from fednano_jax.models.llama import REMAT_POLICIES, LlamaConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig

@@ -19,7 +19,7 @@ from fednano_jax.federated.aggregation import fedavg, fisher_merge
 from fednano_jax.federated.client import ClientInputs, local_update, make_client_programs
 from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.methods.fednano import FedNano
-from fednano_jax.federated.ranks import client_ranks, rank_axis, rank_bytes, rank_mask, truncate
+from fednano_jax.models.adapter_ranks import client_ranks, rank_axis, rank_bytes, rank_mask, truncate
 from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.federated.server import ClientUploads, server_round
 from fednano_jax.models.mllm import MultimodalModel, split_model

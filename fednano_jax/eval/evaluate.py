@@ -22,7 +22,7 @@ from fednano_jax.data.datasets import dataset_name
 from fednano_jax.eval.accuracy import per_client_accuracy
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.eval.official_accuracy import SCORERS, breakdown
-from fednano_jax.federated.ranks import client_ranks, truncate
+from fednano_jax.models.adapter_ranks import client_ranks, truncate
 
 
 def decode_answers(tokenizer, tokens: np.ndarray) -> list[str]:

@@ -2,7 +2,7 @@
 
 Inputs are adapter trees (and Fisher trees) whose leaves are stacked [K, ...] and
 per-client example counts; nothing else crosses to the server. With heterogeneous ranks
-(`ranks.py`) `masks` [K, ...] say which entries each client holds: an entry is averaged
+(`models/adapter_ranks.py`) `masks` [K, ...] say which entries each client holds: an entry is averaged
 over its holders only, and one no usable client holds keeps its `previous` value.
 """
 

@@ -24,7 +24,7 @@ import optax
 
 from fednano_jax.data.batches import gather_batch
 from fednano_jax.federated.objective import adapter_value_and_grad
-from fednano_jax.federated.ranks import apply_mask, rank_mask
+from fednano_jax.models.adapter_ranks import apply_mask, rank_mask
 from fednano_jax.models.loss import answer_tokens, summed_answer_nll
 
 
@@ -36,7 +36,7 @@ class ClientInputs:
     rows: jax.Array  # [steps, batch] row indices into the shared dataset
     valid: jax.Array  # [steps, batch] bool: False for padding
     state: Any = None  # the method's client state (None when it keeps none)
-    rank: jax.Array | None = None  # its adapter rank (heterogeneous ranks, `ranks.py`); None: the full rank
+    rank: jax.Array | None = None  # its adapter rank (models/adapter_ranks.py); None: the full rank
 
 
 @jax.tree_util.register_dataclass

@@ -26,7 +26,7 @@ import optax
 
 from fednano_jax.federated.client import (ClientOutputs, LocalResult, Model, client_mask, extra_pass_rows,
                                           initial_carry, masked_upload, train_step, tree_select)
-from fednano_jax.federated.ranks import apply_mask
+from fednano_jax.models.adapter_ranks import apply_mask
 from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.streams import Purpose
 

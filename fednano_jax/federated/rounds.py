@@ -27,7 +27,7 @@ from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
 from fednano_jax.federated.methods.base import Method
 from fednano_jax.federated.packing import make_packed_program, packed_schedule
-from fednano_jax.federated.ranks import MASKED, client_ranks, rank_bytes
+from fednano_jax.models.adapter_ranks import MASKED, client_ranks, rank_bytes
 from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
 from fednano_jax.federated.server import ClientUploads, reporting_clients, server_round
 from fednano_jax.federated.server_optimizer import init_state as init_server_optimizer, server_optimizer
@@ -241,7 +241,7 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
         compile_seconds = clock.take()
         record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
                   "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
-                  "train_loss": losses.tolist(), **steps, "uploaded_bytes": int(sum(upload_bytes[k] for k in cohort[reporting])),
+                  "train_loss": losses.tolist(), **steps, "uploaded_bytes": sum(upload_bytes[k] for k in cohort[reporting]),
                   "round_seconds": time.perf_counter() - start - compile_seconds,
                   "compile_seconds": compile_seconds}
         _warn_about_faults(record, used)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fednano_jax.federated import ranks, server_optimizer
+from fednano_jax.federated import server_optimizer
+from fednano_jax.models import adapter_ranks as ranks
 from fednano_jax.streams import Purpose, generator
 
 
@@ -43,7 +44,7 @@ def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Ar
     """-> (new server state, [K] bool of the clients that were used). `optimizer`: the server optimizer
     that steps the global adapters along the round's pseudo-gradient (`server_optimizer.py`), or None.
     Clients of heterogeneous ranks are aggregated under their rank masks, or as zero-padded uploads
-    (`rank_aggregation`, `ranks.py`)."""
+    (`rank_aggregation`, `models/adapter_ranks.py`)."""
     keep = reporting & finite_clients(uploads)
     weights = jnp.where(keep, uploads.num_examples, 0).astype(jnp.float32)
     masks = None

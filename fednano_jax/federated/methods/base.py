@@ -40,7 +40,7 @@ class Method:
     downloads: tuple[str, ...] = ("adapters",)  # the adapter-sized trees it receives (its broadcast)
     pooled = False  # one "client" holding every client's data (Centralized)
     extra_passes = 0  # passes over local data after training, through the server LLM (FedNano's Fisher)
-    client_ranks = True  # runs with heterogeneous adapter ranks (model.adapter.client_ranks; ranks.py)
+    client_ranks = True  # runs with heterogeneous adapter ranks (model.adapter.client_ranks, models/adapter_ranks.py)
 
     def __init__(self, fed):
         self.fed = fed
@@ -90,7 +90,7 @@ class Method:
         """The new server state from the stacked uploads [K, ...]; `weights` [K] are the clients' example
         counts, zero for a client that did not report or whose upload was not finite (its upload is zeroed).
         `masks` [K, ...], shaped like the adapters: the rank components each client holds (heterogeneous
-        ranks, `ranks.py`), or None when every client holds all of them."""
+        ranks, `models/adapter_ranks.py`), or None when every client holds all of them."""
         merged = fedavg(uploads["adapters"], weights, masks, server_state["adapters"] if masks is not None else None)
         return {**server_state, "adapters": merged}
 
