@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from flax import nnx
 
 from fednano_jax.data.pipeline import FederatedData
 from fednano_jax.data.datasets import dataset_name
@@ -74,7 +73,7 @@ class Evaluator:
 
     def shared(self, adapters) -> dict:
         if self.ranks is not None:
-            return self._shared_by_rank(nnx.to_pure_dict(adapters) if isinstance(adapters, nnx.State) else adapters)
+            return self._shared_by_rank(adapters)
         rows = np.arange(len(self.data.test))
         return self.score(dict(zip(rows.tolist(), self._generate(rows, adapters))))
 

@@ -114,9 +114,8 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, method, frozen
     sums = method.accumulate(sums, grads)
     if mask is not None:
         direction = apply_mask(direction, mask)
-    updates, opt_state = optimizer.update(direction, opt_state, adapters)
-    adapters = optax.apply_updates(adapters, updates)
-    return (adapters if mask is None else apply_mask(adapters, mask), opt_state, sums), loss
+    updates, opt_state = optimizer.update(direction, opt_state, adapters)  # masked: zero step at zero weights
+    return (optax.apply_updates(adapters, updates), opt_state, sums), loss
 
 
 def client_mask(start, rank):
