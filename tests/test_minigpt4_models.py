@@ -2,6 +2,8 @@
 Q-Former (HF `Blip2QFormerModel` with BLIP-2's query tokens), tiny random configs, weights moved by our
 name tables through the loader's `fill_state`."""
 
+import os
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -74,18 +76,9 @@ def lavis_vision_names(name: str) -> str:
     return name
 
 
-def test_lavis_checkpoints_load_to_the_same_modules(tmp_path):
-    """eva_vit_g.pth (bare keys) and a BLIP-2 .pth ({'model': ...}: ln_vision, Qformer.bert.*, query_tokens),
-    written with torch.save from the HF reference's weights, read weights-only, give the HF outputs."""
-    import itertools
-
-    from fednano_jax.weights.names import eva_vit_lavis_table
-    from fednano_jax.weights.torch_pth import iter_pth
-
-    torch.manual_seed(0)
-    vision = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(**VISION)).eval()
-    qformer = transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig(**QFORMER)).eval()
-    vision_weights, qformer_weights = dict(tensors(vision)), dict(tensors(qformer))
+def write_lavis(directory, vision_weights: dict, qformer_weights: dict, query_tokens) -> tuple[str, str]:
+    """HF BLIP-2 weights -> LAVIS's eva_vit_g.pth (bare keys) and BLIP-2 .pth ({'model': ...}: ln_vision,
+    Qformer.bert.*, query_tokens, and an extra the loader ignores), written with torch.save."""
     eva = {}
     for name, value in vision_weights.items():
         if name.endswith("self_attn.qkv.bias"):
@@ -94,16 +87,31 @@ def test_lavis_checkpoints_load_to_the_same_modules(tmp_path):
             eva[name.replace("self_attn.qkv.bias", "attn.v_bias").replace("encoder.layers.", "blocks.")] = value[2 * third:]
         elif not name.startswith("post_layernorm"):
             eva[lavis_vision_names(name)] = value
-    query_tokens = np.random.default_rng(2).normal(size=(1, 5, 32)).astype(np.float32)
     blip2 = {"query_tokens": query_tokens, "t5_proj.weight": np.zeros((2, 2), np.float32),  # an extra, ignored
              "ln_vision.weight": vision_weights["post_layernorm.weight"],
              "ln_vision.bias": vision_weights["post_layernorm.bias"]}
     for name, value in qformer_weights.items():
         name = name.replace("layernorm.", "embeddings.LayerNorm.").replace("attention.attention.", "attention.self.")
         blip2["Qformer.bert." + name.replace("crossattention.attention.", "crossattention.self.")] = value
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in eva.items()}, tmp_path / "eva_vit_g.pth")
-    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in blip2.items()}},
-               tmp_path / "blip2.pth")
+    paths = os.path.join(directory, "eva_vit_g.pth"), os.path.join(directory, "blip2.pth")
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in eva.items()}, paths[0])
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in blip2.items()}}, paths[1])
+    return paths
+
+
+def test_lavis_checkpoints_load_to_the_same_modules(tmp_path):
+    """eva_vit_g.pth and a BLIP-2 .pth written from the HF reference's weights, read weights-only, give the
+    HF outputs."""
+    import itertools
+
+    from fednano_jax.weights.names import eva_vit_lavis_table
+    from fednano_jax.weights.torch_pth import iter_pth
+
+    torch.manual_seed(0)
+    vision = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(**VISION)).eval()
+    qformer = transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig(**QFORMER)).eval()
+    query_tokens = np.random.default_rng(2).normal(size=(1, 5, 32)).astype(np.float32)
+    write_lavis(tmp_path, dict(tensors(vision)), dict(tensors(qformer)), query_tokens)
 
     def tensors_of(*files):
         return itertools.chain.from_iterable(iter_pth(str(tmp_path / f)) for f in files)
@@ -136,3 +144,97 @@ def test_a_pth_that_is_not_a_state_dict_is_one_sentence(tmp_path):
         list(iter_pth(str(tmp_path / "list.pth")))
     with pytest.raises(WeightsError, match="no such file"):
         list(iter_pth(str(tmp_path / "missing.pth")))
+
+
+# ------------------------------------------------ load_minigpt4: the whole model, chained as MiniGPT-4 chains it
+# LAVIS files carry no config: their head counts follow from EVA-CLIP's head size 88 and BERT's 64.
+CHAIN_VISION = dict(hidden_size=176, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                    patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu")
+CHAIN_QFORMER = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                     encoder_hidden_size=176, cross_attention_frequency=2, layer_norm_eps=1e-12, hidden_act="gelu")
+QUERIES, LLM_VOCAB = 5, 96  # not MiniGPT-4's 32: the count must come from the checkpoint's query_tokens
+
+
+@pytest.fixture(scope="module")
+def minigpt4_files(tmp_path_factory):
+    """Tiny random checkpoints in both layouts, and the PyTorch reference chain built from the same weights:
+    Blip2VisionModel -> Blip2QFormerModel(query_tokens) -> nn.Linear (llama_proj) -> LlamaForCausalLM."""
+    root = tmp_path_factory.mktemp("minigpt4")
+    torch.manual_seed(0)
+    blip2 = transformers.Blip2ForConditionalGeneration(transformers.Blip2Config(
+        vision_config=CHAIN_VISION, qformer_config=CHAIN_QFORMER, num_query_tokens=QUERIES,
+        text_config=transformers.OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                           num_attention_heads=2, word_embed_proj_dim=16).to_dict())).eval()
+    with torch.no_grad():
+        for p in blip2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    blip2.save_pretrained(root / "blip2-hf")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=LLM_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    llama.save_pretrained(root / "vicuna")
+    llama_proj = torch.nn.Linear(CHAIN_QFORMER["hidden_size"], 64)
+    torch.save({"model": {"llama_proj.weight": llama_proj.weight.detach().clone(),
+                          "llama_proj.bias": llama_proj.bias.detach().clone()}}, root / "pretrained_minigpt4.pth")
+    named = lambda module: {k: v.detach().numpy() for k, v in module.state_dict().items()}  # noqa: E731
+    eva_pth, blip2_pth = write_lavis(root, named(blip2.vision_model), named(blip2.qformer),
+                                     blip2.query_tokens.detach().numpy())
+    return dict(root=root, blip2=blip2, llama=llama, llama_proj=llama_proj, eva_pth=eva_pth, blip2_pth=blip2_pth)
+
+
+def reference_embeds(files, pixels, before, after, ln_vision_eps):
+    """MiniGPT-4's encode_img and prompt wrap: [embed(before), llama_proj(Q-Former(ln_vision(EVA(image)))),
+    embed(after)]."""
+    blip2 = files["blip2"]
+    blip2.vision_model.post_layernorm.eps = ln_vision_eps  # LAVIS: blocks 1e-6, ln_vision 1e-5; HF: one eps
+    with torch.no_grad():
+        image = blip2.vision_model(pixel_values=torch.from_numpy(pixels)).last_hidden_state
+        queries = blip2.qformer(query_embeds=blip2.query_tokens.expand(len(pixels), -1, -1),
+                                encoder_hidden_states=image).last_hidden_state
+        projected = files["llama_proj"](queries)
+        embed = files["llama"].get_input_embeddings()
+        return torch.cat([embed(torch.from_numpy(before)), projected, embed(torch.from_numpy(after))], dim=1)
+
+
+@pytest.mark.parametrize("layout", ["lavis", "hf"])
+def test_minigpt4_logits_and_greedy_tokens_match_the_pytorch_chain(minigpt4_files, layout):
+    from fednano_jax import load_minigpt4
+
+    f = minigpt4_files
+    vision, qformer = (f["eva_pth"], f["blip2_pth"]) if layout == "lavis" else (str(f["root"] / "blip2-hf"), None)
+    model = load_minigpt4(str(f["root"] / "vicuna"), str(f["root"] / "pretrained_minigpt4.pth"), vision, qformer,
+                          dtype="float32")
+    assert model.num_image_tokens == QUERIES and model.image_token_id == LLM_VOCAB
+    rng = np.random.default_rng(4)
+    before, after = rng.integers(3, LLM_VOCAB, (2, 4)), rng.integers(3, LLM_VOCAB, (2, 6))
+    before[:, 0] = 1
+    pixels = rng.normal(size=(2, 3, 28, 28)).astype(np.float32)
+    embeds = reference_embeds(f, pixels, before, after, 1e-5 if layout == "lavis" else 1e-6)
+    ids = np.concatenate([before, np.full((2, QUERIES), model.image_token_id), after], axis=1)
+    with torch.no_grad():
+        expected = f["llama"](inputs_embeds=embeds).logits.numpy()
+        reference_tokens = f["llama"].generate(inputs_embeds=embeds, attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                                               max_new_tokens=6, do_sample=False, eos_token_id=-1,
+                                               pad_token_id=0).numpy()
+    np.testing.assert_allclose(np.asarray(model.logits(ids, pixels)), expected, atol=1e-4, rtol=1e-4)
+    ours = model.generate(ids, pixels, max_new_tokens=6, eos_token_id=LLM_VOCAB, pad_token_id=0)
+    np.testing.assert_array_equal(ours, reference_tokens[:, -6:])
+
+
+def test_minigpt4_files_that_do_not_fit_are_one_sentence(minigpt4_files, tmp_path):
+    from fednano_jax import load_minigpt4
+    from fednano_jax.errors import WeightsError
+
+    f = minigpt4_files
+    vicuna, proj = str(f["root"] / "vicuna"), str(f["root"] / "pretrained_minigpt4.pth")
+    with pytest.raises(WeightsError, match="qformer=None needs vision to be a Hugging Face BLIP-2 directory"):
+        load_minigpt4(vicuna, proj, f["eva_pth"])
+    with pytest.raises(WeightsError, match="expected a .pth or .safetensors file"):
+        load_minigpt4(vicuna, str(tmp_path / "missing.pth"), f["eva_pth"], f["blip2_pth"])
+    with pytest.raises(WeightsError, match="the Q-Former's query LayerNorm"):  # the EVA file given as the Q-Former
+        load_minigpt4(vicuna, proj, f["eva_pth"], f["eva_pth"])
+    torch.save({"model": {"llama_proj.weight": torch.zeros(64, 7), "llama_proj.bias": torch.zeros(64)}},
+               tmp_path / "wrong.pth")
+    with pytest.raises(WeightsError, match=r"'llama_proj.weight'.*has shape \(64, 7\)"):
+        load_minigpt4(vicuna, str(tmp_path / "wrong.pth"), f["eva_pth"], f["blip2_pth"])

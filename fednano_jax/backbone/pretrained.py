@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fednano_jax.data.images import llava_image
+from fednano_jax.data.images import llava_image, minigpt4_image
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.models.llama import LlamaConfig
+from fednano_jax.models.minigpt4 import MiniGpt4VisionConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig, MultimodalModel, merge_model, split_model
 from fednano_jax.models.vision import VisionConfig
 from fednano_jax.weights import gguf_llama, names, safetensors_hf
@@ -110,17 +111,30 @@ class PretrainedModel:
     source: str
     load_tokenizer: Callable[[], Any]
 
+    @property
+    def image_token_id(self) -> int:
+        """The id whose positions take the image embeddings (-1: a text-only LLM)."""
+        return self.config.image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image embeddings per image: CLIP patches (LLaVA) or the checkpoint's query tokens (MiniGPT-4)."""
+        return self.config.vision.num_image_tokens if self.config.vision else 0
+
     @functools.cached_property
     def tokenizer(self):
         """transformers AutoTokenizer from the same checkpoint (loaded on first use)."""
         return self.load_tokenizer()
 
     def preprocess(self, images) -> np.ndarray:
-        """PIL images -> uint8 [B, size, size, 3] as LLaVA-1.5 prepares them: padded to a square with the
-        checkpoint's mean colour, bicubic-resized; `logits`/`generate` normalise with its mean and std."""
+        """PIL images -> uint8 [B, size, size, 3] as LLaVA-1.5 prepares them (padded to a square with the
+        checkpoint's mean colour, bicubic-resized) or MiniGPT-4 does (bicubic-resized); `logits`/`generate`
+        normalise with the checkpoint's mean and std."""
         if self.config.vision is None:
             raise ValueError(f"{self.source} is a text-only LLM; it takes no images.")
         v = self.config.vision
+        if isinstance(v, MiniGpt4VisionConfig):
+            return np.stack([minigpt4_image(image, v.image_size) for image in images])
         return np.stack([llava_image(image, v.image_size, v.image_mean) for image in images])
 
     def _inputs(self, input_ids, pixel_values, attention_mask):

@@ -36,6 +36,15 @@ def llava_image(image: Image.Image, size: int, image_mean=CLIP_MEAN) -> np.ndarr
     return np.asarray(square.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
+def minigpt4_image(image: Image.Image, size: int) -> np.ndarray:
+    """Any PIL image -> uint8 [size, size, 3] as MiniGPT-4's eval processor: RGB, bicubic resize (no padding)."""
+    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def prepare_image(image: Image.Image, size: int, pad_to_square: bool = True) -> np.ndarray:
+    return llava_image(image, size) if pad_to_square else minigpt4_image(image, size)
+
+
 def load_llava_image(path: str, size: int, image_mean=CLIP_MEAN) -> np.ndarray:
     with Image.open(path) as image:
         return llava_image(image, size, image_mean)

@@ -5,7 +5,8 @@ NanoAdapters (A_I on projected image tokens, A_T on text token embeddings); it
 turns token ids and images into input embeddings. The server keeps the LLM
 (decoder blocks, final norm, LM head) frozen and turns embeddings into logits.
 Image tokens are spliced where the (already expanded) `<image>` placeholder ids sit,
-as LLaVA does.
+as LLaVA does. The vision side is LLaVA's (a CLIP tower and a projector) or MiniGPT-4's
+(EVA ViT and Q-Former, then `llama_proj`), chosen by the type of `MllmConfig.vision`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flax import nnx
 
 from fednano_jax.models.connector import make_connector
 from fednano_jax.models.llama import LlamaConfig, LlamaDecoder
+from fednano_jax.models.minigpt4 import MiniGpt4Vision, MiniGpt4VisionConfig
 from fednano_jax.models.nano_adapter import AdapterParam, NanoAdapter
 from fednano_jax.models.vision import VisionConfig, VisionTower
 
@@ -32,7 +34,7 @@ class AdapterConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MllmConfig:
-    vision: VisionConfig | None  # None: a text-only LLM (no vision tower, no connector, no A_I)
+    vision: VisionConfig | MiniGpt4VisionConfig | None  # None: a text-only LLM (no vision side, no A_I)
     llm: LlamaConfig
     adapter: AdapterConfig
     image_token_id: int
@@ -52,6 +54,10 @@ def splice_image_features(text_embeds: jax.Array, image_features: jax.Array, is_
     return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+def make_vision(config: VisionConfig | MiniGpt4VisionConfig, rngs: nnx.Rngs) -> nnx.Module:
+    return MiniGpt4Vision(config, rngs) if isinstance(config, MiniGpt4VisionConfig) else VisionTower(config, rngs)
+
+
 class NanoEdge(nnx.Module):
     """Everything a client holds: the only place raw images and token ids are seen."""
 
@@ -59,8 +65,8 @@ class NanoEdge(nnx.Module):
         d = config.llm.hidden_size
         dtype = jnp.dtype(config.llm.dtype)
         v = config.vision
-        self.vision = VisionTower(v, rngs) if v else None
-        self.connector = make_connector(config.connector, v.hidden_size, d, rngs, dtype) if v else None
+        self.vision = make_vision(v, rngs) if v else None
+        self.connector = make_connector(config.connector, v.feature_size, d, rngs, dtype) if v else None
         self.embed_tokens = nnx.Embed(config.embed_vocab_size or config.llm.vocab_size, d, dtype=dtype, rngs=rngs,
                                       embedding_init=nnx.initializers.normal(0.02))
         a = config.adapter

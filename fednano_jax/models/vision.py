@@ -42,6 +42,11 @@ class VisionConfig:
         return self.num_patches + (self.select_strategy == "full")
 
     @property
+    def feature_size(self) -> int:
+        """The width the connector reads."""
+        return self.hidden_size
+
+    @property
     def layers_used(self) -> int:
         """Encoder layers needed to produce hidden_states[feature_layer]."""
         return self.feature_layer % (self.num_layers + 1)

@@ -1,10 +1,11 @@
-"""Hugging Face checkpoint directories: config.json plus one or many safetensors shards."""
+"""Hugging Face checkpoint directories (config.json plus one or many safetensors shards), and single
+safetensors files (a converted `.pth`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 from safetensors import safe_open
@@ -31,17 +32,28 @@ def shard_files(directory: str) -> list[str]:
     return [os.path.join(directory, n) for n in names]
 
 
-def checkpoint_keys(directory: str) -> set[str]:
-    keys: set[str] = set()
-    for shard in shard_files(directory):
+def _files(path: str) -> list[str]:
+    return [path] if os.path.isfile(path) else shard_files(path)
+
+
+def checkpoint_keys(path: str) -> set[str]:
+    return set(tensor_shapes(path))
+
+
+def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """name -> shape of a directory's (or one file's) tensors, read from the headers only."""
+    shapes = {}
+    for shard in _files(path):
         with safe_open(shard, framework="numpy") as f:
-            keys.update(f.keys())
-    return keys
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    return shapes
 
 
-def iter_tensors(directory: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) one tensor at a time, shard by shard: never a whole checkpoint in host memory."""
-    for shard in shard_files(directory):
+def iter_tensors(path: str, keep: Collection[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) one tensor at a time, shard by shard: never a whole checkpoint in host memory. With
+    `keep`, only the tensors it names are read."""
+    for shard in _files(path):
         with safe_open(shard, framework="numpy") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if keep is None or name in keep:
+                    yield name, f.get_tensor(name)
