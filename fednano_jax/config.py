@@ -11,11 +11,15 @@ import os
 from ml_collections import ConfigDict
 
 from fednano_jax.data.partition import PARTITIONS, Partition
+from fednano_jax.data.prompts import DEFAULT_TEMPLATE, TEMPLATES
 from fednano_jax.errors import ConfigError
 from fednano_jax.models import adapter_ranks as ranks
 from fednano_jax.federated.server_optimizer import OPTIMIZERS as SERVER_OPTIMIZERS
 from fednano_jax.models.llama import REMAT_POLICIES, LlamaConfig
+from fednano_jax.models.eva_vit import EvaVitConfig
+from fednano_jax.models.minigpt4 import MiniGpt4VisionConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig
+from fednano_jax.models.qformer import QFormerConfig
 from fednano_jax.models.vision import VisionConfig
 
 
@@ -94,6 +98,10 @@ def validate(config: ConfigDict, known_methods) -> None:
              f"model.vocab_size={config.model.get('vocab_size')} is a checkpoint's vocabulary but model.path is unset; "
              "set model.path to that checkpoint to run an experiment (memory_plan, benchmark and accounting need "
              "only the shapes).")
+    _require(config.model.get("prompt", DEFAULT_TEMPLATE) in TEMPLATES,
+             f"model.prompt must be one of {sorted(TEMPLATES)}, got {config.model.get('prompt')!r}.")
+    if is_minigpt4(config):
+        minigpt4_vision_config(config)  # its checks
     methods = method_names(config)
     _require(len(methods) > 0, "fed.methods must name at least one method.")
     for name in methods:
@@ -128,7 +136,29 @@ def method_names(config: ConfigDict) -> list[str]:
     return [part.strip() for name in names for part in name.split(",") if part.strip()]
 
 
-def vision_config(config: ConfigDict) -> VisionConfig:
+def is_minigpt4(config: ConfigDict) -> bool:
+    """A MiniGPT-4-layout model (EVA ViT, Q-Former, llama_proj): its config has a `model.qformer` section."""
+    return bool(config.model.get("qformer"))
+
+
+def minigpt4_vision_config(config: ConfigDict) -> MiniGpt4VisionConfig:
+    m = config.model
+    v, q = m.vision, m.qformer
+    _require(m.connector == "linear", f"A MiniGPT-4 model (model.qformer set) projects with one linear layer "
+             f"(llama_proj): model.connector must be 'linear', got {m.connector!r}.")
+    eva = EvaVitConfig(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+                       intermediate_size=v.intermediate_size, num_layers=v.num_layers, num_heads=v.num_heads,
+                       dtype=m.dtype)
+    qformer = QFormerConfig(hidden_size=q.hidden_size, num_layers=q.num_layers, num_heads=q.num_heads,
+                            intermediate_size=q.intermediate_size, encoder_hidden_size=v.hidden_size,
+                            cross_attention_frequency=q.cross_attention_frequency,
+                            num_query_tokens=q.num_query_tokens)
+    return MiniGpt4VisionConfig(eva, qformer)
+
+
+def vision_config(config: ConfigDict) -> VisionConfig | MiniGpt4VisionConfig:
+    if is_minigpt4(config):
+        return minigpt4_vision_config(config)
     m = config.model
     v = m.vision
     return VisionConfig(

@@ -46,13 +46,14 @@ TINY_FLAGS = {
     "fednano_jax.accounting": (),
     "fednano_jax.data.partition_stats": (),
 }
+EASY_VQA = ("easyvqa_tiny", "easyvqa_smollm2", "easyvqa_minigpt4_tiny")
 NO_ROOT = ("Config error:", "data.root must name the directory")  # ScienceQA and IconQA are not on this machine
 NO_CHECKPOINT = ("Config error:", "model.path is unset")
 # (command, config) -> what it prints on success, or (label, the sentence's gist) where it must stop.
 EXPECTED = {
     **{("fednano_jax.main", c): "every check a run makes before training passed"
-       for c in ("easyvqa_tiny", "easyvqa_smollm2")},
-    **{("fednano_jax.study", c): "the first in full" for c in ("easyvqa_tiny", "easyvqa_smollm2")},
+       for c in EASY_VQA},
+    **{("fednano_jax.study", c): "the first in full" for c in EASY_VQA},
     **{(cmd, c): NO_ROOT for cmd in ("fednano_jax.main", "fednano_jax.study", "fednano_jax.data.partition_stats")
        for c in ("scienceqa_tiny", "iconqa_tiny", "scienceqa_llava15_7b", "iconqa_llava15_7b")},
     **{(cmd, "memory_llava15_7b"): NO_CHECKPOINT for cmd in ("fednano_jax.main", "fednano_jax.study")},
@@ -61,7 +62,7 @@ EXPECTED = {
     **{("fednano_jax.accounting", c): "Trained and uploaded (NanoAdapters)" for c in CONFIGS},
     **{("fednano_jax.accounting", c): ("Data error:", "--vocab_size=N") for c in ("scienceqa_tiny", "iconqa_tiny")},
     **{("fednano_jax.data.partition_stats", c): "Training examples per category and client"
-       for c in ("easyvqa_tiny", "easyvqa_smollm2", "memory_llava15_7b")},
+       for c in (*EASY_VQA, "memory_llava15_7b")},
 }
 LABELS = ("Config error:", "Data error:", "Checkpoint error:")
 

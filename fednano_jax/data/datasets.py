@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from fednano_jax.data import iconqa, pipeline, scienceqa
+from fednano_jax.data.prompts import template_of
 from fednano_jax.errors import LABELS, ConfigError
 
 DEFAULT = "easyvqa"
@@ -22,7 +23,7 @@ def _easyvqa(config, with_images: bool = True) -> pipeline.Splits:
     return pipeline.load_splits(os.path.expanduser(data.dir), data.pretrain_images, data.train_examples,
                                 data.test_examples, config.seed, config.pretrain.caption_repeats,
                                 config.pretrain.questions_per_image, config.model.vision.image_size,
-                                config.pretrain.seed)
+                                config.pretrain.seed, template_of(config))
 
 
 LOADERS = {"easyvqa": _easyvqa, "scienceqa": scienceqa.load_splits, "iconqa": iconqa.load_splits}

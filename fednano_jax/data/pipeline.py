@@ -26,7 +26,8 @@ from fednano_jax.data.easy_vqa_builder import ImageRecord, load_image_records
 from fednano_jax.data.partition import (DIRICHLET_ATTEMPTS, PARTITIONS, Partition, dirichlet_proportions,
                                         iid_proportions, natural_proportions, partition_by_proportions,
                                         pathological_proportions, size_skew_proportions)
-from fednano_jax.data.prompts import TokenizedSet, render_prompt, tokenize_for_training, tokenize_prompts
+from fednano_jax.data.prompts import (DEFAULT_TEMPLATE, TokenizedSet, render_prompt, tokenize_for_training,
+                                      tokenize_prompts)
 from fednano_jax.data.tokenizer import build_tokenizer
 from fednano_jax.streams import Purpose, generator
 
@@ -55,6 +56,7 @@ class Splits:
     category_order: tuple[str, ...] = easy_vqa.QUESTION_CATEGORIES  # partition categories, one Dirichlet row each
     federated_val: Examples | None = None  # official val split, partitioned like test; not evaluated, no images
     lowercase: bool = True  # the word-level tokenizer lowercases (easy-VQA); letter answers need case kept
+    template: str = DEFAULT_TEMPLATE  # the chat template the prompts are rendered in (data/prompts.TEMPLATES)
 
 
 EasyVqaSplits = Splits  # the schema's first name
@@ -72,11 +74,11 @@ class FederatedData:
     test_meta: list[dict] = dataclasses.field(default_factory=list)  # per test row, for the official scorer
 
 
-def _questions(records: list[ImageRecord], first_row: int) -> Examples:
+def _questions(records: list[ImageRecord], first_row: int, template: str) -> Examples:
     prompts, answers, categories, rows = [], [], [], []
     for offset, record in enumerate(records):
         for question, answer in zip(record.questions, record.answers):
-            prompts.append(render_prompt(question, has_image=True))
+            prompts.append(render_prompt(question, True, template))
             answers.append(answer)
             categories.append(easy_vqa.question_category(question))
             rows.append(first_row + offset)
@@ -84,7 +86,7 @@ def _questions(records: list[ImageRecord], first_row: int) -> Examples:
 
 
 def _pretraining_examples(record: ImageRecord, row: int, caption_repeats: int, questions_per_image: int,
-                          rng: np.random.Generator) -> Examples:
+                          rng: np.random.Generator, template: str) -> Examples:
     """Captioning of a held-aside image, and question answering from a *text* description of it.
 
     The federated task (answering from the image) is never shown: the backbone learns
@@ -94,17 +96,18 @@ def _pretraining_examples(record: ImageRecord, row: int, caption_repeats: int, q
     text = easy_vqa.caption(record)
     if text is None:
         return Examples([], [], [], np.zeros(0, np.int32))
-    prompts = [render_prompt(CAPTION_QUESTION, has_image=True)] * caption_repeats
+    prompts = [render_prompt(CAPTION_QUESTION, True, template)] * caption_repeats
     answers = [text] * caption_repeats
     count = min(questions_per_image, len(record.questions))
     for q in sorted(rng.choice(len(record.questions), size=count, replace=False)):
-        prompts.append(render_prompt(f"the image shows {text}. {record.questions[q]}", has_image=False))
+        prompts.append(render_prompt(f"the image shows {text}. {record.questions[q]}", False, template))
         answers.append(record.answers[q])
     return Examples(prompts, answers, ["pretrain"] * len(prompts), np.full(len(prompts), row, np.int32))
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic resize of uint8 [N, H, W, 3] images to the vision tower's input size, as CLIP's processor."""
+    """Bicubic resize of uint8 [N, H, W, 3] images to the vision tower's input size, as CLIP's processor
+    (easy-VQA's images are square: LLaVA's padding is a no-op, and MiniGPT-4 resizes the same way)."""
     if images.shape[1:3] == (size, size):
         return images
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images])
@@ -126,7 +129,7 @@ def _subsample(examples: Examples, count: int, rng: np.random.Generator) -> Exam
 
 def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_examples: int, seed: int,
                 caption_repeats: int = 4, questions_per_image: int = 3, image_size: int = 64,
-                pretrain_seed: int = 0) -> Splits:
+                pretrain_seed: int = 0, template: str = DEFAULT_TEMPLATE) -> Splits:
     """`pretrain_seed` fixes the held-aside images and so the backbone; `seed` draws the federated questions."""
     train_records = load_image_records(data_dir, "train")
     test_records = load_image_records(data_dir, "test")
@@ -138,12 +141,13 @@ def load_splits(data_dir: str, pretrain_images: int, train_examples: int, test_e
     federated = sorted(order[pretrain_images:])
     images = resize_images(np.stack([r.image for r in train_records] + [r.image for r in test_records]), image_size)
     pretrain = merge_examples([_pretraining_examples(train_records[i], int(i), caption_repeats,
-                                                     questions_per_image, rng) for i in held_aside])
-    fed_train = merge_examples([_questions([train_records[i]], int(i)) for i in federated])
-    fed_test = _questions(test_records, len(train_records))
+                                                     questions_per_image, rng, template) for i in held_aside])
+    fed_train = merge_examples([_questions([train_records[i]], int(i), template) for i in federated])
+    fed_test = _questions(test_records, len(train_records), template)
     fed_rng = generator(seed, Purpose.QUESTIONS)
     return Splits(images, pretrain, _subsample(fed_train, train_examples, fed_rng),
-                  _subsample(fed_test, test_examples, fed_rng), vocabulary=_vocabulary(pretrain, fed_train))
+                  _subsample(fed_test, test_examples, fed_rng), vocabulary=_vocabulary(pretrain, fed_train),
+                  template=template)
 
 
 def merge_examples(parts: list[Examples]) -> Examples:
@@ -167,7 +171,7 @@ def tokenizer_for(splits: Splits):
 
 def tokenize_pretraining(splits: Splits, tokenizer, num_image_tokens: int) -> TokenizedSet:
     p = splits.pretrain
-    return tokenize_for_training(tokenizer, p.prompts, p.answers, p.image_index, num_image_tokens)
+    return tokenize_for_training(tokenizer, p.prompts, p.answers, p.image_index, num_image_tokens, splits.template)
 
 
 def _pools(splits: Splits) -> dict[str, Examples]:
@@ -237,7 +241,8 @@ def federated_data(splits: Splits, tokenizer, num_image_tokens: int, num_clients
                          "fed.num_clients, or choose another data.partition.")
     return FederatedData(
         images=splits.images,
-        train=tokenize_for_training(tokenizer, train.prompts, train.answers, train.image_index, num_image_tokens),
+        train=tokenize_for_training(tokenizer, train.prompts, train.answers, train.image_index, num_image_tokens,
+                                    splits.template),
         test=tokenize_prompts(tokenizer, test.prompts, test.image_index, num_image_tokens),
         test_answers=test.answers,
         test_categories=test.categories,

@@ -3,8 +3,9 @@
 A dataset module turns its official records into `Problem`s per official split; this
 module does the rest the same way for both: it holds a seeded part of the train split
 aside for backbone pretraining, samples the federated pools, decodes only the images
-the run uses into one uint8 table (LLaVA-1.5 padding and resize; row 0 is a blank
-image that text-only rows point at, since nothing is spliced for them) and builds the
+the run uses into one uint8 table (resized to the model's size; row 0 is a blank
+image that text-only rows point at, since nothing is spliced for them; LLaVA-1.5 pads to a square
+before resizing, MiniGPT-4 only resizes) and builds the
 pretraining examples:
 
 - every held-aside problem as text only (its prompt without `<image>` -> its answer),
@@ -26,9 +27,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fednano_jax.errors import DataError
-from fednano_jax.data.images import llava_image
+from fednano_jax.data.images import prepare_image
 from fednano_jax.data.pipeline import CAPTION_QUESTION, Examples, Splits, merge_examples
-from fednano_jax.data.prompts import render_prompt
+from fednano_jax.data.prompts import DEFAULT_TEMPLATE, TEMPLATES, render_prompt, template_of
 from fednano_jax.streams import Purpose, generator
 
 OFFICIAL_SPLITS = ("train", "val", "test")
@@ -57,9 +58,9 @@ class Sizes:
 class ImageTable:
     """uint8 rows at the model's size; row 0 is blank. Without images every row is 0 (statistics only)."""
 
-    def __init__(self, size: int, with_images: bool):
-        self.size, self.with_images = size, with_images
-        self.rows = [llava_image(Image.new("RGB", (size, size)), size)]
+    def __init__(self, size: int, with_images: bool, pad_to_square: bool = True):
+        self.size, self.with_images, self.pad = size, with_images, pad_to_square
+        self.rows = [prepare_image(Image.new("RGB", (size, size)), size)]
         self.row_of: dict[str, int] = {}
 
     def row(self, problem: Problem) -> int:
@@ -67,26 +68,26 @@ class ImageTable:
             return 0
         if problem.pid not in self.row_of:
             self.row_of[problem.pid] = len(self.rows)
-            self.rows.append(llava_image(problem.image(), self.size))
+            self.rows.append(prepare_image(problem.image(), self.size, self.pad))
         return self.row_of[problem.pid]
 
     def array(self) -> np.ndarray:
         return np.stack(self.rows)
 
 
-def _examples(problems: list[Problem], table: ImageTable) -> Examples:
-    return Examples([render_prompt(p.question, has_image=p.image is not None) for p in problems],
+def _examples(problems: list[Problem], table: ImageTable, template: str) -> Examples:
+    return Examples([render_prompt(p.question, p.image is not None, template) for p in problems],
                     [p.answer for p in problems], [p.category for p in problems],
                     np.asarray([table.row(p) for p in problems], np.int32),
                     [{"pid": p.pid, **p.meta} for p in problems])
 
 
-def _pretraining_examples(problem: Problem, table: ImageTable, caption_repeats: int) -> Examples:
-    text_only = Examples([render_prompt(problem.question, has_image=False)], [problem.answer], ["pretrain"],
+def _pretraining_examples(problem: Problem, table: ImageTable, caption_repeats: int, template: str) -> Examples:
+    text_only = Examples([render_prompt(problem.question, False, template)], [problem.answer], ["pretrain"],
                          np.zeros(1, np.int32))
     if problem.image is None or caption_repeats < 1 or not problem.caption:
         return text_only
-    captions = Examples([render_prompt(CAPTION_QUESTION, has_image=True)] * caption_repeats,
+    captions = Examples([render_prompt(CAPTION_QUESTION, True, template)] * caption_repeats,
                         [problem.caption] * caption_repeats, ["pretrain"] * caption_repeats,
                         np.full(caption_repeats, table.row(problem), np.int32))
     return merge_examples([text_only, captions])
@@ -111,7 +112,8 @@ def _hold_aside(train: list[Problem], count: int, seed: int) -> tuple[list[Probl
 
 
 def problem_splits(by_split: dict[str, list[Problem]], sizes: Sizes, *, seed: int, pretrain_seed: int,
-                   image_size: int, caption_repeats: int, with_images: bool = True) -> Splits:
+                   image_size: int, caption_repeats: int, with_images: bool = True,
+                   template: str = DEFAULT_TEMPLATE) -> Splits:
     """`by_split` maps "train"/"val"/"test" to problems in a fixed (pid) order. `pretrain_seed` fixes the
     held-aside problems and so the backbone; `seed` samples the federated pools."""
     held_aside, pool = _hold_aside(by_split["train"], sizes.pretrain_examples, pretrain_seed)
@@ -119,16 +121,16 @@ def problem_splits(by_split: dict[str, list[Problem]], sizes: Sizes, *, seed: in
     chosen = {"train": _sample(pool, sizes.train_examples, rng),
               "val": _sample(by_split["val"], sizes.test_examples, rng),
               "test": _sample(by_split["test"], sizes.test_examples, rng)}
-    table = ImageTable(image_size, with_images)
-    pretrain = merge_examples([_pretraining_examples(p, table, caption_repeats) for p in held_aside])
-    federated = {name: _examples(chosen[name], table) for name in ("train", "test")}
+    table = ImageTable(image_size, with_images, TEMPLATES[template].pad_to_square)
+    pretrain = merge_examples([_pretraining_examples(p, table, caption_repeats, template) for p in held_aside])
+    federated = {name: _examples(chosen[name], table, template) for name in ("train", "test")}
     # Validation is partitioned (statistics) but not evaluated: its images are not decoded (rows point at 0).
-    federated["val"] = _examples(chosen["val"], ImageTable(image_size, with_images=False))
-    pool_texts = [render_prompt(p.question, has_image=p.image is not None) for p in pool] + [p.answer for p in pool]
+    federated["val"] = _examples(chosen["val"], ImageTable(image_size, with_images=False), template)
+    pool_texts = [render_prompt(p.question, p.image is not None, template) for p in pool] + [p.answer for p in pool]
     categories = sorted({c for examples in federated.values() for c in examples.categories})
     return Splits(table.array(), pretrain, federated["train"], federated["test"],
                   vocabulary=pretrain.prompts + pretrain.answers + pool_texts, category_order=tuple(categories),
-                  federated_val=federated["val"], lowercase=False)
+                  federated_val=federated["val"], lowercase=False, template=template)
 
 
 # ------------------------------------------------ official files and the tfds build
@@ -209,4 +211,5 @@ def splits_from_config(by_split: dict[str, list[Problem]], config, with_images: 
     sizes = Sizes(data.pretrain_examples, data.train_examples, data.test_examples)
     return problem_splits(by_split, sizes, seed=config.seed, pretrain_seed=config.pretrain.seed,
                           image_size=config.model.vision.image_size,
-                          caption_repeats=config.pretrain.get("caption_repeats", 1), with_images=with_images)
+                          caption_repeats=config.pretrain.get("caption_repeats", 1), with_images=with_images,
+                          template=template_of(config))

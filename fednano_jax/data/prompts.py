@@ -1,7 +1,9 @@
-"""Prompt template and tokenization into fixed-shape arrays.
+"""Prompt templates and tokenization into fixed-shape arrays.
 
 Training rows are right-padded `<s>USER: <image>\\n{question} ASSISTANT: {answer}</s>`
-with the loss on the answer tokens and `</s>` only. Evaluation rows are the prompt up
+(LLaVA-1.5), or `<s>###Human: <Img><image></Img> {question} ###Assistant: {answer}###` (MiniGPT-4,
+whose answers end with its end symbol `###` rather than `</s>`), with the loss on the answer
+tokens and their end only. Evaluation rows are the prompt up
 to `ASSISTANT:`, left-padded so every row's last token sits in the same column and
 greedy decoding writes all rows at one cache slot. The single `<image>` placeholder
 is expanded to one id per image token, as LLaVA's processor does.
@@ -15,11 +17,40 @@ import numpy as np
 
 from fednano_jax.data.tokenizer import IMAGE
 
-PROMPT = "USER: {image}{question} ASSISTANT:"
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    prompt: str  # with {image} and {question}
+    image: str  # what {image} becomes in a row with an image (nothing in a text-only row)
+    end: str | None = None  # the text an answer ends with; None: the tokenizer's </s>
+    pad_to_square: bool = True  # image preparation: LLaVA-1.5 pads to a square, MiniGPT-4 only resizes
 
 
-def render_prompt(question: str, has_image: bool) -> str:
-    return PROMPT.format(image=f"{IMAGE}\n" if has_image else "", question=question)
+# MiniGPT-4 splits its prompt at `<ImageHere>` and puts the 32 query embeddings there; the placeholder is
+# spelled `<image>` here for every template (the LLM sees neither: image embeddings replace it).
+TEMPLATES = {"llava": Template("USER: {image}{question} ASSISTANT:", f"{IMAGE}\n"),
+             "minigpt4": Template("###Human: {image}{question} ###Assistant:", f"<Img>{IMAGE}</Img> ", end="###",
+                                  pad_to_square=False)}
+DEFAULT_TEMPLATE = "llava"
+
+
+def template_of(config) -> str:
+    """config.model.prompt: the chat template a backbone was tuned with (LLaVA-1.5's unless named)."""
+    name = config.model.get("prompt", DEFAULT_TEMPLATE)
+    if name not in TEMPLATES:
+        raise ValueError(f"model.prompt must be one of {sorted(TEMPLATES)}, got {name!r}.")
+    return name
+
+
+def render_prompt(question: str, has_image: bool, template: str = DEFAULT_TEMPLATE) -> str:
+    t = TEMPLATES[template]
+    return t.prompt.format(image=t.image if has_image else "", question=question)
+
+
+def cut_at_end(text: str, template: str) -> str:
+    """A decoded answer up to the template's end symbol (the text after it is the model's next turn)."""
+    end = TEMPLATES[template].end
+    return text.split(end)[0] if end else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +82,20 @@ def bucket(length: int, multiple: int = 8) -> int:
     return -(-length // multiple) * multiple
 
 
+def _answer_ids(tokenizer, answer: str, template: str) -> list[int]:
+    end = TEMPLATES[template].end
+    if end:  # MiniGPT-4: `answer + end_sym`, tokenized without special tokens
+        return tokenizer(" " + answer + end, add_special_tokens=False).input_ids
+    return tokenizer(" " + answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
 def tokenize_for_training(tokenizer, prompts: list[str], answers: list[str], image_index: np.ndarray,
-                          num_image_tokens: int) -> TokenizedSet:
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+                          num_image_tokens: int, template: str = DEFAULT_TEMPLATE) -> TokenizedSet:
+    bos = tokenizer.bos_token_id
     rows, masks = [], []
     for prompt, answer in zip(prompts, answers):
         prompt_ids = [bos] + _encode(tokenizer, prompt, num_image_tokens)
-        answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids + [eos]
+        answer_ids = _answer_ids(tokenizer, answer, template)
         rows.append(prompt_ids + answer_ids)
         masks.append([False] * len(prompt_ids) + [True] * len(answer_ids))
     length = bucket(max(map(len, rows)))

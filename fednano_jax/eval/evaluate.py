@@ -18,18 +18,20 @@ import numpy as np
 
 from fednano_jax.data.pipeline import FederatedData
 from fednano_jax.data.datasets import dataset_name
+from fednano_jax.data.prompts import DEFAULT_TEMPLATE, cut_at_end, template_of
 from fednano_jax.eval.accuracy import per_client_accuracy
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.eval.official_accuracy import SCORERS, breakdown
 from fednano_jax.models.adapter_ranks import client_ranks, truncate
 
 
-def decode_answers(tokenizer, tokens: np.ndarray) -> list[str]:
+def decode_answers(tokenizer, tokens: np.ndarray, template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """Each row's text up to </s> and the template's end symbol (MiniGPT-4's `###`)."""
     eos = tokenizer.eos_token_id
     out = []
     for row in tokens.tolist():
         row = row[: row.index(eos)] if eos in row else row
-        out.append(tokenizer.decode(row, skip_special_tokens=True))
+        out.append(cut_at_end(tokenizer.decode(row, skip_special_tokens=True), template))
     return out
 
 
@@ -46,6 +48,7 @@ class Evaluator:
         self.seed = config.seed
         self.scorer = SCORERS[dataset_name(config)]
         self.ranks = client_ranks(config.model.adapter, len(data.client_test))
+        self.template = template_of(config)
 
     def batches(self, rows: np.ndarray):
         """Fixed-size batches of test rows (the last padded by repeating row 0), so one compile serves all."""
@@ -57,7 +60,7 @@ class Evaluator:
 
     def answers(self, rows: np.ndarray, generate) -> list[str]:
         tokens = [np.asarray(generate(start, inputs)) for start, inputs in self.batches(rows)]
-        return decode_answers(self.tokenizer, np.concatenate(tokens)[: len(rows)]) if tokens else []
+        return decode_answers(self.tokenizer, np.concatenate(tokens)[: len(rows)], self.template) if tokens else []
 
     def score(self, predictions: dict[int, str]) -> dict:
         rows = np.arange(len(self.data.test))
