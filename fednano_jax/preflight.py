@@ -25,6 +25,15 @@ from fednano_jax.models.mllm import count_params
 from fednano_jax.parallel.mesh import make_mesh, mesh_config_of, mesh_description
 
 
+def checkpoint_metadata(config):
+    """The model config a run's checkpoint files describe (MiniGPT-4's, with model.minigpt4), from metadata."""
+    if config.model.get("minigpt4"):
+        from fednano_jax.backbone.minigpt4 import config_of_files
+
+        return config_of_files(config)
+    return checkpoint_config(config.model.path)
+
+
 def backbone_source(config, checkpoint_has_vision: bool) -> str:
     """Where the run's backbone would come from (`checkpoint_has_vision`: a LLaVA checkpoint, used as loaded)."""
     path = config.model.get("path")
@@ -51,7 +60,7 @@ def dry_run(config) -> str:
     mesh = make_mesh(mesh_config_of(config))
     splits = datasets.load_splits(config, with_images=False)
     path = config.model.get("path")
-    checkpoint = checkpoint_config(path) if path else None  # its metadata only: a missing checkpoint stops here
+    checkpoint = checkpoint_metadata(config) if path else None  # its metadata only: a missing checkpoint stops here
     vocab = None if path or config.model.get("vocab_size") else len(pipeline.tokenizer_for(splits))
     mcfg = model_shapes(config, vocab_size=vocab)
     sizes = [len(r) for r in _client_train_rows(config, splits)]

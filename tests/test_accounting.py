@@ -62,6 +62,29 @@ def test_llava15_7b_adapters_are_the_papers_1_05m_and_components_match_transform
     assert counts["LLM (decoder, final norm, LM head)"] == hf["LLM"]
 
 
+def test_minigpt4_7b_client_side_matches_transformers_blip2_modules():
+    """EVA ViT-g = HF Blip2VisionModel less its zero k bias (post_layernorm is ln_vision); our Q-Former = HF Blip2QFormerModel less
+    the text FFNs MiniGPT-4 removes, plus the 32 query tokens; llama_proj 768 -> 4096; Vicuna-7B's 6,738M."""
+    import re
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    counts = parameter_counts(shapes_from_config(experiment(model_presets.minigpt4_7b(rank=64))))
+    with torch.device("meta"):  # shapes only: no 1B-parameter allocation
+        vision = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(
+            hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, image_size=224,
+            patch_size=14))
+        qformer = transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig(encoder_hidden_size=1408))
+    text_ffn = re.compile(r"encoder\.layer\.\d+\.(intermediate|output)\.")
+    k_bias = 39 * 1408  # HF's qkv bias is cat(q, zeros, v): EVA has no k bias
+    assert counts["EVA ViT (with ln_vision)"] == sum(p.numel() for p in vision.parameters()) - k_bias == 985_897_344
+    assert counts["Q-Former (with its query tokens)"] == 32 * 768 + sum(
+        p.numel() for name, p in qformer.named_parameters() if not text_ffn.search(name))
+    assert counts["Connector"] == 768 * 4096 + 4096
+    assert counts["Token embeddings"] + counts["LLM (decoder, final norm, LM head)"] == 6_738_415_616
+    assert counts["NanoAdapter A_I (image tokens)"] + counts["NanoAdapter A_T (text tokens)"] == 1_048_576
+
+
 def test_a_checkpoint_is_accounted_from_its_metadata(tmp_path):
     from test_pretrained import llava_hf_config, save_llava
 

@@ -30,13 +30,17 @@ COMMANDS = {  # what users type after `python -m` -> the module whose main()/def
     "fednano_jax.data.partition_stats": "fednano_jax.commands.partition_stats",
 }
 CONFIGS = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "configs", "*.py")))
-PAPER_7B = ("scienceqa_llava15_7b", "iconqa_llava15_7b", "memory_llava15_7b")
+PAPER_7B = ("scienceqa_llava15_7b", "iconqa_llava15_7b", "memory_llava15_7b", "scienceqa_minigpt4_7b",
+            "iconqa_minigpt4_7b")
 SHRUNK_7B = ("--config.model.vocab_size=128", "--config.model.llm.hidden_size=64",
              "--config.model.llm.intermediate_size=128", "--config.model.llm.num_layers=1",
              "--config.model.llm.num_heads=2", "--config.model.llm.num_kv_heads=2",
              "--config.model.vision.image_size=28", "--config.model.vision.hidden_size=32",
              "--config.model.vision.intermediate_size=64", "--config.model.vision.num_layers=2",
              "--config.model.vision.num_heads=2", "--config.model.adapter.rank=4")
+SHRUNK_QFORMER = ("--config.model.qformer.hidden_size=32", "--config.model.qformer.num_layers=2",
+                  "--config.model.qformer.num_heads=2", "--config.model.qformer.intermediate_size=64",
+                  "--config.model.qformer.num_query_tokens=4")
 TINY_FLAGS = {
     "fednano_jax.main": ("--dry_run",),
     "fednano_jax.study": ("--dry_run", "--study=ranks"),
@@ -55,7 +59,8 @@ EXPECTED = {
        for c in EASY_VQA},
     **{("fednano_jax.study", c): "the first in full" for c in EASY_VQA},
     **{(cmd, c): NO_ROOT for cmd in ("fednano_jax.main", "fednano_jax.study", "fednano_jax.data.partition_stats")
-       for c in ("scienceqa_tiny", "iconqa_tiny", "scienceqa_llava15_7b", "iconqa_llava15_7b")},
+       for c in ("scienceqa_tiny", "iconqa_tiny", "scienceqa_llava15_7b", "iconqa_llava15_7b",
+                 "scienceqa_minigpt4_7b", "iconqa_minigpt4_7b")},
     **{(cmd, "memory_llava15_7b"): NO_CHECKPOINT for cmd in ("fednano_jax.main", "fednano_jax.study")},
     **{("fednano_jax.benchmark", c): "client-steps/s" for c in CONFIGS},
     **{("fednano_jax.memory_plan", c): "GiB per device" for c in CONFIGS},
@@ -102,7 +107,7 @@ def test_command_on_config(command, config, easy_vqa_dir, tmp_path):
     argv = [f"--config={os.path.join(ROOT, 'configs', config + '.py')}", f"--config.data.dir={easy_vqa_dir}",
             *TINY_FLAGS[command]]
     if command in ("fednano_jax.benchmark", "fednano_jax.memory_plan") and config in PAPER_7B:
-        argv += SHRUNK_7B
+        argv += SHRUNK_7B + (SHRUNK_QFORMER if "minigpt4" in config else ())
     if command == "fednano_jax.data.partition_stats" and config in PAPER_7B:
         argv.append("--config.model.vision.image_size=28")  # easy-VQA's images would be resized to 336 px
     if command in ("fednano_jax.benchmark", "fednano_jax.memory_plan", "fednano_jax.accounting"):

@@ -106,9 +106,10 @@ def test_a_broken_release_stops_with_one_sentence_naming_the_layout(tmp_path, br
     assert message in text and "https://github.com/lupantech/IconQA" in text and "pid2skills.json" in text
 
 
-def test_paper_config_prints_its_partition_statistics(release, tmp_path):
+@pytest.mark.parametrize("name", ["iconqa_llava15_7b", "iconqa_minigpt4_7b"])
+def test_paper_config_prints_its_partition_statistics(release, tmp_path, name):
     root, _ = release
-    result = run_module("fednano_jax.data.partition_stats", "iconqa_llava15_7b", f"--config.data.root={root}",
+    result = run_module("fednano_jax.data.partition_stats", name, f"--config.data.root={root}",
                         f"--config.data.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "iconqa: 5 clients, Dirichlet alpha 1.0, 4 categories" in result.stdout

@@ -168,9 +168,10 @@ def run_module(module, config, *flags, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_paper_config_prints_its_partition_statistics(release, tmp_path):
+@pytest.mark.parametrize("name", ["scienceqa_llava15_7b", "scienceqa_minigpt4_7b"])
+def test_paper_config_prints_its_partition_statistics(release, tmp_path, name):
     root, _ = release
-    result = run_module("fednano_jax.data.partition_stats", "scienceqa_llava15_7b", f"--config.data.root={root}",
+    result = run_module("fednano_jax.data.partition_stats", name, f"--config.data.root={root}",
                         f"--config.data.dir={tmp_path}", f"--png={tmp_path / 'clients.png'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "clients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the per-client histogram
@@ -186,7 +187,8 @@ def test_paper_config_prints_its_partition_statistics(release, tmp_path):
         assert f"| {topic} |" in out
 
 
-@pytest.mark.parametrize("name, dataset", [("scienceqa_llava15_7b", "scienceqa"), ("iconqa_llava15_7b", "iconqa")])
+@pytest.mark.parametrize("name, dataset", [("scienceqa_llava15_7b", "scienceqa"), ("iconqa_llava15_7b", "iconqa"),
+                                           ("scienceqa_minigpt4_7b", "scienceqa"), ("iconqa_minigpt4_7b", "iconqa")])
 def test_paper_configs_are_the_papers_setup(name, dataset):
     config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
     config.data.root = "/data"
@@ -195,7 +197,12 @@ def test_paper_configs_are_the_papers_setup(name, dataset):
     assert (fed.num_clients, fed.rounds, fed.local_epochs, fed.batch_size) == (5, 10, 1, 8)
     assert config.model.adapter.rank == 64 and config.data.dirichlet_alpha == 1.0
     assert tuple(method_names(config)) == PAPER_METHODS
-    assert config.model.path == "~/models/llava-1.5-7b-hf" and config.model.vision.image_size == 336
+    if "minigpt4" in name:  # Vicuna-7B with MiniGPT-4's files: EVA ViT-g at 224 px, 32 queries, its template
+        assert config.model.path == "~/models/vicuna-7b" and config.model.vision.image_size == 224
+        assert config.model.qformer.num_query_tokens == 32 and config.model.prompt == "minigpt4"
+        assert config.model.minigpt4.projection.endswith("prerained_minigpt4_7b.pth")
+    else:
+        assert config.model.path == "~/models/llava-1.5-7b-hf" and config.model.vision.image_size == 336
     assert config.data.name == dataset and config.data.train_examples == config.data.test_examples == 0
 
 

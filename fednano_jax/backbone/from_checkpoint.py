@@ -1,6 +1,6 @@
 """A pretrained checkpoint as an experiment's backbone (`config.model.path`).
 
-A LLaVA checkpoint is used as it is. A text-only LLM (SmolLM2, LLaMA, Vicuna, ...) gets
+A LLaVA checkpoint, or MiniGPT-4's files (`model.minigpt4` beside Vicuna at `model.path`), is used as it is. A text-only LLM (SmolLM2, LLaMA, Vicuna, ...) gets
 the config's vision tower and connector and an `<image>` token, and LLaVA's alignment
 stage trains that vision side on the held-aside pretraining examples with the LLM
 frozen. Only the aligned vision side is cached (keyed like the small backbone); the
@@ -63,8 +63,14 @@ def attach_vision_tower(loaded: PretrainedModel, mcfg: MllmConfig, seed: int):
 
 def checkpoint_backbone(config, splits):
     """-> (graphdef, frozen, adapters, tokenizer, model config) from config.model.path."""
-    loaded = load_pretrained(config.model.path, dtype=config.model.dtype, adapter=adapter_config(config),
-                             seed=config.pretrain.seed)
+    if config.model.get("minigpt4"):
+        from fednano_jax.backbone.minigpt4 import files_of, load_minigpt4
+
+        loaded = load_minigpt4(config.model.path, **files_of(config), dtype=config.model.dtype,
+                               adapter=adapter_config(config), seed=config.pretrain.seed)
+    else:
+        loaded = load_pretrained(config.model.path, dtype=config.model.dtype, adapter=adapter_config(config),
+                                 seed=config.pretrain.seed)
     print(f"Loaded {loaded.source}")
     if loaded.config.vision is not None:
         return loaded.graphdef, loaded.frozen, loaded.adapters, loaded.tokenizer, loaded.config

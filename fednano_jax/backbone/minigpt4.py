@@ -206,6 +206,23 @@ def minigpt4_config(llm: str, vision: str, qformer: str | None = None, dtype=Non
     return mcfg, table, [llm, *sources]
 
 
+def files_of(config) -> dict:
+    """config.model.minigpt4 = {projection, vision, qformer} (qformer may be empty) as load_minigpt4's
+    keyword arguments, checked: a missing file is one sentence."""
+    section = config.model.minigpt4
+    files = {"projection": _checked(section.projection, "model.minigpt4.projection"),
+             "vision": _checked(section.vision, "model.minigpt4.vision")}
+    files["qformer"] = _checked(section.qformer, "model.minigpt4.qformer") if section.get("qformer") else None
+    return files
+
+
+def config_of_files(config) -> MllmConfig:
+    """The model config that config.model.path (Vicuna) and config.model.minigpt4's files describe."""
+    files = files_of(config)
+    return minigpt4_config(_checked(config.model.path, "model.path"), files["vision"], files["qformer"],
+                           config.model.get("dtype"))[0]
+
+
 def load_minigpt4(llm, projection, vision, qformer=None, dtype=None, adapter: AdapterConfig | None = None,
                   seed: int = 0) -> PretrainedModel:
     """MiniGPT-4 as our split model: EVA ViT, Q-Former and `llama_proj` with A_I on the projected queries,

@@ -27,6 +27,36 @@ def llava15_7b(rank: int = 64, alpha: float = 16.0) -> ConfigDict:
     ))
 
 
+def minigpt4(llm: dict, rank: int = 64, alpha: float = 16.0) -> ConfigDict:
+    """MiniGPT-4 (Vision-CAIR): BLIP-2's EVA-CLIP ViT-g/14 at 224 px (39 blocks) and Q-Former (32 queries),
+    llama_proj, Vicuna; its chat template."""
+    return ConfigDict(dict(
+        dtype="bfloat16",
+        remat="full",  # per decoder layer, as the LLaVA-1.5-7B preset
+        connector="linear",  # llama_proj
+        prompt="minigpt4",
+        vision=dict(image_size=224, patch_size=14, hidden_size=1408, intermediate_size=6144, num_layers=39,
+                    num_heads=16),
+        qformer=dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                     cross_attention_frequency=2, num_query_tokens=32),
+        llm=llm,
+        vocab_size=32000,  # Vicuna's; a loaded model embeds one more id, <image>, where the queries go
+        adapter=dict(rank=rank, alpha=alpha, image=True, text=True, client_ranks=()),
+    ))
+
+
+def minigpt4_7b(rank: int = 64, alpha: float = 16.0) -> ConfigDict:
+    """MiniGPT-4 with Vicuna-7B (lmsys/vicuna-7b-v0 as MiniGPT-4 builds it; LLaMA-7B's shapes)."""
+    return minigpt4(dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+                         rope_theta=10000.0, rms_norm_eps=1e-6), rank, alpha)
+
+
+def minigpt4_13b(rank: int = 64, alpha: float = 16.0) -> ConfigDict:
+    """MiniGPT-4 with Vicuna-13B (LLaMA-13B's shapes)."""
+    return minigpt4(dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40,
+                         rope_theta=10000.0, rms_norm_eps=1e-6), rank, alpha)
+
+
 def smollm2_135m(rank: int = 16, alpha: float = 32.0) -> ConfigDict:
     """HuggingFaceTB/SmolLM2-135M(-Instruct) as the LLM, with the small 64 px vision tower of configs/easyvqa_*."""
     return ConfigDict(dict(

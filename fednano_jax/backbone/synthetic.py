@@ -22,7 +22,8 @@ from fednano_jax.errors import ConfigError
 from fednano_jax.models.loss import answer_slots
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
 
-PRESETS = {"llava15_7b": model_presets.llava15_7b, "smollm2_135m": model_presets.smollm2_135m}
+PRESETS = {"llava15_7b": model_presets.llava15_7b, "minigpt4_7b": model_presets.minigpt4_7b,
+           "minigpt4_13b": model_presets.minigpt4_13b, "smollm2_135m": model_presets.smollm2_135m}
 DEFAULT_VOCAB = 256  # token ids for a config whose vocabulary its data decides, when no stored backbone says
 
 

@@ -31,6 +31,7 @@ from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.data.split_sizes import federated_train_rows
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
+from fednano_jax.models.minigpt4 import MiniGpt4VisionConfig
 from fednano_jax.models.mllm import MllmConfig
 from fednano_jax.weights.fill import flatten
 
@@ -42,6 +43,14 @@ COMPONENTS = (  # (row label, parameter-path prefix, side)
     ("NanoAdapter A_T (text tokens)", "edge/adapter_text/", "client"),
     ("LLM (decoder, final norm, LM head)", "server/", "server"),
 )
+MINIGPT4_VISION = (("EVA ViT (with ln_vision)", "edge/vision/visual_encoder/", "client"),
+                   ("Q-Former (with its query tokens)", "edge/vision/qformer/", "client"))
+SIDES = {label: side for label, _, side in COMPONENTS + MINIGPT4_VISION}
+
+
+def components(mcfg: MllmConfig) -> tuple:
+    """COMPONENTS, with MiniGPT-4's vision side as its two parts."""
+    return MINIGPT4_VISION + COMPONENTS[1:] if isinstance(mcfg.vision, MiniGpt4VisionConfig) else COMPONENTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +78,10 @@ def parameter_counts(mcfg: MllmConfig) -> dict[str, int]:
     no_remat = dataclasses.replace(mcfg, llm=dataclasses.replace(mcfg.llm, remat="none"))  # same parameters
     _, frozen, adapters = abstract_model(no_remat)
     params = {**flatten(nnx.to_pure_dict(frozen)), **flatten(nnx.to_pure_dict(adapters))}
+    rows = components(mcfg)
     counts = {label: sum(math.prod(v.shape) for k, v in params.items() if k.startswith(prefix))
-              for label, prefix, _ in COMPONENTS}
-    unassigned = [k for k in params if not any(k.startswith(prefix) for _, prefix, _ in COMPONENTS)]
+              for label, prefix, _ in rows}
+    unassigned = [k for k in params if not any(k.startswith(prefix) for _, prefix, _ in rows)]
     assert not unassigned, f"parameters in no component: {unassigned}"
     return counts
 
@@ -128,12 +138,11 @@ def human(n: float, unit: str = "B") -> str:
 
 def parameter_table(counts: dict[str, int]) -> str:
     total = sum(counts.values())
-    sides = {label: side for label, _, side in COMPONENTS}
     lines = ["| Component | Side | Parameters | % of model |", "|---|---|---:|---:|"]
     for label, n in counts.items():
-        lines.append(f"| {label} | {sides[label]} | {n:,} | {100 * n / total:.3f} |")
+        lines.append(f"| {label} | {SIDES[label]} | {n:,} | {100 * n / total:.3f} |")
     for side in ("client", "server"):
-        n = sum(c for label, c in counts.items() if sides[label] == side)
+        n = sum(c for label, c in counts.items() if SIDES[label] == side)
         lines.append(f"| **All on the {side}** | | {n:,} | {100 * n / total:.2f} |")
     adapters = adapter_count(counts)
     lines.append(f"| **Trained and uploaded (NanoAdapters)** | client | {adapters:,} | {100 * adapters / total:.3f} |")
