@@ -18,6 +18,7 @@ from conftest import ROOT, run_main
     ("--config.fed.batch_size=0", "fed.batch_size must be at least 1"),
     ("--config.fed.clients_per_round=6", "fed.clients_per_round must be between 0 (all) and fed.num_clients=5"),
     ("--config.fed.dropout=1.0", "fed.dropout must be a probability in [0, 1)"),
+    ("--presett=llava15_7b", "Unknown command line flag 'presett'"),  # absl's own error, as one sentence
 ])
 def test_bad_config_stops_with_one_sentence(flag, message):
     result = run_main(flag, timeout=120)
@@ -25,6 +26,13 @@ def test_bad_config_stops_with_one_sentence(flag, message):
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("Config error: ") and message in last_line
+
+
+def test_an_unknown_chat_template_is_one_sentence():
+    result = run_main("--config.model.prompt=alpaca", config="configs/easyvqa_minigpt4_tiny.py", timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("Config error: model.prompt must be one of ['llava', "
+                                                      "'minigpt4'], got 'alpaca'.")
 
 
 @pytest.mark.parametrize("flag, message", [

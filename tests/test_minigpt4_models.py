@@ -238,3 +238,30 @@ def test_minigpt4_files_that_do_not_fit_are_one_sentence(minigpt4_files, tmp_pat
                tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match=r"'llama_proj.weight'.*has shape \(64, 7\)"):
         load_minigpt4(vicuna, str(tmp_path / "wrong.pth"), f["eva_pth"], f["blip2_pth"])
+
+
+def test_converted_safetensors_load_as_the_pth_files_do(minigpt4_files, tmp_path):
+    """`python -m fednano_jax.convert_pth` once, then load_minigpt4 needs no torch: the same logits."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from fednano_jax import load_minigpt4
+
+    f = minigpt4_files
+    projection = str(f["root"] / "pretrained_minigpt4.pth")
+    result = subprocess.run([sys.executable, "-m", "fednano_jax.convert_pth",
+                             f"--pth={f['eva_pth']},{f['blip2_pth']},{projection}", f"--out_dir={tmp_path}"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["blip2.safetensors", "eva_vit_g.safetensors",
+                                            "pretrained_minigpt4.safetensors"]
+    vicuna = str(f["root"] / "vicuna")
+    from_pth = load_minigpt4(vicuna, projection, f["eva_pth"], f["blip2_pth"], dtype="float32")
+    converted = load_minigpt4(vicuna, str(tmp_path / "pretrained_minigpt4.safetensors"),
+                              str(tmp_path / "eva_vit_g.safetensors"), str(tmp_path / "blip2.safetensors"),
+                              dtype="float32")
+    rng = np.random.default_rng(7)
+    ids = np.concatenate([[[1, 5, 6]], np.full((1, QUERIES), LLM_VOCAB), [[7, 8]]], axis=1)
+    pixels = rng.normal(size=(1, 3, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(converted.logits(ids, pixels)), np.asarray(from_pth.logits(ids, pixels)))

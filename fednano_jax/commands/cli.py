@@ -51,7 +51,10 @@ def parse_flags(argv: list[str]) -> list[str]:
             check_overrides(load_config_file(paths[-1]), argv[1:])
         except ConfigError as error:
             sys.exit(f"Config error: {error}")
-    return flags.FLAGS(argv)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:  # an unknown or malformed flag: one sentence, not absl's traceback
+        sys.exit(f"Config error: {error}; run with --help for this command's flags.")
 
 
 def run(main: Callable[[], None], define_flags: Callable[[], None], argv: list[str] | None = None) -> None:
