@@ -265,3 +265,57 @@ def test_converted_safetensors_load_as_the_pth_files_do(minigpt4_files, tmp_path
     ids = np.concatenate([[[1, 5, 6]], np.full((1, QUERIES), LLM_VOCAB), [[7, 8]]], axis=1)
     pixels = rng.normal(size=(1, 3, 28, 28)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(converted.logits(ids, pixels)), np.asarray(from_pth.logits(ids, pixels)))
+
+
+def test_an_experiment_runs_on_minigpt4s_files(minigpt4_files, easy_vqa_dir, tmp_path):
+    """model.path (a LLaMA directory with its tokenizer) and model.minigpt4 (LAVIS .pth files): the dry run
+    reads their metadata, and a round of FedNano runs on the loaded model (random weights: no accuracy)."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from conftest import ROOT
+
+    f = minigpt4_files
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.normalizer, words.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    words.train_from_iterator(["###Human: <Img></Img> what shape is in the image? ###Assistant: circle red yes no"],
+                              trainer=trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>",
+                                                     bos_token="<s>", eos_token="</s>")
+    vicuna = tmp_path / "vicuna"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=2, eos_token_id=3,
+        pad_token_id=0)).save_pretrained(vicuna)
+    tokenizer.save_pretrained(vicuna)
+    config = tmp_path / "minigpt4_files.py"
+    config.write_text(f'''
+import runpy
+from ml_collections import ConfigDict
+
+def get_config():
+    config = runpy.run_path({os.path.join(ROOT, "configs", "easyvqa_minigpt4_tiny.py")!r})["get_config"]()
+    del config.model["llm"]  # the shapes come from the files
+    config.model.vision = ConfigDict(dict(image_size=28, patch_size=14, hidden_size=176, intermediate_size=64,
+                                          num_layers=2, num_heads=2))
+    config.model.path = {str(vicuna)!r}
+    config.model.minigpt4 = ConfigDict(dict(projection={str(f["root"] / "pretrained_minigpt4.pth")!r},
+                                            vision={f["eva_pth"]!r}, qformer={f["blip2_pth"]!r}))
+    return config
+''')
+    flags = [f"--config={config}", f"--config.data.dir={easy_vqa_dir}", f"--workdir={tmp_path / 'run'}",
+             "--config.fed.rounds=1", "--config.fed.methods=fednano", "--config.data.train_examples=100",
+             "--config.data.test_examples=40", "--config.eval.batch_size=40", "--config.fed.num_clients=2"]
+
+    def main(*extra):
+        return subprocess.run([sys.executable, "-m", "fednano_jax.main", *flags, *extra], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
+
+    dry = main("--dry_run")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert f"Backbone: the checkpoint at {vicuna}" in dry.stdout and f"{QUERIES} image tokens" in dry.stdout
+    run = main()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "FedNano" in (tmp_path / "run" / "results.md").read_text()

