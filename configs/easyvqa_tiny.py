@@ -72,6 +72,15 @@ def get_config() -> ConfigDict:
     config.fed.server_learning_rate = 1.0  # its step size (optax's betas and epsilon)
     config.fed.server_momentum = 0.9  # avgm's momentum
     config.fed.rank_aggregation = "masked"  # client_ranks: each rank slice over its holders, or HetLoRA's "zero_pad"
+    # Client-level DP (DP-FedAvg, fednano_jax/privacy/dp.py): each client's update clipped to clip_norm, the
+    # server's sum noised with noise_multiplier * clip_norm; epsilon at delta per round from dp-accounting.
+    config.fed.dp = ConfigDict(dict(
+        enabled=False, clip_norm=1.0, noise_multiplier=1.0, delta=1e-5,
+        fisher_clip_norm=1.0,  # FedNano: each client's floored Fisher clipped to this norm (both sums noised)
+        target_epsilon=0.0,  # > 0: solve noise_multiplier for this epsilon over fed.rounds
+        adaptive=False, target_quantile=0.5, clip_learning_rate=0.2,  # adaptive clipping (Andrew et al. 2021)
+        count_stddev=0.0,  # adaptive: noise of the clipped count (0: clients_per_round / 20)
+        accountant="rdp"))  # or "pld"
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
     config.fed.client_chunk = 0  # clients each device trains at once (the rest wait their turn); 0 = all
     config.fed.pack_clients = True  # small clients one after another in a vmap lane: less padding, same adapters

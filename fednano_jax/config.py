@@ -14,6 +14,8 @@ from fednano_jax.data.partition import PARTITIONS, Partition
 from fednano_jax.data.prompts import DEFAULT_TEMPLATE, TEMPLATES
 from fednano_jax.errors import ConfigError
 from fednano_jax.models import adapter_ranks as ranks
+from fednano_jax.privacy import dp as privacy
+from fednano_jax.privacy.accountant import ACCOUNTANTS
 from fednano_jax.federated.server_optimizer import OPTIMIZERS as SERVER_OPTIMIZERS
 from fednano_jax.models.llama import REMAT_POLICIES, LlamaConfig
 from fednano_jax.models.eva_vit import EvaVitConfig
@@ -107,6 +109,37 @@ def validate(config: ConfigDict, known_methods) -> None:
     for name in methods:
         _require(name in known_methods, f"Unknown method {name!r} in fed.methods; expected one of {sorted(known_methods)}.")
     validate_client_ranks(config, known_methods, methods)
+    validate_dp(config, known_methods, methods)
+
+
+def validate_dp(config: ConfigDict, known_methods: dict, methods: list[str]) -> None:
+    """fed.dp: its values, and methods whose server takes DP-FedAvg's mean."""
+    dp_section = config.fed.get("dp")
+    if dp_section is None or not dp_section.get("enabled", False):
+        return
+    _require(dp_section.get("accountant", "rdp") in ACCOUNTANTS,
+             f"fed.dp.accountant must be one of {list(ACCOUNTANTS)}, got {dp_section.get('accountant')!r}.")
+    _require(dp_section.get("target_epsilon", 0.0) >= 0,
+             f"fed.dp.target_epsilon must be non-negative (0: use fed.dp.noise_multiplier), "
+             f"got {dp_section.get('target_epsilon')}.")
+    _require(0 < dp_section.get("target_quantile", 0.5) < 1,
+             f"fed.dp.target_quantile must be in (0, 1), got {dp_section.get('target_quantile')}.")
+    try:
+        problem = privacy.check(privacy.settings(config.fed, [1]))
+    except (ValueError, RuntimeError) as error:  # dp-accounting could not solve for the target epsilon
+        raise ConfigError(f"fed.dp.target_epsilon={dp_section.target_epsilon} has no noise multiplier that "
+                          f"reaches it ({error}).") from None
+    _require(problem is None, problem or "")
+    supported = [name for name, method in known_methods.items() if method(config.fed).dp_aggregate]
+    unsupported = [name for name in methods if name not in supported]
+    _require(not unsupported, f"fed.dp works with {', '.join(supported)}, not {', '.join(unsupported)} (no "
+             "uploaded adapters to average, or a server state of their own): drop those from fed.methods or set "
+             "fed.dp.enabled=False.")
+    _require(config.fed.get("fisher_example_weights", True),
+             "fed.dp bounds each client's weight by the largest client's example count: keep "
+             "fed.fisher_example_weights=True.")
+    _require(not ranks.parse_client_ranks(config.model.adapter.get("client_ranks", ())),
+             "fed.dp with model.adapter.client_ranks is not supported yet: leave client_ranks empty.")
 
 
 def validate_client_ranks(config: ConfigDict, known_methods: dict, methods: list[str]) -> None:
@@ -187,7 +220,11 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
 # Settings added after checkpoints were first written, with the value that means what their absence meant:
 # at that value they stay out of the fingerprint, so older workdirs still resume.
 LATER_DEFAULTS = {"fed": {"fisher_examples": 0, "server_optimizer": "none", "server_learning_rate": 1.0,
-                          "server_momentum": 0.9, "fisher_example_weights": True, "rank_aggregation": "masked"},
+                          "server_momentum": 0.9, "fisher_example_weights": True, "rank_aggregation": "masked",
+                          "dp": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5,
+                                 "target_epsilon": 0.0, "adaptive": False, "target_quantile": 0.5,
+                                 "clip_learning_rate": 0.2, "count_stddev": 0.0, "accountant": "rdp",
+                                 "fisher_clip_norm": 1.0}},
                   "adapter": {"client_ranks": ()},
                   "data": {"partition": "dirichlet", "min_client_size": 1, "categories_per_client": 2,
                            "size_exponent": 1.0, "natural_key": "subject"}}

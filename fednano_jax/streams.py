@@ -26,6 +26,7 @@ class Purpose(enum.IntEnum):
     PRETRAIN_QUESTIONS = 8  # (pretrain.seed) text-only questions of a held-aside image
     PRETRAIN_BATCHES = 9  # (pretrain.seed) the pretraining batch order
     LOCAL_PHASE = 10  # a method's local training after the rounds (FedDPA-F's local adapters)
+    DP_NOISE = 11  # the server's Gaussian noise of a round under client-level DP
 
 
 def generator(seed: int, purpose: Purpose, round_index: int = 0, client_id: int = 0) -> np.random.Generator:

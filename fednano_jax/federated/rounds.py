@@ -33,6 +33,7 @@ from fednano_jax.federated.server import ClientUploads, reporting_clients, serve
 from fednano_jax.federated.server_optimizer import init_state as init_server_optimizer, server_optimizer
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.parallel.xla_stats import compile_clock
+from fednano_jax.privacy import dp as privacy
 from fednano_jax.streams import Purpose
 
 OPTIMIZERS = {
@@ -61,12 +62,13 @@ class RoundPrograms:
     """The jitted programs one method's rounds run, compiled once per run."""
 
     local: Callable  # (frozen, data, broadcast, ClientInputs [K]) -> ClientOutputs [K]
-    server: Callable  # (server state, ClientUploads [K], reporting [K]) -> (server state, used [K])
+    server: Callable  # (server state, ClientUploads [K], reporting [K], noise key) -> (server state, used [K])
     plain_local: Callable  # local training without the method's hooks, for its after_rounds phase
     packed: Callable  # (frozen, data, broadcast, PackedLanes [L]) -> ClientOutputs [L, P] (fed.pack_clients)
 
 
-def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh | None = None) -> RoundPrograms:
+def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh | None = None,
+                     dp: privacy.DpSettings | None = None) -> RoundPrograms:
     """With a mesh (vmap mode), clients run sharded over its `clients` axis (see parallel/mesh.py)."""
     optimizer = make_optimizer(fed)
     devices = mesh.shape[sharding.CLIENTS] if mesh is not None else 1
@@ -81,7 +83,7 @@ def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh
     packed = in_chunks(make_packed_program(graphdef, optimizer, method), fed.get("client_chunk", 0), devices)
     packed = sharding.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
     server = jax.jit(functools.partial(server_round, method, optimizer=server_optimizer(fed, method),
-                                       rank_aggregation=fed.get("rank_aggregation", MASKED)))
+                                       rank_aggregation=fed.get("rank_aggregation", MASKED), dp=dp))
     return RoundPrograms(client_program(method), server, client_program(Method(fed)), packed)
 
 
@@ -174,7 +176,8 @@ def run_round(run: Round, state: dict, round_index: int):
     ranks = run.cohort_ranks(cohort)
     uploads = ClientUploads(outputs.upload, jnp.asarray(run.num_examples[cohort]),
                             None if ranks is None else jnp.asarray(ranks))
-    server, used = run.programs.server(state["server"], uploads, jnp.asarray(reporting))
+    server, used = run.programs.server(state["server"], uploads, jnp.asarray(reporting),
+                                       privacy.noise_key(config.seed, round_index))
     used = sharding.to_host(used)
     new_client_states = jax.tree.map(sharding.to_host, outputs.state)
     used = used & _finite_rows(new_client_states, len(cohort))
@@ -212,7 +215,8 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
     fed = config.fed
     train_rows = [np.concatenate(client_rows)] if method.pooled else client_rows
     epoch_steps = steps_per_epoch(train_rows, fed.batch_size)
-    programs = compile_programs(method, graphdef, fed, epoch_steps, mesh)
+    dp = privacy.settings(fed, [len(r) for r in train_rows])
+    programs = compile_programs(method, graphdef, fed, epoch_steps, mesh, dp)
     init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
     if mesh is not None:
         frozen = sharding.place_backbone(frozen, mesh, sharding.mesh_config_of(config))  # a no-op once placed
@@ -224,6 +228,7 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
     upload_bytes = [len(method.uploads) * rank_bytes(init_adapters, rank) for rank in own_ranks]  # per client
 
     server_init = init_server_optimizer(server_optimizer(fed, method), method.server_init(init_adapters))
+    server_init = privacy.init_state(dp, server_init)
     init_state = {"server": jax.tree.map(np.asarray, server_init),
                   "clients": _stack(method.client_state_init(init_adapters), len(train_rows))}
     first, state, history = _resume(checkpoints, init_state, fed.rounds)
@@ -244,6 +249,9 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
                   "train_loss": losses.tolist(), **steps, "uploaded_bytes": sum(upload_bytes[k] for k in cohort[reporting]),
                   "round_seconds": time.perf_counter() - start - compile_seconds,
                   "compile_seconds": compile_seconds}
+        if dp is not None:  # the guarantee so far, and the clip norm the next round uses
+            record.update(epsilon=dp.epsilon(round_index + 1), delta=dp.delta,
+                          clip_norm=float(sharding.to_host(state["server"][privacy.STATE]["clip_norm"])))
         _warn_about_faults(record, used)
         if last or (config.eval.every_rounds and (round_index + 1) % config.eval.every_rounds == 0):
             eval_start = time.perf_counter()

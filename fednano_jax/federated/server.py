@@ -17,6 +17,7 @@ import numpy as np
 
 from fednano_jax.federated import server_optimizer
 from fednano_jax.models import adapter_ranks as ranks
+from fednano_jax.privacy import dp as privacy
 from fednano_jax.streams import Purpose, generator
 
 
@@ -39,18 +40,25 @@ def _zero_out(tree, keep):
     return jax.tree.map(lambda x: jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), tree)
 
 
-def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array, optimizer=None,
-                 rank_aggregation: str = ranks.MASKED):
+def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array, key: jax.Array | None = None,
+                 optimizer=None, rank_aggregation: str = ranks.MASKED, dp: privacy.DpSettings | None = None):
     """-> (new server state, [K] bool of the clients that were used). `optimizer`: the server optimizer
     that steps the global adapters along the round's pseudo-gradient (`server_optimizer.py`), or None.
     Clients of heterogeneous ranks are aggregated under their rank masks, or as zero-padded uploads
-    (`rank_aggregation`, `models/adapter_ranks.py`)."""
+    (`rank_aggregation`, `models/adapter_ranks.py`). With `dp`, the adapters' update is DP-FedAvg's clipped
+    and noised mean (`privacy/dp.py`, noise from `key`) instead of the method's aggregate."""
     keep = reporting & finite_clients(uploads)
     weights = jnp.where(keep, uploads.num_examples, 0).astype(jnp.float32)
     masks = None
     if uploads.ranks is not None and rank_aggregation == ranks.MASKED:
         masks = ranks.stacked_masks(server_state["adapters"], uploads.ranks)
-    updated = method.server_update(server_state, _zero_out(uploads.trees, keep), weights, masks)
+    trees = _zero_out(uploads.trees, keep)
+    if dp is not None:
+        fishers = trees["fisher"] if method.dp_aggregate == "fisher" else None
+        updated = privacy.private_update(dp, server_state, trees["adapters"], weights, key, fishers,
+                                         method.fed.get("fisher_floor", 1e-6))
+    else:
+        updated = method.server_update(server_state, trees, weights, masks)
     updated = server_optimizer.step(optimizer, server_state, updated)
     return jax.tree.map(lambda new, old: jnp.where(keep.any(), new, old), updated, server_state), keep
 

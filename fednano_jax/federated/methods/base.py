@@ -42,6 +42,14 @@ class Method:
     extra_passes = 0  # passes over local data after training, through the server LLM (FedNano's Fisher)
     client_ranks = True  # runs with heterogeneous adapter ranks (model.adapter.client_ranks, models/adapter_ranks.py)
 
+    @property
+    def dp_aggregate(self) -> str | None:
+        """Its aggregate under client-level DP (fed.dp, privacy/dp.py): "mean" when its server takes the
+        example-weighted mean of uploaded adapters (DP-FedAvg's clipped, noised mean replaces it), "fisher"
+        for the Fisher merge of both noised sums; None: it cannot run under DP."""
+        plain = type(self).server_update is Method.server_update and "adapters" in self.uploads and not self.pooled
+        return "mean" if plain else None
+
     def __init__(self, fed):
         self.fed = fed
 

@@ -12,6 +12,7 @@ class FedNano(Method):
     name, label = "fednano", "FedNano"
     uploads = ("adapters", "fisher")
     extra_passes = 1
+    dp_aggregate = "fisher"  # under fed.dp both sums of Eq. 1 are clipped and noised (privacy/dp.py)
 
     def extra_pass_init(self, adapters):
         return {"squares": jax.tree.map(jnp.zeros_like, adapters), "examples": jnp.zeros((), jnp.float32)}
