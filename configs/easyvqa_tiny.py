@@ -81,6 +81,10 @@ def get_config() -> ConfigDict:
         adaptive=False, target_quantile=0.5, clip_learning_rate=0.2,  # adaptive clipping (Andrew et al. 2021)
         count_stddev=0.0,  # adaptive: noise of the clipped count (0: clients_per_round / 20)
         accountant="rdp"))  # or "pld"
+    # Secure aggregation (Bonawitz et al. 2017, fednano_jax/privacy/secagg.py): the server sees masked uploads
+    # and their sum only; threshold: the survivors needed to unmask (0: a majority of the cohort).
+    config.fed.secure_aggregation = False
+    config.fed.secagg_threshold = 0
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time
     config.fed.client_chunk = 0  # clients each device trains at once (the rest wait their turn); 0 = all
     config.fed.pack_clients = True  # small clients one after another in a vmap lane: less padding, same adapters

@@ -110,6 +110,28 @@ def validate(config: ConfigDict, known_methods) -> None:
         _require(name in known_methods, f"Unknown method {name!r} in fed.methods; expected one of {sorted(known_methods)}.")
     validate_client_ranks(config, known_methods, methods)
     validate_dp(config, known_methods, methods)
+    validate_secure_aggregation(config, known_methods, methods)
+
+
+def validate_secure_aggregation(config: ConfigDict, known_methods: dict, methods: list[str]) -> None:
+    fed = config.fed
+    if not fed.get("secure_aggregation", False):
+        return
+    cohort = fed.clients_per_round or fed.num_clients
+    _require(0 <= fed.get("secagg_threshold", 0) <= cohort,
+             f"fed.secagg_threshold must be between 0 (a majority) and the cohort size {cohort}, "
+             f"got {fed.get('secagg_threshold')}.")
+    supported = [name for name, method in known_methods.items() if method(fed).dp_aggregate]
+    unsupported = [name for name in methods if name not in supported]
+    _require(not unsupported, f"fed.secure_aggregation works with {', '.join(supported)}, not "
+             f"{', '.join(unsupported)} (no uploaded adapters to sum, or a server state of their own).")
+    _require(not (fed.get("dp") and fed.dp.get("enabled", False)),
+             "fed.secure_aggregation with fed.dp is not supported yet (the noise would have to be added by the "
+             "clients): enable one of them.")
+    _require(not ranks.parse_client_ranks(config.model.adapter.get("client_ranks", ())),
+             "fed.secure_aggregation with model.adapter.client_ranks is not supported yet: leave client_ranks empty.")
+    _require(fed.get("fisher_example_weights", True),
+             "fed.secure_aggregation sums example-weighted contributions: keep fed.fisher_example_weights=True.")
 
 
 def validate_dp(config: ConfigDict, known_methods: dict, methods: list[str]) -> None:
@@ -224,7 +246,8 @@ LATER_DEFAULTS = {"fed": {"fisher_examples": 0, "server_optimizer": "none", "ser
                           "dp": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5,
                                  "target_epsilon": 0.0, "adaptive": False, "target_quantile": 0.5,
                                  "clip_learning_rate": 0.2, "count_stddev": 0.0, "accountant": "rdp",
-                                 "fisher_clip_norm": 1.0}},
+                                 "fisher_clip_norm": 1.0},
+                          "secure_aggregation": False, "secagg_threshold": 0},
                   "adapter": {"client_ranks": ()},
                   "data": {"partition": "dirichlet", "min_client_size": 1, "categories_per_client": 2,
                            "size_exponent": 1.0, "natural_key": "subject"}}

@@ -27,6 +27,8 @@ class Purpose(enum.IntEnum):
     PRETRAIN_BATCHES = 9  # (pretrain.seed) the pretraining batch order
     LOCAL_PHASE = 10  # a method's local training after the rounds (FedDPA-F's local adapters)
     DP_NOISE = 11  # the server's Gaussian noise of a round under client-level DP
+    SECAGG_KEYS = 12  # a client's X25519 key and self-mask seed in a round of secure aggregation
+    SECAGG_SHARES = 13  # the random coefficients of its Shamir shares
 
 
 def generator(seed: int, purpose: Purpose, round_index: int = 0, client_id: int = 0) -> np.random.Generator:

@@ -182,3 +182,17 @@ def test_pld_refuses_noise_too_small_to_discretise():
     config = tiny_dp_config(accountant="pld", noise_multiplier=0.1)
     with pytest.raises(ConfigError, match="use fed.dp.accountant='rdp'"):
         validate(config, METHODS)
+
+
+def test_a_dp_round_reports_epsilon_and_without_noise_or_clipping_trains_as_today(tiny_config):
+    from test_sharding import federated_run
+
+    plain = federated_run(tiny_config, "fednano", num_clients=4, cohort=4)
+    exact = federated_run(tiny_config, "fednano", num_clients=4, cohort=4, fed={"dp": dict(
+        enabled=True, noise_multiplier=0.0, clip_norm=math.inf, fisher_clip_norm=math.inf)})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), exact.server["adapters"],
+                 plain.server["adapters"])
+    noised = federated_run(tiny_config, "fedavg", num_clients=4, cohort=2, rounds=2, fed={"dp": dict(
+        enabled=True, noise_multiplier=1.0, clip_norm=0.1)})
+    epsilons = [record["epsilon"] for record in noised.history]
+    assert epsilons == [accountant.epsilon(1.0, 0.5, r, 1e-5) for r in (1, 2)] and epsilons[0] < epsilons[1]

@@ -72,7 +72,7 @@ class DecodingEvaluation:
 
 
 def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=None, rounds=1, evaluate=False,
-                  client_chunk=0, packed=False, stream_images=False):
+                  client_chunk=0, packed=False, stream_images=False, fed=None):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=3 * num_clients)
     if stream_images:  # data.stream_images: the image table on the host, each step's images fetched
         data = {**data, "images": HostImages(np.asarray(data["images"]))}
@@ -80,6 +80,8 @@ def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=
     client_rows[0] = np.arange(3 * num_clients)[:7]  # uneven clients, so packing has lanes to fill
     config = run_config(num_clients, cohort, rounds)
     config.fed.client_chunk, config.fed.pack_clients = client_chunk, packed
+    for key, value in (fed or {}).items():  # e.g. {"secure_aggregation": True} or {"dp": {...}}
+        config.fed[key].update(value) if isinstance(value, dict) else setattr(config.fed, key, value)
     config.mesh = mesh_cfg or mesh_config()
     config.eval.every_rounds = int(evaluate)
     # As experiment.py does: one copy of the backbone, placed on the mesh (or committed to the one device).

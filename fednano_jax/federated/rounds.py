@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fednano_jax.errors import CheckpointMismatch
 from fednano_jax.federated.checkpoints import RoundCheckpoints
+from fednano_jax.federated import secure
 from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
 from fednano_jax.federated.methods.base import Method
 from fednano_jax.federated.packing import make_packed_program, packed_schedule
@@ -65,6 +66,7 @@ class RoundPrograms:
     server: Callable  # (server state, ClientUploads [K], reporting [K], noise key) -> (server state, used [K])
     plain_local: Callable  # local training without the method's hooks, for its after_rounds phase
     packed: Callable  # (frozen, data, broadcast, PackedLanes [L]) -> ClientOutputs [L, P] (fed.pack_clients)
+    server_sums: Callable | None = None  # (server state, unmasked sums, weights' sum, any used) -> server state
 
 
 def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh | None = None,
@@ -84,7 +86,10 @@ def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh
     packed = sharding.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
     server = jax.jit(functools.partial(server_round, method, optimizer=server_optimizer(fed, method),
                                        rank_aggregation=fed.get("rank_aggregation", MASKED), dp=dp))
-    return RoundPrograms(client_program(method), server, client_program(Method(fed)), packed)
+    sums = None
+    if fed.get("secure_aggregation", False):
+        sums = jax.jit(functools.partial(secure.server_from_sums, method, optimizer=server_optimizer(fed, method)))
+    return RoundPrograms(client_program(method), server, client_program(Method(fed)), packed, sums)
 
 
 def _stack(tree, count: int):
@@ -173,12 +178,19 @@ def run_round(run: Round, state: dict, round_index: int):
     # A method that sends nothing (LocFT, Centralized) has nothing to lose to a dropped connection.
     reporting = (reporting_clients(cohort, fed.dropout, config.seed, round_index) if method.uploads
                  else np.ones(len(cohort), bool))
-    ranks = run.cohort_ranks(cohort)
-    uploads = ClientUploads(outputs.upload, jnp.asarray(run.num_examples[cohort]),
-                            None if ranks is None else jnp.asarray(ranks))
-    server, used = run.programs.server(state["server"], uploads, jnp.asarray(reporting),
-                                       privacy.noise_key(config.seed, round_index))
-    used = sharding.to_host(used)
+    if run.programs.server_sums is not None:  # only masked vectors leave the clients
+        server, used, extra = secure.secure_round(method, run.programs.server_sums, state["server"],
+                                                  jax.tree.map(sharding.to_host, outputs.upload),
+                                                  run.num_examples[cohort], reporting, cohort, fed, config.seed,
+                                                  round_index)
+        steps = {**steps, "secagg_extra_bytes_per_client": extra}
+    else:
+        ranks = run.cohort_ranks(cohort)
+        uploads = ClientUploads(outputs.upload, jnp.asarray(run.num_examples[cohort]),
+                                None if ranks is None else jnp.asarray(ranks))
+        server, used = run.programs.server(state["server"], uploads, jnp.asarray(reporting),
+                                           privacy.noise_key(config.seed, round_index))
+        used = sharding.to_host(used)
     new_client_states = jax.tree.map(sharding.to_host, outputs.state)
     used = used & _finite_rows(new_client_states, len(cohort))
     clients = _set_rows(state["clients"], cohort, used, new_client_states)
