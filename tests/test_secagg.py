@@ -62,12 +62,12 @@ def test_the_secure_aggregate_is_the_plain_one_within_quantisation(name, reporti
     method = get_method(name, FED)
     uploads = {"adapters": ADAPTERS, "fisher": FISHER} if name == "fednano" else {"adapters": ADAPTERS}
     program = jax.jit(lambda *args: secure.server_from_sums(method, *args))
-    new, used, extra = secure.secure_round(method, program, GLOBAL, jax.tree.map(np.asarray, uploads), COUNTS,
+    new, used, cost = secure.secure_round(method, program, GLOBAL, jax.tree.map(np.asarray, uploads), COUNTS,
                                            np.array(reporting), np.arange(5), FED, seed=0, round_index=1)
     expected, expected_used = plain(name, reporting)
     np.testing.assert_array_equal(used, expected_used)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), new["adapters"], expected)
-    assert extra > 0
+    assert cost["secagg_extra_bytes_per_client"] > 0 and cost["secagg_seconds"] > 0
 
 
 def test_no_array_reaching_the_server_is_one_clients_unmasked_upload(monkeypatch):

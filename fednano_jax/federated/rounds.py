@@ -179,11 +179,11 @@ def run_round(run: Round, state: dict, round_index: int):
     reporting = (reporting_clients(cohort, fed.dropout, config.seed, round_index) if method.uploads
                  else np.ones(len(cohort), bool))
     if run.programs.server_sums is not None:  # only masked vectors leave the clients
-        server, used, extra = secure.secure_round(method, run.programs.server_sums, state["server"],
+        server, used, cost = secure.secure_round(method, run.programs.server_sums, state["server"],
                                                   jax.tree.map(sharding.to_host, outputs.upload),
                                                   run.num_examples[cohort], reporting, cohort, fed, config.seed,
                                                   round_index)
-        steps = {**steps, "secagg_extra_bytes_per_client": extra}
+        steps = {**steps, **cost}
     else:
         ranks = run.cohort_ranks(cohort)
         uploads = ClientUploads(outputs.upload, jnp.asarray(run.num_examples[cohort]),

@@ -7,6 +7,8 @@ their sum and its program (`server_from_sums`) sees only that sum and the public
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,8 +65,9 @@ def _finite(upload: dict) -> bool:
 
 def secure_round(method, program, server_state, uploads: dict, num_examples: np.ndarray, reporting: np.ndarray,
                  client_ids, fed, seed: int, round_index: int):
-    """-> (server state, used [K], extra bytes per client). `uploads`: the cohort's host trees [K, ...];
-    each client masks its own row; only masked vectors reach the server's unmasking."""
+    """-> (server state, used [K], {extra bytes per client, protocol seconds}). `uploads`: the cohort's host trees
+    [K, ...]; each client masks its own row; only masked vectors reach the server's unmasking."""
+    started = time.perf_counter()
     kind = method.dp_aggregate
     count = len(client_ids)
     threshold = fed.get("secagg_threshold", 0) or (count // 2 + 1)
@@ -76,9 +79,10 @@ def secure_round(method, program, server_state, uploads: dict, num_examples: np.
               for k in range(count) if used[k]}
     length = next(iter(masked.values())).size if masked else 0
     total = protocol.unmask(masked, length) if masked else None
-    template = jax.tree.map(lambda x: np.asarray(x), server_state["adapters"])
+    cost = {"secagg_extra_bytes_per_client": protocol.extra_bytes_per_client(length),
+            "secagg_seconds": time.perf_counter() - started}  # keys, shares, masking and unmasking, on the host
     if total is None:  # too few survivors (or none): the round is void
-        return server_state, np.zeros(count, bool), protocol.extra_bytes_per_client(length)
-    sums = sums_of(kind, total, template)
+        return server_state, np.zeros(count, bool), cost
+    sums = sums_of(kind, total, jax.tree.map(np.asarray, server_state["adapters"]))
     new = program(server_state, sums, jnp.asarray(float(num_examples[used].sum())), jnp.asarray(True))
-    return new, used, protocol.extra_bytes_per_client(length)
+    return new, used, cost
