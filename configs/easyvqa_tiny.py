@@ -83,6 +83,8 @@ def get_config() -> ConfigDict:
         accountant="rdp"))  # or "pld"
     # Secure aggregation (Bonawitz et al. 2017, fednano_jax/privacy/secagg.py): the server sees masked uploads
     # and their sum only; threshold: the survivors needed to unmask (0: a majority of the cohort).
+    config.fed.labels_on_client = False  # True: the server returns answer logits, the client computes the loss
+    config.fed.wire_noise = 0.0  # std of Gaussian noise on the embeddings clients send the server (training)
     config.fed.secure_aggregation = False
     config.fed.secagg_threshold = 0
     config.fed.mode = "vmap"  # or "sequential": same adapters, one client at a time

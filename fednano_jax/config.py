@@ -81,6 +81,7 @@ def validate(config: ConfigDict, known_methods) -> None:
              f"fed.server_learning_rate must be positive, got {fed.get('server_learning_rate')}.")
     _require(0.0 <= fed.get("server_momentum", 0.9) < 1.0,
              f"fed.server_momentum must be in [0, 1), got {fed.get('server_momentum')}.")
+    _require(fed.get("wire_noise", 0.0) >= 0, f"fed.wire_noise must be a non-negative std, got {fed.get('wire_noise')}.")
     _require(fed.prox_mu >= 0, f"fed.prox_mu must be non-negative, got {fed.prox_mu}.")
     _require(fed.dpa_local_epochs >= 1, f"fed.dpa_local_epochs must be at least 1, got {fed.dpa_local_epochs}.")
     _require(fed.dpa_instances >= 1, f"fed.dpa_instances must be at least 1, got {fed.dpa_instances}.")
@@ -247,7 +248,8 @@ LATER_DEFAULTS = {"fed": {"fisher_examples": 0, "server_optimizer": "none", "ser
                                  "target_epsilon": 0.0, "adaptive": False, "target_quantile": 0.5,
                                  "clip_learning_rate": 0.2, "count_stddev": 0.0, "accountant": "rdp",
                                  "fisher_clip_norm": 1.0},
-                          "secure_aggregation": False, "secagg_threshold": 0},
+                          "secure_aggregation": False, "secagg_threshold": 0, "labels_on_client": False,
+                          "wire_noise": 0.0},
                   "adapter": {"client_ranks": ()},
                   "data": {"partition": "dirichlet", "min_client_size": 1, "categories_per_client": 2,
                            "size_exponent": 1.0, "natural_key": "subject"}}

@@ -28,6 +28,7 @@ COMMANDS = {  # what users type after `python -m` -> the module whose main()/def
     "fednano_jax.memory_plan": "fednano_jax.commands.memory_plan",
     "fednano_jax.accounting": "fednano_jax.commands.accounting",
     "fednano_jax.data.partition_stats": "fednano_jax.commands.partition_stats",
+    "fednano_jax.privacy_audit": "fednano_jax.commands.privacy_audit",
 }
 CONFIGS = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 PAPER_7B = ("scienceqa_llava15_7b", "iconqa_llava15_7b", "memory_llava15_7b", "scienceqa_minigpt4_7b",
@@ -49,6 +50,7 @@ TINY_FLAGS = {
     "fednano_jax.memory_plan": ("--methods=fedavg", "--clients=1", "--batch=1", "--text_tokens=4", "--remat=full"),
     "fednano_jax.accounting": (),
     "fednano_jax.data.partition_stats": (),
+    "fednano_jax.privacy_audit": ("--dry_run",),  # the real audit: test_privacy_audit.py
 }
 EASY_VQA = ("easyvqa_tiny", "easyvqa_smollm2", "easyvqa_minigpt4_tiny")
 NO_ROOT = ("Config error:", "data.root must name the directory")  # ScienceQA and IconQA are not on this machine
@@ -58,10 +60,13 @@ EXPECTED = {
     **{("fednano_jax.main", c): "every check a run makes before training passed"
        for c in EASY_VQA},
     **{("fednano_jax.study", c): "the first in full" for c in EASY_VQA},
-    **{(cmd, c): NO_ROOT for cmd in ("fednano_jax.main", "fednano_jax.study", "fednano_jax.data.partition_stats")
+    **{("fednano_jax.privacy_audit", c): "every check a run makes before training passed" for c in EASY_VQA},
+    **{(cmd, c): NO_ROOT for cmd in ("fednano_jax.main", "fednano_jax.study", "fednano_jax.data.partition_stats",
+                                     "fednano_jax.privacy_audit")
        for c in ("scienceqa_tiny", "iconqa_tiny", "scienceqa_llava15_7b", "iconqa_llava15_7b",
                  "scienceqa_minigpt4_7b", "iconqa_minigpt4_7b")},
-    **{(cmd, "memory_llava15_7b"): NO_CHECKPOINT for cmd in ("fednano_jax.main", "fednano_jax.study")},
+    **{(cmd, "memory_llava15_7b"): NO_CHECKPOINT for cmd in ("fednano_jax.main", "fednano_jax.study",
+                                                             "fednano_jax.privacy_audit")},
     **{("fednano_jax.benchmark", c): "client-steps/s" for c in CONFIGS},
     **{("fednano_jax.memory_plan", c): "GiB per device" for c in CONFIGS},
     **{("fednano_jax.accounting", c): "Trained and uploaded (NanoAdapters)" for c in CONFIGS},

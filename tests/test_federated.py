@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 from flax import nnx
 from ml_collections import ConfigDict
@@ -79,6 +80,43 @@ def test_split_learning_gradient_equals_direct_gradient(tiny_config):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7), grads, ref_grads)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("slots", [False, True])
+def test_labels_on_the_client_give_the_same_loss_gradients_and_fisher(tiny_config, slots, monkeypatch):
+    """The server computes logits from embeddings, the attention mask and the answer positions only (a
+    token id or loss mask reaching it would raise), the client the loss; gradients are today's."""
+    from fednano_jax.federated import objective
+    from fednano_jax.federated.objective import Wire, per_example_adapter_grads
+    from fednano_jax.models.loss import summed_answer_nll
+
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    data = with_slots(data) if slots else data
+    seen = []
+    wire = objective.wire_batch
+    monkeypatch.setattr(objective, "wire_batch", lambda batch: seen.append(sorted(wire(batch))) or wire(batch))
+    loss, grads = adapter_value_and_grad(graphdef, frozen, adapters, data, wire=Wire(labels_on_client=True))
+    ref_loss, ref_grads = adapter_value_and_grad(graphdef, frozen, adapters, data)
+    assert seen == [["answer_positions", "attention_mask"] if slots else ["attention_mask"]]
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-8), grads, ref_grads)
+    per_example = per_example_adapter_grads(graphdef, frozen, adapters, data, summed_answer_nll,
+                                            Wire(labels_on_client=True))
+    reference = per_example_adapter_grads(graphdef, frozen, adapters, data, summed_answer_nll)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-8), per_example, reference)
+
+
+def test_wire_noise_is_added_to_what_the_server_receives_and_repeats_for_the_same_batch():
+    from fednano_jax.federated.objective import Wire
+
+    fed = {"wire_noise": 0.3}
+    rows = jnp.arange(8)
+    embeds = jnp.zeros((8, 50, 64))
+    sent = Wire.of(fed, rows).sent(embeds)
+    assert float(jnp.std(sent)) == pytest.approx(0.3, rel=0.02)
+    np.testing.assert_array_equal(sent, Wire.of(fed, rows).sent(embeds))  # the same batch, the same noise
+    assert not np.allclose(sent, Wire.of(fed, rows[::-1]).sent(embeds))  # another batch, other noise
+    np.testing.assert_array_equal(Wire.of({}, rows).sent(embeds), embeds)  # no noise configured: as it was
 
 
 def with_slots(data):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from fednano_jax.data.batches import gather_batch
-from fednano_jax.federated.objective import adapter_value_and_grad
+from fednano_jax.federated.objective import Wire, adapter_value_and_grad
 from fednano_jax.models.adapter_ranks import apply_mask, rank_mask
 from fednano_jax.models.loss import answer_tokens, summed_answer_nll
 
@@ -95,9 +95,9 @@ def tree_select(predicate, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
 
-def step_gradients(graphdef, frozen, adapters, batch, valid) -> tuple[jax.Array, StepGradients]:
+def step_gradients(graphdef, frozen, adapters, batch, valid, wire: Wire = Wire()) -> tuple[jax.Array, StepGradients]:
     """-> (mean answer NLL, its gradients): one backward pass of the summed NLL, divided by the answer tokens."""
-    summed_loss, summed = adapter_value_and_grad(graphdef, frozen, adapters, batch, summed_answer_nll)
+    summed_loss, summed = adapter_value_and_grad(graphdef, frozen, adapters, batch, summed_answer_nll, wire)
     tokens = jnp.maximum(answer_tokens(batch), 1.0)
     mean = jax.tree.map(lambda g: g / tokens, summed)
     return summed_loss / tokens, StepGradients(mean, summed, valid.sum())
@@ -109,7 +109,7 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, method, frozen
     `mask`: the client's rank mask (None: full rank); the components it zeroes never move."""
     adapters, opt_state, sums = carry
     batch = gather_batch(data, step_rows, step_valid)
-    loss, grads = step_gradients(graphdef, frozen, adapters, batch, step_valid)
+    loss, grads = step_gradients(graphdef, frozen, adapters, batch, step_valid, Wire.of(method.fed, step_rows))
     direction = method.local_gradient(grads.mean, adapters, start, broadcast, client_state)
     sums = method.accumulate(sums, grads)
     if mask is not None:

@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 
 from fednano_jax.data.batches import gather_batch
-from fednano_jax.federated.objective import per_example_adapter_grads
+from fednano_jax.federated.objective import Wire, per_example_adapter_grads
 from fednano_jax.models.loss import summed_answer_nll
 
 
-def add_squared_example_grads(graphdef, adapters, frozen, data, total, rows, valid):
+def add_squared_example_grads(graphdef, adapters, frozen, data, total, rows, valid, wire: Wire = Wire()):
     """`total` plus the squared adapter gradient of each valid example's summed answer NLL. rows, valid: [batch]."""
-    grads = per_example_adapter_grads(graphdef, frozen, adapters, gather_batch(data, rows, valid), summed_answer_nll)
+    grads = per_example_adapter_grads(graphdef, frozen, adapters, gather_batch(data, rows, valid), summed_answer_nll,
+                                      wire)
     weights = valid.astype(jnp.float32)
     return jax.tree.map(lambda t, g: t + jnp.tensordot(weights, jnp.square(g), axes=1), total, grads)
 

@@ -12,6 +12,7 @@ summed loss is its own loss's, and only the client's step is differentiated per 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -21,23 +22,70 @@ from fednano_jax.models.loss import Batch, mean_answer_nll, model_logits
 from fednano_jax.models.mllm import merge_model
 
 LossFn = Callable[[jax.Array, Batch], jax.Array]
+WIRE_KEYS = ("attention_mask", "answer_positions")  # what the server needs besides the embeddings
 
 
-def adapter_value_and_grad(graphdef, frozen, adapters, batch: Batch, loss_fn: LossFn = mean_answer_nll):
+def wire_batch(batch: Batch) -> Batch:
+    """What a server that keeps no labels receives with the embeddings: the attention mask and where the
+    answers' logits are wanted (no token ids, no loss mask)."""
+    return {key: batch[key] for key in WIRE_KEYS if key in batch}
+
+
+@dataclasses.dataclass(frozen=True)
+class Wire:
+    """How the client <-> server wire is protected: labels kept on the client; Gaussian noise of std `noise`
+    on the embeddings sent up (as FL-LLaMA does), drawn from `key`."""
+
+    labels_on_client: bool = False
+    noise: float = 0.0
+    key: jax.Array | None = None
+
+    @classmethod
+    def of(cls, fed, rows: jax.Array) -> "Wire":
+        """The config's wire; the noise key is a function of the batch's row ids (distinct for every batch of
+        a round's shuffled schedule, the same when a run is repeated)."""
+        noise = float(fed.get("wire_noise", 0.0))
+        key = None
+        if noise > 0:
+            salt = jnp.sum((rows.astype(jnp.uint32) + 1) * jnp.arange(1, rows.size + 1, dtype=jnp.uint32))
+            key = jax.random.fold_in(jax.random.key(int(fed.get("wire_noise_seed", 0))), salt)
+        return cls(bool(fed.get("labels_on_client", False)), noise, key)
+
+    def sent(self, embeds):
+        if self.noise <= 0:
+            return embeds
+        return embeds + (self.noise * jax.random.normal(self.key, embeds.shape, jnp.float32)).astype(embeds.dtype)
+
+
+def embed_grads_of(server, embeds, batch: Batch, loss_fn: LossFn, labels_on_client: bool):
+    """-> (loss, d loss / d embeddings) across the wire. Labels on the server (the paper's protocol): the
+    server computes the loss. Labels on the client (`fed.labels_on_client`): the server returns the logits
+    where the answers are, the client computes the loss and sends d loss / d logits back, and the server
+    backpropagates them; the same numbers, without a label crossing."""
+    if not labels_on_client:
+        return jax.value_and_grad(lambda e: loss_fn(model_logits(server, e, batch), batch))(embeds)
+    wire = wire_batch(batch)
+    logits, server_backward = jax.vjp(lambda e: model_logits(server, e, wire), embeds)
+    loss, logit_grads = jax.value_and_grad(lambda l: loss_fn(l, batch))(logits)  # on the client
+    (embed_grads,) = server_backward(logit_grads)
+    return loss, embed_grads
+
+
+def adapter_value_and_grad(graphdef, frozen, adapters, batch: Batch, loss_fn: LossFn = mean_answer_nll,
+                           wire: Wire = Wire()):
     def client_embed(adapter_state):
         return merge_model(graphdef, frozen, adapter_state).edge(batch["input_ids"], batch["images"])
 
-    def server_loss(embeds):
-        server = merge_model(graphdef, frozen, adapters).server
-        return loss_fn(model_logits(server, embeds, batch), batch)
-
+    server = merge_model(graphdef, frozen, adapters).server
     embeds, client_backward = jax.vjp(client_embed, adapters)
-    loss, embed_grads = jax.value_and_grad(server_loss)(embeds)
+    # Additive noise: d(embeds + noise)/d embeds is the identity, so the server's gradient at the noised
+    # embeddings flows back unchanged.
+    loss, embed_grads = embed_grads_of(server, wire.sent(embeds), batch, loss_fn, wire.labels_on_client)
     (adapter_grads,) = client_backward(embed_grads)
     return loss, adapter_grads
 
 
-def per_example_adapter_grads(graphdef, frozen, adapters, batch: Batch, loss_fn: LossFn):
+def per_example_adapter_grads(graphdef, frozen, adapters, batch: Batch, loss_fn: LossFn, wire: Wire = Wire()):
     """Adapter gradients [B, ...] of each row's own loss, for a `loss_fn` that sums over rows
     (`summed_answer_nll`): one batched backward pass through the server LLM, not one per row.
 
@@ -53,9 +101,8 @@ def per_example_adapter_grads(graphdef, frozen, adapters, batch: Batch, loss_fn:
     def client_embed(adapter_copies):
         return jax.vmap(embed_row)(adapter_copies, batch["input_ids"], batch["images"])
 
-    def server_loss(embeds):
-        return loss_fn(model_logits(merge_model(graphdef, frozen, adapters).server, embeds, batch), batch)
-
+    server = merge_model(graphdef, frozen, adapters).server
     embeds, client_backward = jax.vjp(client_embed, copies)
-    (grads,) = client_backward(jax.grad(server_loss)(embeds))
+    _, embed_grads = embed_grads_of(server, wire.sent(embeds), batch, loss_fn, wire.labels_on_client)
+    (grads,) = client_backward(embed_grads)
     return grads

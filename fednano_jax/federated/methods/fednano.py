@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from fednano_jax.federated.aggregation import fisher_merge
 from fednano_jax.federated.fisher import add_squared_example_grads
 from fednano_jax.federated.methods.base import Method
+from fednano_jax.federated.objective import Wire
 
 
 class FedNano(Method):
@@ -19,7 +20,7 @@ class FedNano(Method):
 
     def extra_pass_step(self, total, model, adapters, rows, valid):
         squares = add_squared_example_grads(model.graphdef, adapters, model.frozen, model.data, total["squares"],
-                                            rows, valid)
+                                            rows, valid, Wire.of(self.fed, rows))
         return {"squares": squares, "examples": total["examples"] + valid.sum()}
 
     def client_final(self, result, broadcast, client_state):
