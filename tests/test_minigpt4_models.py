@@ -316,6 +316,6 @@ def get_config():
     dry = main("--dry_run")
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert f"Backbone: the checkpoint at {vicuna}" in dry.stdout and f"{QUERIES} image tokens" in dry.stdout
-    run = main()
+    run = main("--config.eval.max_new_tokens=2")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "FedNano" in (tmp_path / "run" / "results.md").read_text()
