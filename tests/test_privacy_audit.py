@@ -1,6 +1,7 @@
 """`python -m fednano_jax.privacy_audit` end to end on tiny settings, and its attacks on known answers."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ def test_the_audit_reports_recovery_by_defence_beside_accuracy(easy_vqa_dir, tmp
          f"--config.data.dir={easy_vqa_dir}", f"--workdir={workdir}", "--noise=0,0.5", "--rows=16", "--public=40",
          "--config.fed.rounds=1", "--config.data.train_examples=200", "--config.data.test_examples=50",
          "--config.eval.batch_size=50"],
-        cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((workdir / "privacy_audit.json").read_text())
     assert (workdir / "privacy_audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

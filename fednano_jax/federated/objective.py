@@ -13,6 +13,7 @@ summed loss is its own loss's, and only the client's step is differentiated per 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -44,12 +45,13 @@ class Wire:
     def of(cls, fed, rows: jax.Array) -> "Wire":
         """The config's wire; the noise key is a function of the batch's row ids (distinct for every batch of
         a round's shuffled schedule, the same when a run is repeated)."""
-        noise = float(fed.get("wire_noise", 0.0))
+        setting = fed.get if hasattr(fed, "get") else functools.partial(getattr, fed)  # a ConfigDict or a record
+        noise = float(setting("wire_noise", 0.0))
         key = None
         if noise > 0:
             salt = jnp.sum((rows.astype(jnp.uint32) + 1) * jnp.arange(1, rows.size + 1, dtype=jnp.uint32))
-            key = jax.random.fold_in(jax.random.key(int(fed.get("wire_noise_seed", 0))), salt)
-        return cls(bool(fed.get("labels_on_client", False)), noise, key)
+            key = jax.random.fold_in(jax.random.key(0), salt)
+        return cls(bool(setting("labels_on_client", False)), noise, key)
 
     def sent(self, embeds):
         if self.noise <= 0:
