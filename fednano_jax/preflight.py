@@ -12,8 +12,7 @@ import math
 
 from fednano_jax.backbone import pretrain
 from fednano_jax.backbone.build import stored_backbones
-from fednano_jax.backbone.pretrained import checkpoint_config
-from fednano_jax.backbone.shapes import model_shapes
+from fednano_jax.backbone.shapes import checkpoint_metadata, model_shapes
 from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.config import method_names, validate
 from fednano_jax.data import datasets, pipeline
@@ -23,15 +22,6 @@ from fednano_jax.federated.methods import METHODS
 from fednano_jax.federated.schedule import steps_per_epoch
 from fednano_jax.models.mllm import count_params
 from fednano_jax.parallel.mesh import make_mesh, mesh_config_of, mesh_description
-
-
-def checkpoint_metadata(config):
-    """The model config a run's checkpoint files describe (MiniGPT-4's, with model.minigpt4), from metadata."""
-    if config.model.get("minigpt4"):
-        from fednano_jax.backbone.minigpt4 import config_of_files
-
-        return config_of_files(config)
-    return checkpoint_config(config.model.path)
 
 
 def backbone_source(config, checkpoint_has_vision: bool) -> str:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from fednano_jax.backbone import cache, pretrain
 from fednano_jax.data import pipeline
-from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
+from fednano_jax.data.tokenizer import add_image_token, load_tokenizer
 from fednano_jax.config import adapter_config, vision_config
 from fednano_jax.models.llama import LlamaConfig
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
@@ -25,13 +25,6 @@ from fednano_jax.backbone.pretrained import PretrainedModel, load_pretrained
 from fednano_jax.weights.fill import flatten, unflatten
 
 VISION_SIDE = ("edge/vision/", "edge/connector/")
-
-
-def add_image_token(tokenizer) -> int:
-    """The id of `<image>`, added as a special token if the tokenizer lacks it."""
-    if IMAGE not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
-    return tokenizer.convert_tokens_to_ids(IMAGE)
 
 
 def _vision_side(state) -> dict:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fednano_jax.backbone.pretrained import PretrainedModel, default_dtype, llama_config
-from fednano_jax.data.tokenizer import IMAGE
+from fednano_jax.data.tokenizer import add_image_token
 from fednano_jax.errors import WeightsError
 from fednano_jax.models.eva_vit import EvaVitConfig
 from fednano_jax.models.minigpt4 import MiniGpt4VisionConfig
@@ -77,16 +77,9 @@ def _heads(width: int, head_dim: int, what: str) -> int:
     return width // head_dim
 
 
-def _prefix(shapes: dict, suffix: str, what: str, source: str) -> str:
-    found = sorted((k[: -len(suffix)] for k in shapes if k.endswith(suffix)), key=len)
-    if not found:
-        raise WeightsError(f"No tensor named '*{suffix}' ({what}) in {source}.")
-    return found[0]
-
-
 def _eva_from_lavis(shapes: dict, source: str, dtype) -> tuple[EvaVitConfig, str]:
     """EVA ViT shapes of `eva_vit_g.pth` (bare keys, or under `visual_encoder.` in a whole-model file)."""
-    src = _prefix(shapes, "cls_token", "the EVA class token", source)
+    src = names.find_prefix(shapes, "cls_token", "the EVA class token", source)
     width = shapes[f"{src}cls_token"][-1]
     patch = shapes[f"{src}patch_embed.proj.weight"][-1]
     side = round((shapes[f"{src}pos_embed"][1] - 1) ** 0.5)
@@ -98,7 +91,7 @@ def _eva_from_lavis(shapes: dict, source: str, dtype) -> tuple[EvaVitConfig, str
 
 
 def _qformer_from_lavis(shapes: dict, source: str) -> tuple[QFormerConfig, str]:
-    src = _prefix(shapes, "embeddings.LayerNorm.weight", "the Q-Former's query LayerNorm", source)
+    src = names.find_prefix(shapes, "embeddings.LayerNorm.weight", "the Q-Former's query LayerNorm", source)
     if "query_tokens" not in shapes:
         raise WeightsError(f"No tensor named 'query_tokens' (the Q-Former's learned queries) in {source}.")
     queries = shapes["query_tokens"]
@@ -185,8 +178,7 @@ def _tokenizer(directory: str, image_token_id: int):
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
-    if tokenizer.convert_tokens_to_ids(IMAGE) != image_token_id:
+    if add_image_token(tokenizer) != image_token_id:
         raise WeightsError(f"The tokenizer in {directory} has {len(tokenizer) - 1} tokens but the LLM's vocabulary "
                            f"is {image_token_id}; expected them to agree (so <image> takes id {image_token_id}).")
     return tokenizer

@@ -33,16 +33,21 @@ def model_shapes(config, vocab_size: int | None = None, vocab_fallback: int | No
     return model_config(config, vocab_size, image_token_id=vocab_size - 1)
 
 
-def _checkpoint_shapes(config) -> MllmConfig:
-    from fednano_jax.backbone.from_checkpoint import with_vision_tower
-    from fednano_jax.backbone.pretrained import checkpoint_config
-
+def checkpoint_metadata(config) -> MllmConfig:
+    """The model config config.model.path describes (with model.minigpt4, MiniGPT-4's files too), from metadata."""
     if config.model.get("minigpt4"):
         from fednano_jax.backbone.minigpt4 import config_of_files
 
-        mcfg = dataclasses.replace(config_of_files(config), adapter=adapter_config(config))
-    else:
-        mcfg = checkpoint_config(config.model.path, config.model.get("dtype"), adapter_config(config))
+        return dataclasses.replace(config_of_files(config), adapter=adapter_config(config))
+    from fednano_jax.backbone.pretrained import checkpoint_config
+
+    return checkpoint_config(config.model.path, config.model.get("dtype"), adapter_config(config))
+
+
+def _checkpoint_shapes(config) -> MllmConfig:
+    from fednano_jax.backbone.from_checkpoint import with_vision_tower
+
+    mcfg = checkpoint_metadata(config)
     llm = dataclasses.replace(mcfg.llm, remat=config.model.get("remat", "none"))
     if mcfg.vision is not None:
         return dataclasses.replace(mcfg, llm=llm)

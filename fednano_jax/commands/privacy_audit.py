@@ -14,6 +14,7 @@ gradient (tested), so its accuracy is the same run's. The table goes to stdout, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -41,9 +42,15 @@ from fednano_jax.weights.fill import flatten
 FLAGS = flags.FLAGS
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _edge(graphdef, frozen, adapters, input_ids, images):
+    return merge_model(graphdef, frozen, adapters).edge(input_ids, images)
+
+
 def _wire_embeddings(graphdef, frozen, adapters, rows: dict) -> np.ndarray:
-    edge = jax.jit(lambda a, ids, images: merge_model(graphdef, frozen, a).edge(ids, images))
-    return np.asarray(edge(adapters, jnp.asarray(rows["input_ids"]), jnp.asarray(rows["images"])), np.float32)
+    """What the server receives for `rows`: one compiled program for every adapter set of the same rows' shape."""
+    return np.asarray(_edge(graphdef, frozen, adapters, jnp.asarray(rows["input_ids"]), jnp.asarray(rows["images"])),
+                      np.float32)
 
 
 def _rows(tokens, images, indices) -> dict:

@@ -41,6 +41,13 @@ def build_tokenizer(texts: Iterable[str], lowercase: bool = True) -> transformer
     )
 
 
+def add_image_token(tokenizer) -> int:
+    """The id of `<image>`, added as a special token if the tokenizer lacks it (a checkpoint's LLM tokenizer)."""
+    if IMAGE not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
+    return tokenizer.convert_tokens_to_ids(IMAGE)
+
+
 def save_tokenizer(tokenizer: transformers.PreTrainedTokenizerFast, directory: str) -> None:
     tokenizer.save_pretrained(directory)
 

@@ -188,8 +188,8 @@ def run_round(run: Round, state: dict, round_index: int):
         ranks = run.cohort_ranks(cohort)
         uploads = ClientUploads(outputs.upload, jnp.asarray(run.num_examples[cohort]),
                                 None if ranks is None else jnp.asarray(ranks))
-        server, used = run.programs.server(state["server"], uploads, jnp.asarray(reporting),
-                                           privacy.noise_key(config.seed, round_index))
+        key = privacy.noise_key(config.seed, round_index) if fed.get("dp", {}).get("enabled", False) else None
+        server, used = run.programs.server(state["server"], uploads, jnp.asarray(reporting), key)
         used = sharding.to_host(used)
     new_client_states = jax.tree.map(sharding.to_host, outputs.state)
     used = used & _finite_rows(new_client_states, len(cohort))

@@ -33,21 +33,22 @@ class Prefixes:
 LLAMA = Prefixes("model.", "lm_head.weight")
 
 
-def _prefix(keys: set[str], suffix: str, what: str) -> str:
+def find_prefix(keys, suffix: str, what: str, source: str = "the checkpoint") -> str:
+    """The shortest key prefix before `suffix` (where a part of a model sits in a checkpoint's key space)."""
     found = sorted(k[: -len(suffix)] for k in keys if k.endswith(suffix))
     if not found:
-        raise WeightsError(f"No tensor named '*{suffix}' ({what}) in the checkpoint.")
+        raise WeightsError(f"No tensor named '*{suffix}' ({what}) in {source}.")
     return min(found, key=len)
 
 
 def llava_prefixes(keys: set[str]) -> Prefixes:
     """Where a LLaVA checkpoint keeps its parts: llava-hf spells them differently across transformers
     versions (`language_model.model.*`, `model.language_model.*`, `vision_tower[.vision_model].*`)."""
-    language_model = _prefix(keys, "embed_tokens.weight", "token embeddings")
+    language_model = find_prefix(keys, "embed_tokens.weight", "token embeddings")
     heads = [k for k in keys if k.endswith("lm_head.weight")]
-    return Prefixes(language_model, heads[0] if heads else "", _prefix(keys, "embeddings.class_embedding",
+    return Prefixes(language_model, heads[0] if heads else "", find_prefix(keys, "embeddings.class_embedding",
                                                                          "CLIP class embedding"),
-                    _prefix(keys, "linear_1.weight", "multi_modal_projector"))
+                    find_prefix(keys, "linear_1.weight", "multi_modal_projector"))
 
 
 STACKED = "@"  # `path@i`: slice i of a parameter whose layers are stacked on its leading axis
