@@ -19,6 +19,8 @@ from conftest import ROOT, run_main
     ("--config.fed.clients_per_round=6", "fed.clients_per_round must be between 0 (all) and fed.num_clients=5"),
     ("--config.fed.dropout=1.0", "fed.dropout must be a probability in [0, 1)"),
     ("--presett=llava15_7b", "Unknown command line flag 'presett'"),  # absl's own error, as one sentence
+    ("--config.fed.dp.noise_multiplier=0.5", "--config.fed.dp.noise_multiplier has no effect unless "
+     "fed.dp.enabled=True; add --config.fed.dp.enabled=True or drop it."),  # would train without DP
 ])
 def test_bad_config_stops_with_one_sentence(flag, message):
     result = run_main(flag, timeout=120)
@@ -66,3 +68,74 @@ def test_command_modules_import_together_without_defining_flags():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def parsed_config(*overrides: str, config: str = "configs/easyvqa_tiny.py"):
+    """The config as a command's absl flags parse it, with `overrides` applied."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["command", f"--config={os.path.join(ROOT, config)}", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.fed.dp.noise_multiplier=0.5"], "--config.fed.dp.noise_multiplier has no effect unless "
+                                               "fed.dp.enabled=True; add --config.fed.dp.enabled=True or drop it."),
+    (["--config.fed.dp.enabled=False", "--config.fed.dp.clip_norm=0.5"], "--config.fed.dp.clip_norm has no effect"),
+    (["--config.fed.secagg_threshold=3"], "unless fed.secure_aggregation=True"),
+    (["--config.fed.server_learning_rate=0.01"], "unless fed.server_optimizer is avgm, adagrad, adam or yogi"),
+    (["--config.fed.server_optimizer=adam", "--config.fed.server_momentum=0.5"], "unless fed.server_optimizer=avgm"),
+    (["--config.fed.rank_aggregation=zero_pad"], "unless model.adapter.client_ranks is set"),
+    (["--config.fed.prox_mu=0.1"], "--config.fed.prox_mu has no effect unless fed.methods includes fedprox; "
+                                   "add fedprox to --config.fed.methods or drop it."),
+    (["--config.fed.methods=fedavg,fednano", "--config.fed.dpa_max_weight=0.3"],
+     "unless fed.methods includes feddpa_f"),
+    (["--config.fed.methods=fedavg", "--config.fed.fisher_floor=1e-4"], "unless fed.methods includes fednano or "
+                                                                         "fednano_ef"),
+    (["--config.fed.methods=fednano_ef", "--config.fed.fisher_examples=64"], "unless fed.methods includes fednano;"),
+])
+def test_an_override_the_run_would_ignore_is_refused(flags, message):
+    from fednano_jax.commands import cli
+    from fednano_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        cli.check_inactive(parsed_config(*flags), flags)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("flags", [
+    [],  # the file sets prox_mu, dpa_*, server_momentum... for methods it does not run: a file may
+    ["--config.fed.dp.enabled=False"],  # the enabling key itself
+    ["--config.fed.dp.enabled=True", "--config.fed.dp.noise_multiplier=0.5", "--config.fed.dp.clip_norm=0.5"],
+    ["--config.fed.secure_aggregation=True", "--config.fed.secagg_threshold=3"],
+    ["--config.fed.server_optimizer=adam", "--config.fed.server_learning_rate=0.01"],
+    ["--config.fed.server_optimizer=avgm", "--config.fed.server_momentum=0.5"],
+    ["--config.model.adapter.client_ranks=16,8,4", "--config.fed.rank_aggregation=zero_pad"],
+    ["--config.fed.methods=fedavg,fedprox", "--config.fed.prox_mu=0.1"],
+    ["--config.fed.methods=feddpa_f", "--config.fed.dpa_max_weight=0.3", "--config.fed.dpa_instances=3"],
+    ["--config.fed.methods=fednano_ef", "--config.fed.fisher_floor=1e-4", "--config.fed.fisher_example_weights=False"],
+    ["--config.fed.methods=fednano", "--config.fed.fisher_examples=64"],
+    ["--config.fed.wire_noise=0.1"],
+])
+def test_an_override_with_what_enables_it_passes(flags):
+    from fednano_jax.commands import cli
+
+    cli.check_inactive(parsed_config(*flags), flags)
+
+
+def test_a_command_that_sets_the_methods_itself_is_not_second_guessed():
+    """The study's cells choose fed.methods (its main study runs FedProx): prox_mu may matter there."""
+    from fednano_jax.commands import cli
+    from fednano_jax.errors import ConfigError
+
+    flags = ["--config.fed.prox_mu=0.1"]
+    cli.check_inactive(parsed_config(*flags), flags, command="fednano_jax.commands.study")
+    with pytest.raises(ConfigError):
+        cli.check_inactive(parsed_config(*flags), flags, command="fednano_jax.main")
+    flags = ["--config.fed.dp.noise_multiplier=0.5"]  # no study cell enables DP
+    with pytest.raises(ConfigError):
+        cli.check_inactive(parsed_config(*flags), flags, command="fednano_jax.commands.study")

@@ -1,5 +1,6 @@
 """The one place a command's boilerplate lives: absl flags defined only when run, `--config` overrides
-checked for mistyped keys, quiet libraries, and a user's error said in one sentence instead of a traceback.
+checked for mistyped keys and for settings the run would ignore, quiet libraries, and a user's error said in one
+sentence instead of a traceback.
 
     if __name__ == "__main__":
         from fednano_jax.commands import cli, study
@@ -9,6 +10,8 @@ checked for mistyped keys, quiet libraries, and a user's error said in one sente
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import functools
 import os
 import sys
 from typing import Callable
@@ -18,8 +21,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 
-from fednano_jax.config import load_config_file  # noqa: E402
+from fednano_jax.config import load_config_file, method_names  # noqa: E402
 from fednano_jax.errors import LABELS, ConfigError, label_of  # noqa: E402
+from fednano_jax.models.adapter_ranks import parse_client_ranks  # noqa: E402
 
 
 def define_config_flag(lock: bool = True) -> None:
@@ -43,8 +47,67 @@ def check_overrides(config: ConfigDict, argv: list[str]) -> None:
             node = node[key]
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, preceded by a check of config overrides that names a mistyped key."""
+def _client_ranks_set(config: ConfigDict) -> bool:
+    try:
+        return bool(parse_client_ranks(config.model.adapter.get("client_ranks", ())))
+    except ValueError:  # a malformed value: validation names it
+        return True
+
+
+def _methods_include(*names: str) -> Callable[[ConfigDict], bool]:
+    return lambda config: any(name in method_names(config) for name in names)
+
+
+# Keys that only matter when a condition holds: (key patterns, the keys the condition reads, the condition, what it
+# needs in words, how to meet it). A key the condition reads is never inactive itself (fed.dp.enabled).
+ACTIVE_ONLY_WHEN = (
+    (("fed.dp.*",), ("fed.dp.enabled",), lambda c: c.fed.dp.get("enabled", False),
+     "fed.dp.enabled=True", "add --config.fed.dp.enabled=True"),
+    (("fed.secagg_threshold",), ("fed.secure_aggregation",), lambda c: c.fed.get("secure_aggregation", False),
+     "fed.secure_aggregation=True", "add --config.fed.secure_aggregation=True"),
+    (("fed.server_momentum",), ("fed.server_optimizer",), lambda c: c.fed.get("server_optimizer", "none") == "avgm",
+     "fed.server_optimizer=avgm", "add --config.fed.server_optimizer=avgm"),
+    (("fed.server_learning_rate",), ("fed.server_optimizer",),
+     lambda c: c.fed.get("server_optimizer", "none") != "none",
+     "fed.server_optimizer is avgm, adagrad, adam or yogi", "add e.g. --config.fed.server_optimizer=adam"),
+    (("fed.rank_aggregation",), ("model.adapter.client_ranks",), _client_ranks_set,
+     "model.adapter.client_ranks is set", "add e.g. --config.model.adapter.client_ranks=16,8,4"),
+    (("fed.prox_mu",), ("fed.methods",), _methods_include("fedprox"),
+     "fed.methods includes fedprox", "add fedprox to --config.fed.methods"),
+    (("fed.dpa_*",), ("fed.methods",), _methods_include("feddpa_f"),
+     "fed.methods includes feddpa_f", "add feddpa_f to --config.fed.methods"),
+    (("fed.fisher_examples",), ("fed.methods",), _methods_include("fednano"),  # FedNano-EF has no Fisher pass
+     "fed.methods includes fednano", "add fednano to --config.fed.methods"),
+    (("fed.fisher_floor", "fed.fisher_example_weights"), ("fed.methods",), _methods_include("fednano", "fednano_ef"),
+     "fed.methods includes fednano or fednano_ef", "add fednano to --config.fed.methods"),
+)
+# Keys a command sets itself whatever the command line says (study's cells, memory_plan's --methods, the privacy
+# audit's FedNano): a condition that reads one cannot be judged from the command line, so it is not checked there.
+SET_BY_COMMAND = {
+    "fednano_jax.commands.study": ("fed.methods", "fed.server_optimizer", "model.adapter.client_ranks"),
+    "fednano_jax.commands.memory_plan": ("fed.methods",),
+    "fednano_jax.commands.privacy_audit": ("fed.methods",),
+}
+
+
+def check_inactive(config: ConfigDict, argv: list[str], command: str = "") -> None:
+    """A `--config.a.b=value` the run would ignore (ACTIVE_ONLY_WHEN; `config`: with the overrides applied) stops
+    the command: `--config.fed.dp.noise_multiplier=0.5` alone would train without DP. A config file may set such
+    keys freely; only the command line's are checked."""
+    set_by_command = SET_BY_COMMAND.get(command, ())
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0]
+        for patterns, reads, active, needs, remedy in ACTIVE_ONLY_WHEN:
+            if (any(fnmatch.fnmatchcase(path, p) for p in patterns) and path not in reads
+                    and not set(reads) & set(set_by_command) and not active(config)):
+                raise ConfigError(f"--config.{path} has no effect unless {needs}; {remedy} or drop it.")
+
+
+def parse_flags(argv: list[str], command: str = "") -> list[str]:
+    """absl flag parsing, preceded by a check of config overrides that names a mistyped key and followed by one
+    that names an override the run would ignore. `command`: the module of the command's main()."""
     paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     if paths:
         try:
@@ -52,9 +115,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         except ConfigError as error:
             sys.exit(f"Config error: {error}")
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except flags.Error as error:  # an unknown or malformed flag: one sentence, not absl's traceback
         sys.exit(f"Config error: {error}; run with --help for this command's flags.")
+    if paths and "config" in flags.FLAGS:
+        try:
+            check_inactive(flags.FLAGS.config, argv[1:], command)
+        except ConfigError as error:
+            sys.exit(f"Config error: {error}")
+    return remaining
 
 
 def run(main: Callable[[], None], define_flags: Callable[[], None], argv: list[str] | None = None) -> None:
@@ -70,4 +139,4 @@ def run(main: Callable[[], None], define_flags: Callable[[], None], argv: list[s
         except tuple(LABELS) as error:
             sys.exit(f"{label_of(error)}: {error}")
 
-    app.run(entry, argv=argv, flags_parser=parse_flags)
+    app.run(entry, argv=argv, flags_parser=functools.partial(parse_flags, command=main.__module__))
