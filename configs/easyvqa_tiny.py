@@ -69,14 +69,20 @@ def get_config() -> ConfigDict:
     config.fed.dpa_instances = 5  # FedDPA-F: local training inputs compared with each test input
     config.fed.dpa_max_weight = 0.5  # FedDPA-F: largest weight the local adapter can get
     config.fed.server_optimizer = "none"  # or avgm, adagrad, adam, yogi: a step along the round's pseudo-gradient
-    config.fed.server_learning_rate = 1.0  # its step size (optax's betas and epsilon)
+    # its step size (optax's betas and epsilon); 0: the optimizer's own, avgm 1, adagrad 0.1, adam and yogi 0.01
+    config.fed.server_learning_rate = 0.0
     config.fed.server_momentum = 0.9  # avgm's momentum
     config.fed.rank_aggregation = "masked"  # client_ranks: each rank slice over its holders, or HetLoRA's "zero_pad"
     # Client-level DP (DP-FedAvg, fednano_jax/privacy/dp.py): each client's update clipped to clip_norm, the
-    # server's sum noised with noise_multiplier * clip_norm; epsilon at delta per round from dp-accounting.
+    # sums noised with noise_multiplier * clip_norm * the largest client's weight; epsilon at delta per round
+    # from dp-accounting. FedNano rescales its Fisher to mean one per leaf and releases FedAvg's sum and the
+    # Fisher's corrections to both sums of Eq. 1 (fednano_jax/privacy/dp.py).
     config.fed.dp = ConfigDict(dict(
         enabled=False, clip_norm=1.0, noise_multiplier=1.0, delta=1e-5,
-        fisher_clip_norm=1.0,  # FedNano: each client's floored Fisher clipped to this norm (both sums noised)
+        noise="auto",  # who adds the noise: "central" (the server), "distributed" (each client its share);
+                       # "auto": distributed under fed.secure_aggregation, central otherwise
+        fisher_noise_share=0.1,  # FedNano: the share of the noise budget its two Fisher corrections get
+        fisher_mean_square=16.0,  # FedNano: its Fisher (mean one per leaf) clipped to this mean square
         target_epsilon=0.0,  # > 0: solve noise_multiplier for this epsilon over fed.rounds
         adaptive=False, target_quantile=0.5, clip_learning_rate=0.2,  # adaptive clipping (Andrew et al. 2021)
         count_stddev=0.0,  # adaptive: noise of the clipped count (0: clients_per_round / 20)

@@ -77,8 +77,9 @@ def validate(config: ConfigDict, known_methods) -> None:
     _require(fed.get("server_optimizer", "none") in ("none", *SERVER_OPTIMIZERS),
              f"fed.server_optimizer must be one of {['none', *sorted(SERVER_OPTIMIZERS)]}, "
              f"got {fed.get('server_optimizer')!r}.")
-    _require(fed.get("server_learning_rate", 1.0) > 0,
-             f"fed.server_learning_rate must be positive, got {fed.get('server_learning_rate')}.")
+    _require(fed.get("server_learning_rate", 0.0) >= 0,
+             f"fed.server_learning_rate must be positive, or 0 for the server optimizer's own default, "
+             f"got {fed.get('server_learning_rate')}.")
     _require(0.0 <= fed.get("server_momentum", 0.9) < 1.0,
              f"fed.server_momentum must be in [0, 1), got {fed.get('server_momentum')}.")
     _require(fed.get("wire_noise", 0.0) >= 0, f"fed.wire_noise must be a non-negative std, got {fed.get('wire_noise')}.")
@@ -114,6 +115,13 @@ def validate(config: ConfigDict, known_methods) -> None:
     validate_secure_aggregation(config, known_methods, methods)
 
 
+def _without_sums(config: ConfigDict, known_methods: dict, methods: list[str], setting: str) -> None:
+    """Methods whose clients send no contribution cannot run under an aggregator that protects contributions."""
+    for name in methods:
+        reason = known_methods[name].no_sums
+        _require(reason is None, f"{setting} does not apply to {name}: {reason}; drop {name} from fed.methods.")
+
+
 def validate_secure_aggregation(config: ConfigDict, known_methods: dict, methods: list[str]) -> None:
     fed = config.fed
     if not fed.get("secure_aggregation", False):
@@ -122,47 +130,35 @@ def validate_secure_aggregation(config: ConfigDict, known_methods: dict, methods
     _require(0 <= fed.get("secagg_threshold", 0) <= cohort,
              f"fed.secagg_threshold must be between 0 (a majority) and the cohort size {cohort}, "
              f"got {fed.get('secagg_threshold')}.")
-    supported = [name for name, method in known_methods.items() if method(fed).dp_aggregate]
-    unsupported = [name for name in methods if name not in supported]
-    _require(not unsupported, f"fed.secure_aggregation works with {', '.join(supported)}, not "
-             f"{', '.join(unsupported)} (no uploaded adapters to sum, or a server state of their own).")
-    _require(not (fed.get("dp") and fed.dp.get("enabled", False)),
-             "fed.secure_aggregation with fed.dp is not supported yet (the noise would have to be added by the "
-             "clients): enable one of them.")
-    _require(not ranks.parse_client_ranks(config.model.adapter.get("client_ranks", ())),
-             "fed.secure_aggregation with model.adapter.client_ranks is not supported yet: leave client_ranks empty.")
-    _require(fed.get("fisher_example_weights", True),
-             "fed.secure_aggregation sums example-weighted contributions: keep fed.fisher_example_weights=True.")
+    _without_sums(config, known_methods, methods, "fed.secure_aggregation")
 
 
 def validate_dp(config: ConfigDict, known_methods: dict, methods: list[str]) -> None:
-    """fed.dp: its values, and methods whose server takes DP-FedAvg's mean."""
+    """fed.dp: its values, and methods that have contributions for it to clip and noise."""
     dp_section = config.fed.get("dp")
     if dp_section is None or not dp_section.get("enabled", False):
         return
     _require(dp_section.get("accountant", "rdp") in ACCOUNTANTS,
              f"fed.dp.accountant must be one of {list(ACCOUNTANTS)}, got {dp_section.get('accountant')!r}.")
+    _require(dp_section.get("noise", privacy.AUTO) in privacy.NOISE_PLACEMENTS,
+             f"fed.dp.noise must be one of {list(privacy.NOISE_PLACEMENTS)}, got {dp_section.get('noise')!r}.")
     _require(dp_section.get("target_epsilon", 0.0) >= 0,
              f"fed.dp.target_epsilon must be non-negative (0: use fed.dp.noise_multiplier), "
              f"got {dp_section.get('target_epsilon')}.")
     _require(0 < dp_section.get("target_quantile", 0.5) < 1,
              f"fed.dp.target_quantile must be in (0, 1), got {dp_section.get('target_quantile')}.")
+    _require(0 < dp_section.get("fisher_noise_share", 0.1) < 1,
+             f"fed.dp.fisher_noise_share must be in (0, 1), got {dp_section.get('fisher_noise_share')}.")
+    _require(dp_section.get("fisher_mean_square", 16.0) >= 1,
+             f"fed.dp.fisher_mean_square must be at least 1 (a mean-one Fisher's mean square), "
+             f"got {dp_section.get('fisher_mean_square')}.")
     try:
-        problem = privacy.check(privacy.settings(config.fed, [1]))
+        problem = privacy.check(privacy.settings(config.fed, [1], config.fed.get("secure_aggregation", False)))
     except (ValueError, RuntimeError) as error:  # dp-accounting could not solve for the target epsilon
         raise ConfigError(f"fed.dp.target_epsilon={dp_section.target_epsilon} has no noise multiplier that "
                           f"reaches it ({error}).") from None
     _require(problem is None, problem or "")
-    supported = [name for name, method in known_methods.items() if method(config.fed).dp_aggregate]
-    unsupported = [name for name in methods if name not in supported]
-    _require(not unsupported, f"fed.dp works with {', '.join(supported)}, not {', '.join(unsupported)} (no "
-             "uploaded adapters to average, or a server state of their own): drop those from fed.methods or set "
-             "fed.dp.enabled=False.")
-    _require(config.fed.get("fisher_example_weights", True),
-             "fed.dp bounds each client's weight by the largest client's example count: keep "
-             "fed.fisher_example_weights=True.")
-    _require(not ranks.parse_client_ranks(config.model.adapter.get("client_ranks", ())),
-             "fed.dp with model.adapter.client_ranks is not supported yet: leave client_ranks empty.")
+    _without_sums(config, known_methods, methods, "fed.dp")
 
 
 def validate_client_ranks(config: ConfigDict, known_methods: dict, methods: list[str]) -> None:
@@ -178,11 +174,10 @@ def validate_client_ranks(config: ConfigDict, known_methods: dict, methods: list
     aggregation = config.fed.get("rank_aggregation", ranks.MASKED)
     _require(aggregation in ranks.AGGREGATIONS,
              f"fed.rank_aggregation must be one of {list(ranks.AGGREGATIONS)}, got {aggregation!r}.")
-    unsupported = [name for name in methods if not known_methods[name].client_ranks]
-    supported = ", ".join(name for name, method in known_methods.items() if method.client_ranks)
-    _require(not client_ranks or not unsupported,
-             f"model.adapter.client_ranks works with {supported}, not {', '.join(unsupported)}: drop those from "
-             "fed.methods or leave client_ranks empty.")
+    for name in methods if client_ranks else ():
+        reason = known_methods[name].no_ranks
+        _require(reason is None, f"model.adapter.client_ranks does not apply to {name}: {reason}; drop {name} from "
+                 "fed.methods or leave client_ranks empty.")
 
 
 def method_names(config: ConfigDict) -> list[str]:
@@ -242,12 +237,12 @@ def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> Ml
 
 # Settings added after checkpoints were first written, with the value that means what their absence meant:
 # at that value they stay out of the fingerprint, so older workdirs still resume.
-LATER_DEFAULTS = {"fed": {"fisher_examples": 0, "server_optimizer": "none", "server_learning_rate": 1.0,
+LATER_DEFAULTS = {"fed": {"fisher_examples": 0, "server_optimizer": "none", "server_learning_rate": 0.0,
                           "server_momentum": 0.9, "fisher_example_weights": True, "rank_aggregation": "masked",
                           "dp": {"enabled": False, "clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5,
                                  "target_epsilon": 0.0, "adaptive": False, "target_quantile": 0.5,
                                  "clip_learning_rate": 0.2, "count_stddev": 0.0, "accountant": "rdp",
-                                 "fisher_clip_norm": 1.0},
+                                 "noise": "auto", "fisher_noise_share": 0.1, "fisher_mean_square": 16.0},
                           "secure_aggregation": False, "secagg_threshold": 0, "labels_on_client": False,
                           "wire_noise": 0.0},
                   "adapter": {"client_ranks": ()},

@@ -92,7 +92,7 @@ def run_experiment(config, workdir: str) -> None:
     log({"method": "untuned", "round": 0, **rows["Untuned"]})
     seconds, histories = {}, {}
     for name in methods:
-        method = get_method(name, config.fed)
+        method = get_method(name, config.fed, config.seed)
         checkpoints = None
         if config.checkpoint.every_rounds:
             checkpoints = RoundCheckpoints(os.path.join(workdir, "checkpoints", name), config.checkpoint.keep,

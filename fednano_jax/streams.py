@@ -29,6 +29,7 @@ class Purpose(enum.IntEnum):
     DP_NOISE = 11  # the server's Gaussian noise of a round under client-level DP
     SECAGG_KEYS = 12  # a client's X25519 key and self-mask seed in a round of secure aggregation
     SECAGG_SHARES = 13  # the random coefficients of its Shamir shares
+    WIRE_NOISE = 14  # the Gaussian noise on the embeddings a client sends the server (fed.wire_noise)
 
 
 def generator(seed: int, purpose: Purpose, round_index: int = 0, client_id: int = 0) -> np.random.Generator:

@@ -8,13 +8,15 @@ import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from ml_collections import ConfigDict
 
 from fednano_jax.config import LATER_DEFAULTS, validate
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS, get_method
-from fednano_jax.federated.server import ClientUploads, server_round
+from fednano_jax.federated.aggregation import fisher_merge, plain_sums
+from fednano_jax.federated.server import Aggregation, ClientUploads, client_contributions, server_round
 from fednano_jax.privacy import accountant
 from fednano_jax.privacy import dp as privacy
 
@@ -52,32 +54,36 @@ def test_target_epsilon_solves_the_noise_for_the_runs_rounds():
     assert accountant.epsilon(0.9 * dp.noise_multiplier, 1.0, 4, 1e-5) > 3.0  # less noise would overspend
 
 
-def test_clipped_updates_have_norm_at_most_c():
-    deltas = jax.tree.map(lambda u, g: u - g[None], UPLOADS, GLOBAL)
-    clipped, norms = privacy.clip(deltas, 0.5)
-    assert float(norms.min()) > 0.5  # every update is clipped here
-    np.testing.assert_allclose(privacy.update_norms(clipped), 0.5, rtol=1e-5)
-    small, _ = privacy.clip(deltas, 1e6)
-    jax.tree.map(np.testing.assert_array_equal, small, deltas)  # within C: untouched
+def private_round(name, dp, key=jax.random.key(0), fishers=None, reporting=(True, True, True)):
+    trees = {"adapters": UPLOADS} if fishers is None else {"adapters": UPLOADS, "fisher": fishers}
+    new, _ = server_round(get_method(name, fed(enabled=False)), state(dp), ClientUploads(trees, COUNTS),
+                          jnp.asarray(reporting), key, aggregation=Aggregation(dp=dp))
+    return new
+
+
+def test_clipped_contributions_have_norm_at_most_their_bound():
+    delta = jax.tree.map(lambda u, g: u[0] - g, UPLOADS, GLOBAL)
+    clipped, norm = privacy.clip_contribution({"delta": delta, "weight": jnp.ones(())}, {"delta": (0.5, 1.0)})
+    assert float(norm) > 0.5  # clipped here
+    assert float(optax.tree.norm(clipped["delta"])) == pytest.approx(0.5, rel=1e-5)
+    small, _ = privacy.clip_contribution({"delta": delta}, {"delta": (1e6, 1.0)})
+    jax.tree.map(np.testing.assert_array_equal, small["delta"], delta)  # within C: untouched
 
 
 def test_no_noise_and_no_clipping_is_todays_aggregate():
     dp = settings(noise_multiplier=0.0, clip_norm=math.inf)
-    reporting = jnp.ones(3, bool)
-    private, _ = server_round(get_method("fedavg", fed(enabled=False)), state(dp), ClientUploads({"adapters": UPLOADS}, COUNTS),
-                              reporting, jax.random.key(0), dp=dp)
+    private = private_round("fedavg", dp)
     plain, _ = server_round(get_method("fedavg", fed(enabled=False)), {"adapters": GLOBAL},
-                            ClientUploads({"adapters": UPLOADS}, COUNTS), reporting)
+                            ClientUploads({"adapters": UPLOADS}, COUNTS), jnp.ones(3, bool))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), private["adapters"],
                  plain["adapters"])
 
 
 def test_the_noise_is_z_c_w_max_over_the_expected_weight():
     dp = settings(noise_multiplier=2.0, clip_norm=0.5)
-    noiseless = privacy.private_update(settings(noise_multiplier=0.0, clip_norm=0.5), state(dp), UPLOADS, COUNTS,
-                                       jax.random.key(0))["adapters"]
+    noiseless = private_round("fedavg", settings(noise_multiplier=0.0, clip_norm=0.5))["adapters"]
     keys = jax.random.split(jax.random.key(1), 4000)
-    noised = jax.vmap(lambda k: privacy.private_update(dp, state(dp), UPLOADS, COUNTS, k)["adapters"])(keys)
+    noised = jax.vmap(lambda k: private_round("fedavg", dp, k)["adapters"])(keys)
     std = 2.0 * 0.5 * 30.0 / float(COUNTS.sum())  # z * C * w_max / (q W), q = 1
     for name in ("down", "up"):
         noise = np.asarray(noised[name] - noiseless[name][None])
@@ -86,12 +92,12 @@ def test_the_noise_is_z_c_w_max_over_the_expected_weight():
 
 
 def test_adaptive_clipping_moves_c_toward_the_quantile():
-    norms = privacy.update_norms(jax.tree.map(lambda u, g: u - g[None], UPLOADS, GLOBAL))
+    norms = [float(optax.tree.norm(jax.tree.map(lambda u, g: u[k] - g, UPLOADS, GLOBAL))) for k in range(3)]
     lr = 0.2
-    for clip_norm, fraction in ((float(norms.max()) * 2, 1.0), (float(norms.min()) / 2, 0.0)):
+    for clip_norm, fraction in ((max(norms) * 2, 1.0), (min(norms) / 2, 0.0)):
         dp = settings(noise_multiplier=0.0, clip_norm=clip_norm, adaptive=True, count_stddev=1e-9,
                       clip_learning_rate=lr)
-        new = privacy.private_update(dp, state(dp), UPLOADS, COUNTS, jax.random.key(0))
+        new = private_round("fedavg", dp)
         expected = clip_norm * math.exp(-lr * (fraction - 0.5))  # all within C: C shrinks; none: it grows
         assert float(new["dp"]["clip_norm"]) == pytest.approx(expected, rel=1e-5)
 
@@ -106,7 +112,7 @@ def test_the_dp_state_survives_a_round_checkpoint(tmp_path):
     from fednano_jax.federated.checkpoints import RoundCheckpoints
 
     dp = settings(adaptive=True, noise_multiplier=0.2, count_stddev=1.0, clip_norm=0.7)
-    after = privacy.private_update(dp, state(dp), UPLOADS, COUNTS, jax.random.key(3))
+    after = private_round("fedavg", dp, jax.random.key(3))
     saved = {"server": jax.tree.map(np.asarray, after)}
     checkpoints = RoundCheckpoints(str(tmp_path), 2, {"x": 1})
     checkpoints.save(1, saved, [{"round": 1, "epsilon": dp.epsilon(1)}])
@@ -127,38 +133,58 @@ def tiny_dp_config(**dp):
     return config
 
 
-def test_the_fisher_merge_without_noise_or_clipping_is_todays():
-    fishers = jax.tree.map(lambda u: jnp.abs(jnp.sin(u)) * 1e-3, UPLOADS)
-    trees = {"adapters": UPLOADS, "fisher": fishers}
-    dp = settings(noise_multiplier=0.0, clip_norm=math.inf, fisher_clip_norm=math.inf)
-    method = get_method("fednano", fed(enabled=False))
-    private, _ = server_round(method, state(dp), ClientUploads(trees, COUNTS), jnp.ones(3, bool), jax.random.key(0),
-                              dp=dp)
-    plain, _ = server_round(method, {"adapters": GLOBAL}, ClientUploads(trees, COUNTS), jnp.ones(3, bool))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), private["adapters"],
-                 plain["adapters"])
+def mean_one(fishers):
+    """Each client's floored Fisher rescaled to mean one in every leaf, as FedNano's DP contribution does."""
+    floored = jax.tree.map(lambda f: np.maximum(np.asarray(f, np.float64), 1e-6), fishers)
+    return jax.tree.map(lambda x: x / x.reshape(3, -1).mean(axis=1).reshape((-1,) + (1,) * (x.ndim - 1)), floored)
 
 
-def test_the_fisher_merge_noises_both_sums_at_root_two_times_their_sensitivity():
-    """With a constant Fisher (every client's clipped to the same F) the merge's numerator noise is visible:
-    A / B with B's noise small against the clamp, A's std √2 z C C_F w_max over B."""
-    fishers = jax.tree.map(lambda u: jnp.full_like(u, 0.01), UPLOADS)
-    trees_f = fishers
-    dp = settings(noise_multiplier=1e-3, clip_norm=0.5, fisher_clip_norm=1.0)
-    quiet = settings(noise_multiplier=0.0, clip_norm=0.5, fisher_clip_norm=1.0)
-    base = privacy.private_update(quiet, state(quiet), UPLOADS, COUNTS, jax.random.key(0), trees_f)["adapters"]
-    keys = jax.random.split(jax.random.key(2), 3000)
-    noised = jax.vmap(lambda k: privacy.private_update(dp, state(dp), UPLOADS, COUNTS, k, trees_f)["adapters"])(keys)
-    assert float(privacy.update_norms(fishers).max()) < 1.0  # C_F clips nothing here
-    b = float(COUNTS.sum()) * 0.01  # every entry's denominator, noise aside (its noise is 7% of it)
-    std = math.sqrt(2) * 1e-3 * 0.5 * 1.0 * 30.0 / b
-    noise = np.asarray(noised["down"] - base["down"][None])
-    assert noise.std() == pytest.approx(std, rel=0.05)
+def test_the_fisher_merge_without_noise_or_clipping_is_eq1_over_mean_one_fishers():
+    """Hand computation: θ_i = Σ_k w_k F̂_ki θ_ki / Σ_k w_k F̂_ki with F̂_k the client's Fisher at mean one per
+    leaf; and exactly Eq. 1 when the clients' Fishers have equal means."""
+    fishers = jax.tree.map(lambda u: jnp.abs(jnp.sin(u)) * 1e-3 * jnp.array([1.0, 3.0, 0.5]).reshape(
+        (3,) + (1,) * (u.ndim - 1)), UPLOADS)
+    private = private_round("fednano", settings(noise_multiplier=0.0, clip_norm=math.inf), fishers=fishers)
+    f_hat, w = mean_one(fishers), np.asarray(COUNTS, np.float64)
+    expected = jax.tree.map(lambda f, p: np.tensordot(w, f * np.asarray(p), 1) / np.tensordot(w, f, 1), f_hat,
+                            UPLOADS)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), private["adapters"], expected)
+    equal_means = jax.tree.map(lambda f: jnp.asarray(f * 1e-3, jnp.float32), f_hat)  # each client's the same
+    private = private_round("fednano", settings(noise_multiplier=0.0, clip_norm=math.inf), fishers=equal_means)
+    plain = fisher_merge(UPLOADS, equal_means, COUNTS)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), private["adapters"], plain)
+
+
+def test_the_fisher_merge_noises_each_released_sum_at_its_sensitivity_over_its_share():
+    """FedNano releases FedAvg's sum and two Fisher corrections, each with N(0, (z_Δ s_e / √share_e)²): s = w_max C
+    for Σ w Δ (share 0.9) and Σ w G Δ (0.05), w_max √(16 d) for Σ w G (0.05)."""
+    dp = settings(noise_multiplier=0.5, clip_norm=0.3)
+    method = get_method("fednano", fed(enabled=True))
+    uploads = ClientUploads({"adapters": UPLOADS, "fisher": jax.tree.map(jnp.abs, UPLOADS)}, COUNTS)
+    stacked, used = client_contributions(method, state(dp), uploads, jnp.ones(3, bool), Aggregation(dp=dp))
+    sums = plain_sums(stacked)
+    stds = privacy.noise_stds(dp, method.dp_bounds(0.3, GLOBAL), method.unweighted)
+    entries = sum(x.size for x in jax.tree.leaves(GLOBAL))
+    assert stds == pytest.approx({"delta": 0.5 * 0.3 * 30.0 / math.sqrt(0.9),
+                                  "delta_correction": 0.5 * 0.3 * 30.0 / math.sqrt(0.05),
+                                  "weight_correction": 0.5 * 30.0 * math.sqrt(16 * entries) / math.sqrt(0.05)})
+    draws = jax.vmap(lambda k: privacy.release(dp, sums, stds, k))(jax.random.split(jax.random.key(3), 3000))
+    for name, std in stds.items():
+        noise = np.concatenate([np.asarray(d - s[None]).ravel() for d, s in
+                                zip(jax.tree.leaves(draws[name]), jax.tree.leaves(sums[name]))])
+        assert noise.std() == pytest.approx(std, rel=0.03) and abs(noise.mean()) < 0.05 * std
+
+
+def test_a_correction_is_kept_without_noise_and_dropped_when_noise_swamps_it():
+    correction = jnp.linspace(-1.0, 3.0, 1000)
+    np.testing.assert_array_equal(privacy.shrink_toward_zero(correction, 0.0), correction)
+    noised = correction + 1e3 * jax.random.normal(jax.random.key(0), correction.shape)
+    assert float(jnp.abs(privacy.shrink_toward_zero(noised, 1e3)).max()) < 0.05 * 1e3
 
 
 def test_dp_settings_that_cannot_run_are_one_sentence():
-    with pytest.raises(ConfigError, match="fed.dp works with fedavg, fedprox, feddpa_f, fednano, fednano_ef, not "
-                                          "centralized"):
+    with pytest.raises(ConfigError, match="fed.dp does not apply to centralized: Centralized pools every client's "
+                                          "raw data"):
         config = tiny_dp_config()
         config.fed.methods = ("centralized", "fedavg")
         validate(config, METHODS)
@@ -187,9 +213,9 @@ def test_pld_refuses_noise_too_small_to_discretise():
 def test_a_dp_round_reports_epsilon_and_without_noise_or_clipping_trains_as_today(tiny_config):
     from test_sharding import federated_run
 
-    plain = federated_run(tiny_config, "fednano", num_clients=4, cohort=4)
-    exact = federated_run(tiny_config, "fednano", num_clients=4, cohort=4, fed={"dp": dict(
-        enabled=True, noise_multiplier=0.0, clip_norm=math.inf, fisher_clip_norm=math.inf)})
+    plain = federated_run(tiny_config, "fedavg", num_clients=4, cohort=4)
+    exact = federated_run(tiny_config, "fedavg", num_clients=4, cohort=4, fed={"dp": dict(
+        enabled=True, noise_multiplier=0.0, clip_norm=math.inf)})
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), exact.server["adapters"],
                  plain.server["adapters"])
     noised = federated_run(tiny_config, "fedavg", num_clients=4, cohort=2, fed={"dp": dict(

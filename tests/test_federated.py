@@ -106,7 +106,7 @@ def test_labels_on_the_client_give_the_same_loss_gradients_and_fisher(tiny_confi
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-8), per_example, reference)
 
 
-def test_wire_noise_is_added_to_what_the_server_receives_and_repeats_for_the_same_batch():
+def test_wire_noise_is_added_to_what_the_server_receives_and_repeats_for_the_same_batch_and_seed():
     from fednano_jax.federated.objective import Wire
 
     fed = {"wire_noise": 0.3}
@@ -116,6 +116,7 @@ def test_wire_noise_is_added_to_what_the_server_receives_and_repeats_for_the_sam
     assert float(jnp.std(sent)) == pytest.approx(0.3, rel=0.02)
     np.testing.assert_array_equal(sent, Wire.of(fed, rows).sent(embeds))  # the same batch, the same noise
     assert not np.allclose(sent, Wire.of(fed, rows[::-1]).sent(embeds))  # another batch, other noise
+    assert not np.allclose(sent, Wire.of(fed, rows, seed=1).sent(embeds))  # another run seed, other noise
     np.testing.assert_array_equal(Wire.of({}, rows).sent(embeds), embeds)  # no noise configured: as it was
 
 

@@ -98,7 +98,8 @@ def test_locft_trains_each_client_from_its_own_adapters_and_the_server_keeps_not
     assert upload == {}
     jax.tree.map(np.testing.assert_array_equal, state, own)  # lr 0: it stayed at its own adapters, not the global
     server = locft.server_init(adapters)
-    assert locft.server_update(server, {}, jnp.ones(2)) is server
+    assert locft.contribution(upload, locft.broadcast(server)) == {}
+    assert locft.finalize(server, {}) is server
 
 
 def test_feddpa_weight_lies_in_zero_to_max():

@@ -21,7 +21,7 @@ from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.methods.fednano import FedNano
 from fednano_jax.models.adapter_ranks import client_ranks, rank_axis, rank_bytes, rank_mask, truncate
 from fednano_jax.federated.schedule import client_schedule
-from fednano_jax.federated.server import ClientUploads, server_round
+from fednano_jax.federated.server import Aggregation, ClientUploads, server_round
 from fednano_jax.models.mllm import MultimodalModel, split_model
 from test_federated import FED, packed_outputs, tiny_setup
 
@@ -127,7 +127,7 @@ def test_the_server_round_aggregates_under_the_clients_ranks_or_zero_padded():
                     fisher_merge(PARAMS, FISHERS, COUNTS, 1e-6, masks_of([2, 1, 2]), PREVIOUS))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), masked["adapters"], expected)
         padded, _ = server_round(method, state, ClientUploads(uploads, COUNTS, jnp.array([2, 1, 2])),
-                                 jnp.ones(3, bool), rank_aggregation="zero_pad")
+                                 jnp.ones(3, bool), aggregation=Aggregation(rank_aggregation="zero_pad"))
         plain, _ = server_round(method, state, ClientUploads(uploads, COUNTS), jnp.ones(3, bool))
         jax.tree.map(np.testing.assert_array_equal, padded, plain)
 
@@ -152,8 +152,8 @@ def tiny_experiment(**adapter):
 
 @pytest.mark.parametrize("ranks, methods, message", [
     ((16, 32), ("fedavg",), "between 1 and model.adapter.rank=16"),
-    ((8, 4), ("fedavg", "scaffold"), "not scaffold"),
-    ((8, 4), ("centralized",), "not centralized"),
+    ((8, 4), ("fedavg", "scaffold"), "client_ranks does not apply to scaffold: its server control variate"),
+    ((8, 4), ("centralized",), "client_ranks does not apply to centralized"),
     (("8,x",), ("fedavg",), "ranks like 16,8,4"),  # what the command line makes of --config...client_ranks=8,x
 ])
 def test_bad_client_ranks_get_one_sentence(ranks, methods, message):

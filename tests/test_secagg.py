@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 
 from fednano_jax.federated import secure
 from fednano_jax.federated.methods import get_method
-from fednano_jax.federated.server import ClientUploads, server_round
+from fednano_jax.federated.server import ClientUploads, client_contributions, finalize_round, server_round
 from fednano_jax.privacy import secagg
 
 FED = ConfigDict(dict(num_clients=5, clients_per_round=0, fisher_floor=1e-6, secagg_threshold=3))
@@ -56,18 +56,32 @@ def plain(name, reporting):
     return new["adapters"], np.asarray(used)
 
 
+def secure_round(name, reporting, threshold=3):
+    """A round as `rounds.aggregate` runs it under secure aggregation: the clients' contributions, their secure
+    sum, the server's program on that sum."""
+    method = get_method(name, FED)
+    uploads = {"adapters": ADAPTERS, "fisher": FISHER} if name == "fednano" else {"adapters": ADAPTERS}
+    stacked, used = client_contributions(method, GLOBAL, ClientUploads(uploads, jnp.asarray(COUNTS)),
+                                         jnp.asarray(reporting))
+    sums, used, cost = secure.secure_sums(jax.tree.map(np.asarray, stacked), np.asarray(used), np.arange(5),
+                                          threshold, seed=0, round_index=1)
+    new = GLOBAL if sums is None else finalize_round(method, GLOBAL, sums, jnp.asarray(True))  # a void round
+    return new, used, cost, stacked, sums
+
+
 @pytest.mark.parametrize("name", ["fedavg", "fednano"])
 @pytest.mark.parametrize("reporting", [(True,) * 5, (True, False, True, True, False)])
 def test_the_secure_aggregate_is_the_plain_one_within_quantisation(name, reporting):
-    method = get_method(name, FED)
-    uploads = {"adapters": ADAPTERS, "fisher": FISHER} if name == "fednano" else {"adapters": ADAPTERS}
-    program = jax.jit(lambda *args: secure.server_from_sums(method, *args))
-    new, used, cost = secure.secure_round(method, program, GLOBAL, jax.tree.map(np.asarray, uploads), COUNTS,
-                                           np.array(reporting), np.arange(5), FED, seed=0, round_index=1)
+    new, used, cost, _, _ = secure_round(name, reporting)
     expected, expected_used = plain(name, reporting)
     np.testing.assert_array_equal(used, expected_used)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), new["adapters"], expected)
     assert cost["secagg_extra_bytes_per_client"] > 0 and cost["secagg_seconds"] > 0
+
+
+def test_too_few_survivors_leave_no_sum():
+    _, used, _, _, sums = secure_round("fedavg", (True, False, False, True, False))
+    assert sums is None and not used.any()
 
 
 def test_no_array_reaching_the_server_is_one_clients_unmasked_upload(monkeypatch):
@@ -80,21 +94,15 @@ def test_no_array_reaching_the_server_is_one_clients_unmasked_upload(monkeypatch
         seen.extend(np.asarray(v) for v in masked.values())
         return unmask(self, masked, length)
 
-    def spying_program(server_state, sums, weight_total, any_used):
-        seen.extend(np.asarray(x) for x in jax.tree.leaves(sums))
-        return server_state
-
     monkeypatch.setattr(secagg.SecureRound, "unmask", spying_unmask)
-    method = get_method("fednano", FED)
-    uploads = jax.tree.map(np.asarray, {"adapters": ADAPTERS, "fisher": FISHER})
-    secure.secure_round(method, spying_program, GLOBAL, uploads, COUNTS, np.ones(5, bool), np.arange(5), FED,
-                        seed=0, round_index=0)
+    _, _, _, stacked, sums = secure_round("fednano", (True,) * 5)
+    seen.extend(np.asarray(x) for x in jax.tree.leaves(sums))
     assert len(seen) == 5 + 4  # five masked vectors; numerator and denominator of two leaves
     private = []
     for k in range(5):
-        one = jax.tree.map(lambda x: x[k], uploads)
-        vector = secure.contribution("fisher", one, float(COUNTS[k]), FED.fisher_floor)
-        private += [vector, secagg.quantise(vector), *[np.asarray(x) for x in jax.tree.leaves(one)]]
+        vector = secure.flat(jax.tree.map(lambda x: x[k], stacked))
+        upload = [np.asarray(x[k]) for x in jax.tree.leaves((ADAPTERS, FISHER))]
+        private += [vector, secagg.quantise(vector), *upload, *[np.asarray(x[k]) for x in jax.tree.leaves(stacked)]]
     for array in seen:
         for secret in private:
             assert array.shape != secret.shape or not np.allclose(array.astype(np.float64), secret, atol=1e-6)

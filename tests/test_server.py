@@ -113,9 +113,9 @@ def test_no_data_array_reaches_the_servers_program(tiny_config, monkeypatch):
     def spying(*args, **kwargs):
         programs = original(*args, **kwargs)
 
-        def server(state, uploads, reporting, noise_key=None):  # the key: the server's own noise (fed.dp)
+        def server(state, uploads, reporting, noise_key=None, client_keys=None):  # keys: DP noise (fed.dp)
             received.append(jax.tree.leaves((state, uploads, reporting)))
-            return programs.server(state, uploads, reporting, noise_key)
+            return programs.server(state, uploads, reporting, noise_key, client_keys)
 
         return dataclasses.replace(programs, server=server)
 

@@ -102,7 +102,7 @@ def audit(config: ConfigDict, workdir: str, noises: list[float], audited_rows: i
     results = []
     for noise in noises:
         config.fed.wire_noise = float(noise)
-        result = run_method(get_method("fednano", config.fed), graphdef, frozen, adapters, device_data,
+        result = run_method(get_method("fednano", config.fed, config.seed), graphdef, frozen, adapters, device_data,
                             data.client_train, config, evaluator, lambda record: None)
         accuracy = 100 * result.history[-1]["average"]
         trained = _wire_embeddings(graphdef, frozen, result.server["adapters"], audited)

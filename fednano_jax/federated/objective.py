@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from fednano_jax.models.loss import Batch, mean_answer_nll, model_logits
 from fednano_jax.models.mllm import merge_model
+from fednano_jax.streams import Purpose, generator
 
 LossFn = Callable[[jax.Array, Batch], jax.Array]
 WIRE_KEYS = ("attention_mask", "answer_positions")  # what the server needs besides the embeddings
@@ -42,15 +43,16 @@ class Wire:
     key: jax.Array | None = None
 
     @classmethod
-    def of(cls, fed, rows: jax.Array) -> "Wire":
-        """The config's wire; the noise key is a function of the batch's row ids (distinct for every batch of
-        a round's shuffled schedule, the same when a run is repeated)."""
+    def of(cls, fed, rows: jax.Array, seed: int = 0) -> "Wire":
+        """The config's wire; the noise key comes from the run's seed (`streams.py`) and the batch's row ids
+        (distinct for every batch of a round's shuffled schedule, the same when a run is repeated)."""
         setting = fed.get if hasattr(fed, "get") else functools.partial(getattr, fed)  # a ConfigDict or a record
         noise = float(setting("wire_noise", 0.0))
         key = None
         if noise > 0:
             salt = jnp.sum((rows.astype(jnp.uint32) + 1) * jnp.arange(1, rows.size + 1, dtype=jnp.uint32))
-            key = jax.random.fold_in(jax.random.key(0), salt)
+            root = jax.random.key(int(generator(seed, Purpose.WIRE_NOISE).integers(2**31)))
+            key = jax.random.fold_in(root, salt)
         return cls(bool(setting("labels_on_client", False)), noise, key)
 
     def sent(self, embeds):

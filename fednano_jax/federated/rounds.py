@@ -24,17 +24,18 @@ from tqdm import tqdm
 
 from fednano_jax.errors import CheckpointMismatch
 from fednano_jax.federated.checkpoints import RoundCheckpoints
-from fednano_jax.federated import secure
 from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
-from fednano_jax.federated.methods.base import Method
 from fednano_jax.federated.packing import make_packed_program, packed_schedule
-from fednano_jax.models.adapter_ranks import MASKED, client_ranks, rank_bytes
 from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
-from fednano_jax.federated.server import ClientUploads, reporting_clients, server_round
+from fednano_jax.federated.secure import secure_sums
+from fednano_jax.federated.server import (Aggregation, ClientUploads, client_contributions, finalize_round,
+                                          reporting_clients, server_round)
+from fednano_jax.models.adapter_ranks import MASKED, client_ranks, rank_bytes, stacked_masks
 from fednano_jax.federated.server_optimizer import init_state as init_server_optimizer, server_optimizer
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.parallel.xla_stats import compile_clock
 from fednano_jax.privacy import dp as privacy
+from fednano_jax.privacy.secagg import majority_threshold
 from fednano_jax.streams import Purpose
 
 OPTIMIZERS = {
@@ -63,19 +64,23 @@ class RoundPrograms:
     """The jitted programs one method's rounds run, compiled once per run."""
 
     local: Callable  # (frozen, data, broadcast, ClientInputs [K]) -> ClientOutputs [K]
-    server: Callable  # (server state, ClientUploads [K], reporting [K], noise key) -> (server state, used [K])
+    # (server state, ClientUploads [K], reporting [K], noise key, clients' noise keys) -> (server state, used [K])
+    server: Callable
     plain_local: Callable  # local training without the method's hooks, for its after_rounds phase
     packed: Callable  # (frozen, data, broadcast, PackedLanes [L]) -> ClientOutputs [L, P] (fed.pack_clients)
-    server_sums: Callable | None = None  # (server state, unmasked sums, weights' sum, any used) -> server state
+    # The server program in two halves, for sums added up elsewhere (secure aggregation):
+    contribute: Callable  # (server state, uploads, reporting, clients' noise keys) -> (contributions [K], used [K])
+    finalize: Callable  # (server state, sums, any used, noise key) -> server state
 
 
-def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh | None = None,
-                     dp: privacy.DpSettings | None = None) -> RoundPrograms:
-    """With a mesh (vmap mode), clients run sharded over its `clients` axis (see parallel/mesh.py)."""
+def compile_programs(method, graphdef, fed, epoch_steps: int, mesh: Mesh | None = None,
+                     aggregation: Aggregation = Aggregation(), public_weight=None) -> RoundPrograms:
+    """With a mesh (vmap mode), clients run sharded over its `clients` axis (see parallel/mesh.py).
+    `aggregation`: rank masks and DP; `public_weight`: under DP with rank masks, q Σ_all w_k m_k."""
     optimizer = make_optimizer(fed)
     devices = mesh.shape[sharding.CLIENTS] if mesh is not None else 1
 
-    def client_program(hooks: Method):
+    def client_program(hooks):
         vmapped, sequential = make_client_programs(graphdef, optimizer, hooks, epoch_steps,
                                                    fed.get("client_chunk", 0), devices, fed.get("fisher_examples", 0))
         if fed.mode == "sequential":
@@ -84,12 +89,15 @@ def compile_programs(method: Method, graphdef, fed, epoch_steps: int, mesh: Mesh
 
     packed = in_chunks(make_packed_program(graphdef, optimizer, method), fed.get("client_chunk", 0), devices)
     packed = sharding.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
-    server = jax.jit(functools.partial(server_round, method, optimizer=server_optimizer(fed, method),
-                                       rank_aggregation=fed.get("rank_aggregation", MASKED), dp=dp))
-    sums = None
-    if fed.get("secure_aggregation", False):
-        sums = jax.jit(functools.partial(secure.server_from_sums, method, optimizer=server_optimizer(fed, method)))
-    return RoundPrograms(client_program(method), server, client_program(Method(fed)), packed, sums)
+    stepper = server_optimizer(fed, method)
+    server = jax.jit(functools.partial(server_round, method, optimizer=stepper, aggregation=aggregation,
+                                       public_weight=public_weight))
+    contribute = jax.jit(lambda state, uploads, reporting, client_keys: client_contributions(
+        method, state, uploads, reporting, aggregation, client_keys))
+    finalize = jax.jit(lambda state, sums, any_used, key: finalize_round(
+        method, state, sums, any_used, aggregation, key, stepper, public_weight))
+    return RoundPrograms(client_program(method), server, client_program(method.plain()), packed, contribute,
+                         finalize)
 
 
 def _stack(tree, count: int):
@@ -137,7 +145,7 @@ def _resume(checkpoints: RoundCheckpoints | None, init_state: dict, rounds: int)
 class Round:
     """Everything the loop knows about the run, shared by its rounds."""
 
-    method: Method
+    method: Any  # methods/base.py's Method
     programs: RoundPrograms
     frozen: Any
     data: dict
@@ -147,6 +155,7 @@ class Round:
     config: Any
     mesh: Mesh | None
     ranks: np.ndarray | None = None  # [N] each client's adapter rank (model.adapter.client_ranks), or None
+    aggregation: Aggregation = Aggregation()
 
     def cohort_ranks(self, cohort: np.ndarray):
         return None if self.ranks is None else self.ranks[cohort]
@@ -178,23 +187,33 @@ def run_round(run: Round, state: dict, round_index: int):
     # A method that sends nothing (LocFT, Centralized) has nothing to lose to a dropped connection.
     reporting = (reporting_clients(cohort, fed.dropout, config.seed, round_index) if method.uploads
                  else np.ones(len(cohort), bool))
-    if run.programs.server_sums is not None:  # only masked vectors leave the clients
-        server, used, cost = secure.secure_round(method, run.programs.server_sums, state["server"],
-                                                  jax.tree.map(sharding.to_host, outputs.upload),
-                                                  run.num_examples[cohort], reporting, cohort, fed, config.seed,
-                                                  round_index)
-        steps = {**steps, **cost}
-    else:
-        ranks = run.cohort_ranks(cohort)
-        uploads = ClientUploads(outputs.upload, jnp.asarray(run.num_examples[cohort]),
-                                None if ranks is None else jnp.asarray(ranks))
-        key = privacy.noise_key(config.seed, round_index) if fed.get("dp", {}).get("enabled", False) else None
-        server, used = run.programs.server(state["server"], uploads, jnp.asarray(reporting), key)
-        used = sharding.to_host(used)
+    server, used, cost = aggregate(run, state["server"], outputs.upload, cohort, reporting, round_index)
+    steps = {**steps, **cost}
     new_client_states = jax.tree.map(sharding.to_host, outputs.state)
     used = used & _finite_rows(new_client_states, len(cohort))
     clients = _set_rows(state["clients"], cohort, used, new_client_states)
     return {"server": server, "clients": clients}, cohort, reporting, used, sharding.to_host(outputs.loss), steps
+
+
+def aggregate(run: Round, server_state, uploaded, cohort: np.ndarray, reporting: np.ndarray, round_index: int):
+    """The cohort's uploads -> (new server state, used [K], the protocol's costs): one server program, or, under
+    secure aggregation, its two halves around the secure sum (only masked vectors leave the clients)."""
+    ranks = run.cohort_ranks(cohort)
+    uploads = ClientUploads(uploaded, jnp.asarray(run.num_examples[cohort]),
+                            None if ranks is None else jnp.asarray(ranks))
+    dp, seed = run.aggregation.dp, run.config.seed
+    key = privacy.noise_key(seed, round_index) if dp is not None else None
+    client_keys = privacy.client_noise_keys(seed, round_index, cohort) if dp is not None and dp.distributed else None
+    if not run.config.fed.get("secure_aggregation", False):
+        server, used = run.programs.server(server_state, uploads, jnp.asarray(reporting), key, client_keys)
+        return server, sharding.to_host(used), {}
+    stacked, used = run.programs.contribute(server_state, uploads, jnp.asarray(reporting), client_keys)
+    threshold = run.config.fed.get("secagg_threshold", 0) or majority_threshold(len(cohort))
+    sums, used, cost = secure_sums(jax.tree.map(sharding.to_host, stacked), sharding.to_host(used), cohort,
+                                   threshold, seed, round_index)
+    if sums is None:
+        return server_state, used, cost
+    return run.programs.finalize(server_state, sums, jnp.asarray(True), key), used, cost
 
 
 def packs_clients(fed) -> bool:
@@ -221,27 +240,28 @@ def local_updates(run: Round, cohort: np.ndarray, broadcast, states, round_index
     return outputs, {"client_steps": packed.client_steps, "padded_client_steps": packed.padded_client_steps}
 
 
-def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dict, client_rows: list[np.ndarray],
+def run_method(method, graphdef, frozen, init_adapters, device_data: dict, client_rows: list[np.ndarray],
                config, evaluator, log: Callable, checkpoints: RoundCheckpoints | None = None,
                mesh: Mesh | None = None) -> RunResult:
     fed = config.fed
     train_rows = [np.concatenate(client_rows)] if method.pooled else client_rows
     epoch_steps = steps_per_epoch(train_rows, fed.batch_size)
-    dp = privacy.settings(fed, [len(r) for r in train_rows])
-    programs = compile_programs(method, graphdef, fed, epoch_steps, mesh, dp)
     init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
+    ranks = None if method.pooled else client_ranks(config.model.adapter, len(train_rows))
+    weights = np.array([method.client_weight(len(r)) for r in train_rows], np.float64)
+    dp = privacy.settings(fed, weights, fed.get("secure_aggregation", False))
+    aggregation = Aggregation(fed.get("rank_aggregation", MASKED), dp)
+    programs = compile_programs(method, graphdef, fed, epoch_steps, mesh, aggregation,
+                                public_weight(dp, init_adapters, weights, ranks, aggregation.rank_aggregation))
     if mesh is not None:
         frozen = sharding.place_backbone(frozen, mesh, sharding.mesh_config_of(config))  # a no-op once placed
         device_data = sharding.place(device_data, sharding.replicated(mesh))
-    ranks = None if method.pooled else client_ranks(config.model.adapter, len(train_rows))
     run = Round(method, programs, frozen, device_data, train_rows, np.array([len(r) for r in train_rows]),
-                epoch_steps, config, mesh, ranks)
+                epoch_steps, config, mesh, ranks, aggregation)
     own_ranks = ranks.tolist() if ranks is not None else [None] * len(train_rows)
     upload_bytes = [len(method.uploads) * rank_bytes(init_adapters, rank) for rank in own_ranks]  # per client
 
-    server_init = init_server_optimizer(server_optimizer(fed, method), method.server_init(init_adapters))
-    server_init = privacy.init_state(dp, server_init)
-    init_state = {"server": jax.tree.map(np.asarray, server_init),
+    init_state = {"server": initial_server_state(method, fed, init_adapters, dp),
                   "clients": _stack(method.client_state_init(init_adapters), len(train_rows))}
     first, state, history = _resume(checkpoints, init_state, fed.rounds)
     state["server"] = run.place_replicated(state["server"])
@@ -275,6 +295,22 @@ def run_method(method: Method, graphdef, frozen, init_adapters, device_data: dic
         if checkpoints and (last or (round_index + 1) % config.checkpoint.every_rounds == 0):
             checkpoints.save(round_index + 1, _checkpointed(state), history)
     return RunResult(jax.tree.map(sharding.to_host, state["server"]), state["clients"], history)
+
+
+def initial_server_state(method, fed, adapters, dp: privacy.DpSettings | None) -> dict:
+    """The method's server state before round one, with the server optimizer's and DP's state (host arrays)."""
+    state = init_server_optimizer(server_optimizer(fed, method), method.server_init(adapters))
+    return jax.tree.map(np.asarray, privacy.init_state(dp, state))
+
+
+def public_weight(dp, adapters, weights: np.ndarray, ranks: np.ndarray | None, rank_aggregation: str):
+    """Under DP with rank masks, the expected sum of the public per-entry weights, q Σ_all w_k m_k (the sum the
+    server divides by); None otherwise (DP's scalar q Σ_all w_k)."""
+    if dp is None or ranks is None or rank_aggregation != MASKED:
+        return None
+    masks = stacked_masks(adapters, jnp.asarray(ranks))
+    return jax.tree.map(lambda m: dp.sampling_probability * jnp.tensordot(jnp.asarray(weights, jnp.float32),
+                                                                           m.astype(jnp.float32), axes=1), masks)
 
 
 def _checkpointed(state: dict) -> dict:

@@ -1,10 +1,13 @@
-"""The server's side of a round: what crosses from clients, and how faulty clients are left out.
+"""The server's side of a round, as sums: clients' contributions, an aggregator adds them up, the method
+finalizes, the server optimizer steps.
 
-A client uploads the trees its method names (adapters; a Fisher; a control change)
-and its example count; nothing else reaches `server_round`, the one program the
-server runs. A client whose upload holds NaN or Inf, or that did not report (dropout),
-gets weight zero and its upload is zeroed (0 * NaN is NaN); a round in which no client
-is usable keeps the previous server state.
+A client uploads the trees its method names (adapters; a Fisher; a control change) and its example count.
+`client_contributions` turns each usable client's upload into its weighted contribution (`Method.contribution`,
+`aggregation.py`), clipped and, under distributed noise, noised on the client's side (`privacy/dp.py`);
+`finalize_round` takes the sums (plain here, or unmasked by secure aggregation, `secure.py`), releases them
+under central noise, and calls the method's `finalize` and the server optimizer. A client whose upload holds
+NaN or Inf, or that did not report (dropout), contributes nothing; a round in which no client is usable keeps
+the previous server state.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fednano_jax.federated import server_optimizer
+from fednano_jax.federated.aggregation import plain_sums, weighted
 from fednano_jax.models import adapter_ranks as ranks
 from fednano_jax.privacy import dp as privacy
 from fednano_jax.streams import Purpose, generator
@@ -29,6 +33,15 @@ class ClientUploads:
     ranks: jax.Array | None = None  # [K] each client's adapter rank (heterogeneous ranks), or None: all full rank
 
 
+@dataclasses.dataclass(frozen=True)
+class Aggregation:
+    """How a run adds up its clients' contributions (static under jit): under rank masks or as zero-padded
+    uploads (`models/adapter_ranks.py`), and with client-level DP or without."""
+
+    rank_aggregation: str = ranks.MASKED
+    dp: privacy.DpSettings | None = None
+
+
 def finite_clients(uploads: ClientUploads) -> jax.Array:
     """[K] bool: every uploaded value of the client is finite."""
     count = uploads.num_examples.shape[0]
@@ -36,31 +49,73 @@ def finite_clients(uploads: ClientUploads) -> jax.Array:
     return jnp.stack(per_leaf).all(axis=0) if per_leaf else jnp.ones(count, bool)
 
 
-def _zero_out(tree, keep):
+def _rows_where(keep, tree):
     return jax.tree.map(lambda x: jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0), tree)
 
 
-def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array, key: jax.Array | None = None,
-                 optimizer=None, rank_aggregation: str = ranks.MASKED, dp: privacy.DpSettings | None = None):
-    """-> (new server state, [K] bool of the clients that were used). `optimizer`: the server optimizer
-    that steps the global adapters along the round's pseudo-gradient (`server_optimizer.py`), or None.
-    Clients of heterogeneous ranks are aggregated under their rank masks, or as zero-padded uploads
-    (`rank_aggregation`, `models/adapter_ranks.py`). With `dp`, the adapters' update is DP-FedAvg's clipped
-    and noised mean (`privacy/dp.py`, noise from `key`) instead of the method's aggregate."""
+def client_contributions(method, server_state, uploads: ClientUploads, reporting: jax.Array,
+                         aggregation: Aggregation = Aggregation(), client_keys: jax.Array | None = None):
+    """-> (weighted contributions, leaves [K, ...], zero for a client not used; used [K]). Each row is what that
+    client computes and sends: under DP its contribution clipped, and under distributed noise its noise share
+    added (`client_keys` [K])."""
     keep = reporting & finite_clients(uploads)
-    weights = jnp.where(keep, uploads.num_examples, 0).astype(jnp.float32)
+    weights = jnp.where(keep, method.client_weight(uploads.num_examples), 0).astype(jnp.float32)
+    trees = _rows_where(keep, uploads.trees)  # 0 * NaN is NaN: unusable uploads are zeroed first
+    broadcast = method.broadcast(server_state)
     masks = None
-    if uploads.ranks is not None and rank_aggregation == ranks.MASKED:
+    if uploads.ranks is not None and aggregation.rank_aggregation == ranks.MASKED:
         masks = ranks.stacked_masks(server_state["adapters"], uploads.ranks)
-    trees = _zero_out(uploads.trees, keep)
-    if dp is not None:
-        fishers = trees["fisher"] if method.dp_aggregate == "fisher" else None
-        updated = privacy.private_update(dp, server_state, trees["adapters"], weights, key, fishers,
-                                         method.fed.get("fisher_floor", 1e-6))
+    dp = aggregation.dp
+
+    def one(upload, weight, used, mask, key):
+        if dp is None:
+            return weighted(method.contribution(upload, broadcast, mask), weight, method.unweighted)
+        clip_norm = server_state[privacy.STATE]["clip_norm"]
+        bounds = method.dp_bounds(clip_norm, server_state["adapters"])
+        clipped, norm = privacy.clip_contribution(method.private_contribution(upload, broadcast, mask), bounds)
+        terms = weighted(clipped, weight, method.unweighted)
+        terms[privacy.WITHIN] = (norm <= clip_norm).astype(jnp.float32)
+        if dp.distributed:
+            stds = privacy.noise_stds(dp, bounds, method.unweighted)
+            share = privacy.client_share_scale(dp)
+            terms = privacy.add_noise(key, terms, stds, share)
+            if dp.adaptive:
+                terms[privacy.WITHIN] = terms[privacy.WITHIN] + privacy.count_noise(dp, key, share)
+        return jax.tree.map(lambda x: jnp.where(used, x, 0.0), terms)  # the unweighted entries of a dropped client
+
+    keys = client_keys if client_keys is not None else jnp.zeros(keep.shape[0], jnp.uint32)
+    stacked = jax.vmap(one, in_axes=(0, 0, 0, None if masks is None else 0, 0))(trees, weights, keep, masks, keys)
+    return stacked, keep
+
+
+def finalize_round(method, server_state, sums: dict, any_used: jax.Array, aggregation: Aggregation = Aggregation(),
+                   key: jax.Array | None = None, optimizer=None, public_weight=None):
+    """The new server state from the round's sums: released (central noise), post-processed and finalized by the
+    method, the server optimizer's step, and, under DP, C adapted. `public_weight`: under DP, the expected sum
+    of the public unit weights, q Σ_all w_k (a tree under rank masks); None: DP's scalar expectation."""
+    dp = aggregation.dp
+    if dp is not None and sums:
+        bounds = method.dp_bounds(server_state[privacy.STATE]["clip_norm"], server_state["adapters"])
+        stds = privacy.noise_stds(dp, bounds, method.unweighted)
+        released = privacy.release(dp, sums, stds, key)
+        expected = dp.expected_weight if public_weight is None else public_weight
+        updated = method.finalize(server_state, privacy.finish(released, stds, expected))
+        updated[privacy.STATE] = privacy.next_state(dp, server_state[privacy.STATE], released[privacy.WITHIN])
     else:
-        updated = method.server_update(server_state, trees, weights, masks)
+        updated = method.finalize(server_state, sums)
     updated = server_optimizer.step(optimizer, server_state, updated)
-    return jax.tree.map(lambda new, old: jnp.where(keep.any(), new, old), updated, server_state), keep
+    return jax.tree.map(lambda new, old: jnp.where(any_used, new, old), updated, server_state)
+
+
+def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array, key: jax.Array | None = None,
+                 client_keys: jax.Array | None = None, optimizer=None, aggregation: Aggregation = Aggregation(),
+                 public_weight=None):
+    """-> (new server state, [K] bool of the clients that were used): contributions, plain sums, finalize.
+    `key`: the server's DP noise key; `client_keys` [K]: the clients' keys for distributed noise."""
+    stacked, used = client_contributions(method, server_state, uploads, reporting, aggregation, client_keys)
+    new = finalize_round(method, server_state, plain_sums(stacked), used.any(), aggregation, key, optimizer,
+                         public_weight)
+    return new, used
 
 
 def reporting_clients(client_ids, dropout: float, seed: int, round_index: int) -> np.ndarray:

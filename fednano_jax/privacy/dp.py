@@ -1,34 +1,45 @@
-"""Client-level differential privacy: DP-FedAvg (McMahan et al. 2018) with fixed or adaptive clipping
-(Andrew et al. 2021), as the server's aggregation of the clients' adapter updates.
+"""Client-level differential privacy as an aggregator over the methods' sums (`federated/aggregation.py`):
+DP-FedAvg (McMahan et al. 2018) with fixed or adaptive clipping (Andrew et al. 2021), for any method that
+declares how its contribution is bounded (`Method.dp_bounds`).
 
-Each client's update is its uploaded adapters minus the round's global adapters, Δ_k. It is clipped to
-global L2 norm C (over every adapter of the client at once). The server releases
+A method's contribution is a dict of trees per unit of the client's weight w_k (its example count). Under
+DP each *released* entry e (those `dp_bounds` names) is clipped, per client, to global L2 norm b_e
+(`jax_privacy.clipping.clip_pytree`); the public entry, the unit weight (a rank mask under heterogeneous
+ranks), has its sum replaced by its expectation over the sampled cohort, q · Σ_all w_k (so the server's
+division does not reveal who took part). One client moves the sum of entry e by at most s_e = w_max · b_e
+(b_e for an entry summed without weights, SCAFFOLD's control change). Each entry gets a share p_e of the
+budget (Σ_e p_e = 1) and noise of std σ_e = z_Δ · s_e / √p_e, so the scaled vector (Σ_e / σ_e) is moved by at
+most √(Σ_e p_e) / z_Δ = 1/z_Δ in L2: one Gaussian mechanism of multiplier z_Δ, which is what the accountant
+composes (`accountant.py`). FedAvg: one entry, σ = z C w_max, exactly DP-FedAvg.
 
-    Σ_k w_k clip(Δ_k) + N(0, (z_Δ · C · w_max)² I),   divided by the expected total weight q · W,
+FedNano's Fisher merge, θ + Σ w F̃ ⊙ Δ / Σ w F̃. A Fisher's scale is a client's unbounded claim of importance,
+so under DP each client rescales every leaf of its floored Fisher to mean one over the entries it holds and
+writes F̂ = 1 + G (`FedNano.private_contribution`). Both sums of Eq. 1 then split into FedAvg's and a
+correction: Σ w F̂ Δ = Σ w Δ + Σ w G ⊙ Δ and Σ w F̂ = Σ w + Σ w G. Released: Σ w Δ (Δ clipped to C, share
+1 − f), Σ w G ⊙ Δ (G ⊙ Δ clipped to C, share f/2) and Σ w G (G clipped to √(M d), F̂'s mean square at most M,
+share f/2), f = `fisher_noise_share`, M = `fisher_mean_square`, d the adapter entries; Σ w is public. With no
+noise and no clipping the ratio is exactly Eq. 1 over the rescaled Fishers (Eq. 1 itself when the clients'
+Fishers have equal means per leaf). The corrections' per-entry noise grows with √d while their signal grows
+with the clients, so with a handful of clients the noise swamps them: the server post-processes each
+correction (free under DP) with a positive-part James-Stein estimate per leaf, which drops a correction the
+noise swamps and keeps one the clients resolve. A handful of clients then get DP-FedAvg's update at
+1/√(1 − f) times its noise; a population gets the Fisher merge.
 
-and adds it to the global adapters. w_k is the client's example count (today's FedAvg weight, which the
-server already knows), W the sum over all clients, w_max the largest client's, q = clients_per_round /
-num_clients. One client changes the sum by at most w_max · C, so the noise is z_Δ times that
-sensitivity: a Gaussian mechanism with noise multiplier z_Δ, subsampled with probability q, each round
-(`accountant.py`). With z = 0 and C = inf, every client reporting and q = 1, this is today's weighted
-mean.
+Adaptive clipping also releases the count of clients whose update was within C, plus N(0, σ_b²), and moves
+C geometrically towards the `target_quantile` of the update norms: C ← C · exp(-η (b̄ − γ)). The two
+releases are one Gaussian mechanism of multiplier z = (z_Δ⁻² + (2σ_b)⁻²)^(-1/2) (Andrew et al., Theorem 1);
+the config's `noise_multiplier` is that z, so the sums get z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2), which needs 2σ_b > z.
 
-Adaptive clipping also releases the count of clients whose update was within C, plus N(0, σ_b²), and
-moves C geometrically towards the `target_quantile` of the update norms: C ← C · exp(-η (b̄ − γ)). The
-two releases together are one Gaussian mechanism with multiplier z = (z_Δ⁻² + (2σ_b)⁻²)^(-1/2)
-(Andrew et al., Theorem 1); the config's `noise_multiplier` is that z, so the update sum gets
-z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2), which needs 2σ_b > z.
+Where the noise is added (`fed.dp.noise`): "central", by the server to the sums; "distributed", by each
+client to its own clipped contribution, std σ_e / √t, so that the sum of any t or more clients' shares has
+at least the central noise's variance. t is the secure-aggregation threshold (fewer survivors void the
+round), or the cohort size without it (then a client that drops out lowers the noise, and ε holds only for
+rounds where the whole cohort reports). With secure aggregation the server never sees an un-noised sum.
+The shares are continuous Gaussians rounded to the secure sum's fixed point (2^-40), not the discrete
+Gaussian a formal distributed-DP proof would use.
 
-FedNano's Fisher merge, θ = Σ w F θ_k / Σ w F, is prev + A / B with A = Σ_k w_k F_k ⊙ Δ_k and
-B = Σ_k w_k F_k (F floored, as today). Under DP both sums are released. Each client's Δ_k is clipped to
-C and its floored Fisher to `fisher_clip_norm` C_F, so ‖F_k ⊙ Δ_k‖ ≤ ‖F_k‖_∞ ‖Δ_k‖ ≤ C_F · C: one client
-moves A by at most w_max C C_F and B by at most w_max C_F. Scaled by those sensitivities, a client moves
-the pair (A, B) by at most √2 in L2; noise of √2 · z_Δ times each sensitivity on each sum is therefore one
-Gaussian mechanism with multiplier z_Δ: the accountant's ε covers both releases. The noised B is clamped
-below at max(floor · q W, 3 noise stds) before dividing (post-processing, no privacy cost). With z = 0,
-C = C_F = inf, every client reporting and q = 1, this is today's Fisher merge.
-
-The noise key is a pure function of (seed, round): a resumed run adds the same noise.
+Noise keys are pure functions of (seed, round) and, per client, (seed, round, client id): a resumed run adds
+the same noise.
 """
 
 from __future__ import annotations
@@ -39,11 +50,19 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax_privacy.clipping import clip_pytree
+from jax_privacy.noise_addition import gaussian_privatizer
 
 from fednano_jax.privacy import accountant
+from fednano_jax.privacy.secagg import majority_threshold
 from fednano_jax.streams import Purpose, generator
 
 STATE = "dp"  # its key in the server state
+CENTRAL, DISTRIBUTED, AUTO = "central", "distributed", "auto"
+WEIGHT = "weight"  # the contribution entry the ratio divides by (federated/aggregation.py): public under DP
+CORRECTION = "_correction"  # the ending of a correction's name (aggregation.CORRECTIONS)
+NOISE_PLACEMENTS = (AUTO, CENTRAL, DISTRIBUTED)
+WITHIN = "within_clip"  # the adaptive-clipping count's entry among the sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +73,7 @@ class DpSettings:
     sampling_probability: float  # q
     clip_norm: float  # C at the start (the fixed C without adaptive clipping)
     delta: float
-    expected_weight: float  # q · W
+    expected_weight: float  # q · Σ_all w_k: the public weights' sum the server divides by
     max_weight: float  # w_max
     expected_clients: float  # q · N
     adaptive: bool = False
@@ -62,38 +81,48 @@ class DpSettings:
     clip_learning_rate: float = 0.2
     count_stddev: float = 0.0  # σ_b
     accountant: str = "rdp"
-    fisher_clip_norm: float = 1.0  # C_F: FedNano's floored Fisher, per client
+    noise: str = CENTRAL  # who adds the noise: the server, or each client its share
+    noise_shares: int = 1  # t: the clients whose shares add up to the central noise (distributed noise)
 
     @property
     def update_noise_multiplier(self) -> float:
-        """z_Δ: the update sum's share of z (all of it without adaptive clipping)."""
+        """z_Δ: the sums' share of z (all of it without adaptive clipping)."""
         if not self.adaptive or self.noise_multiplier == 0:
             return self.noise_multiplier
         return (self.noise_multiplier ** -2 - (2 * self.count_stddev) ** -2) ** -0.5
+
+    @property
+    def distributed(self) -> bool:
+        return self.noise == DISTRIBUTED
 
     def epsilon(self, rounds: int) -> float:
         return accountant.epsilon(self.noise_multiplier, self.sampling_probability, rounds, self.delta,
                                   self.accountant)
 
 
-def settings(fed, client_sizes) -> DpSettings | None:
-    """fed.dp as DpSettings (None when off); `fed.dp.target_epsilon` > 0 solves z over fed.rounds."""
+def settings(fed, client_weights, secure: bool = False) -> DpSettings | None:
+    """fed.dp as DpSettings (None when off); `fed.dp.target_epsilon` > 0 solves z over fed.rounds.
+    `client_weights`: every client's aggregation weight (its example count)."""
     dp = fed.get("dp")
     if dp is None or not dp.get("enabled", False):
         return None
-    sizes = np.asarray(client_sizes, np.float64)
+    weights = np.asarray(client_weights, np.float64)
     cohort = fed.clients_per_round or fed.num_clients
     q = cohort / fed.num_clients
     z = dp.noise_multiplier
     if dp.get("target_epsilon", 0.0) > 0:
         z = accountant.noise_for_epsilon(dp.target_epsilon, q, fed.rounds, dp.delta, dp.get("accountant", "rdp"))
     count_stddev = dp.get("count_stddev", 0.0) or cohort / 20  # Andrew et al.'s default
+    noise = dp.get("noise", AUTO)
+    if noise == AUTO:
+        noise = DISTRIBUTED if secure else CENTRAL
+    shares = (fed.get("secagg_threshold", 0) or majority_threshold(cohort)) if secure else cohort
     return DpSettings(noise_multiplier=float(z), sampling_probability=q, clip_norm=float(dp.clip_norm),
-                      delta=float(dp.delta), expected_weight=float(q * sizes.sum()), max_weight=float(sizes.max()),
-                      expected_clients=float(q * fed.num_clients), adaptive=bool(dp.get("adaptive", False)),
-                      target_quantile=float(dp.get("target_quantile", 0.5)),
+                      delta=float(dp.delta), expected_weight=float(q * weights.sum()), max_weight=float(weights.max()),
+                      expected_clients=float(q * fed.num_clients),
+                      adaptive=bool(dp.get("adaptive", False)), target_quantile=float(dp.get("target_quantile", 0.5)),
                       clip_learning_rate=float(dp.get("clip_learning_rate", 0.2)), count_stddev=float(count_stddev),
-                      accountant=dp.get("accountant", "rdp"), fisher_clip_norm=float(dp.get("fisher_clip_norm", 1.0)))
+                      accountant=dp.get("accountant", "rdp"), noise=noise, noise_shares=int(shares))
 
 
 def init_state(dp: DpSettings | None, server_state: dict) -> dict:
@@ -103,84 +132,100 @@ def init_state(dp: DpSettings | None, server_state: dict) -> dict:
 
 
 def noise_key(seed: int, round_index: int) -> jax.Array:
+    """The server's noise key of a round (central noise)."""
     return jax.random.key(int(generator(seed, Purpose.DP_NOISE, round_index).integers(2**31)))
 
 
-def update_norms(deltas) -> jax.Array:
-    """[K] global L2 norm of each client's update, over every leaf."""
-    squares = [jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
-               for x in jax.tree.leaves(deltas)]
-    return jnp.sqrt(sum(squares))
+def client_noise_keys(seed: int, round_index: int, client_ids) -> jax.Array:
+    """[K] the clients' own keys for their noise shares (distributed noise): the stream (seed, round, 1), never
+    the server's, folded with each client's id."""
+    root = jax.random.key(int(generator(seed, Purpose.DP_NOISE, round_index, 1).integers(2**31)))
+    return jax.vmap(lambda client: jax.random.fold_in(root, client))(jnp.asarray(client_ids, jnp.uint32))
 
 
-def clip(deltas, clip_norm):
-    """-> (deltas scaled to global norm at most clip_norm, their norms before clipping [K])."""
-    norms = update_norms(deltas)
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
-    return jax.tree.map(lambda x: x * scale.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), deltas), norms
+# ------------------------------------------------------------------ the client's side: clip, maybe noise
+def clip_contribution(contribution: dict, bounds: dict) -> tuple[dict, jax.Array]:
+    """One client's contribution with each released entry clipped to its bound (`bounds`: {entry: (bound,
+    share)}) -> (clipped, norm of its first entry, the update, before clipping), for adaptive clipping's count."""
+    clipped, norms = dict(contribution), {}
+    for name, (bound, _) in bounds.items():
+        clipped[name], norms[name] = clip_pytree(contribution[name], bound)
+    return clipped, norms[next(iter(bounds))]
 
 
-def _gaussian_like(key, tree, std):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [std * jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves)])
+def noise_stds(dp: DpSettings, bounds: dict, unweighted: tuple[str, ...]) -> dict | None:
+    """{entry: σ_e}: z_Δ times each released entry's sensitivity over the square root of its share of the
+    budget (module docstring); None without noise."""
+    if dp.update_noise_multiplier == 0:
+        return None
+    return {name: dp.update_noise_multiplier * bound * (1.0 if name in unweighted else dp.max_weight) / math.sqrt(share)
+            for name, (bound, share) in bounds.items()}
 
 
-def _weighted_sum(weights, tree):
-    return jax.tree.map(lambda d: jnp.tensordot(weights, d.astype(jnp.float32), axes=1), tree)
+def add_noise(key: jax.Array, sums: dict, stds: dict, scale: float = 1.0) -> dict:
+    """`sums` with N(0, (scale σ_e)²) on each released entry (jax_privacy's Gaussian privatizer); `stds` None:
+    no noise (a bound may be inf, and inf * 0 is nan)."""
+    noised = dict(sums)
+    for index, (name, std) in enumerate(sorted((stds or {}).items())):
+        privatizer = gaussian_privatizer(stddev=std * scale, prng_key=jax.random.fold_in(key, index))
+        noised[name], _ = privatizer.update(sums[name], privatizer.init(sums[name]))
+    return noised
 
 
-def _noised(dp: DpSettings, key, tree, sensitivity):
-    """`tree` plus Gaussian noise of z_Δ · sensitivity (nothing without noise: C may be inf, and inf * 0 is nan)."""
-    if dp.noise_multiplier == 0:
-        return tree
-    noise = _gaussian_like(key, tree, dp.update_noise_multiplier * sensitivity)
-    return jax.tree.map(lambda s, n: s + n, tree, noise)
+def count_noise(dp: DpSettings, key: jax.Array, scale: float = 1.0) -> jax.Array:
+    return dp.count_stddev * scale * jax.random.normal(jax.random.fold_in(key, 1 << 20))
 
 
-def _client_deltas(uploaded_adapters, old, used):
-    return jax.tree.map(lambda up, g: jnp.where(used.reshape((-1,) + (1,) * g.ndim), up - g[None], 0.0),
-                        uploaded_adapters, old)
+def client_share_scale(dp: DpSettings) -> float:
+    """A client's share of the noise's std under distributed noise: 1 / √t."""
+    return 1.0 / math.sqrt(dp.noise_shares)
 
 
-def private_update(dp: DpSettings, server_state: dict, uploaded_adapters, weights: jax.Array, key: jax.Array,
-                   fishers=None, fisher_floor: float = 1e-6) -> dict:
-    """The server state with its adapters moved by the noised mean of clipped updates (with `fishers`, by
-    the noised Fisher merge of them), and C adapted. `weights` [K]: example counts, zero for a client that
-    is not used (its upload is zeroed)."""
-    old = server_state["adapters"]
-    clip_norm = server_state[STATE]["clip_norm"]
-    used = weights > 0
-    clipped, norms = clip(_client_deltas(uploaded_adapters, old, used), clip_norm)
-    update_key, fisher_key, count_key = jax.random.split(key, 3)
-    if fishers is None:
-        total = _noised(dp, update_key, _weighted_sum(weights, clipped), clip_norm * dp.max_weight)
-        step = jax.tree.map(lambda s: s / dp.expected_weight, total)
-    else:
-        step = _private_fisher_step(dp, clipped, fishers, weights, clip_norm, (update_key, fisher_key), fisher_floor)
-    new = jax.tree.map(lambda g, s: (g + s).astype(g.dtype), old, step)
-    state = {**server_state, "adapters": new}
+# ------------------------------------------------------------------ the server's side: noise, finish, adapt C
+def release(dp: DpSettings, sums: dict, stds: dict, key: jax.Array | None) -> dict:
+    """The sums as released: the server adds the noise here under central noise (the clients added theirs)."""
+    if dp.distributed or stds is None:
+        return sums
+    noised = add_noise(key, sums, stds)
     if dp.adaptive:
-        within = jnp.sum(used & (norms <= clip_norm)) + dp.count_stddev * jax.random.normal(count_key)
-        fraction = within / dp.expected_clients
-        state[STATE] = {"clip_norm": (clip_norm * jnp.exp(-dp.clip_learning_rate * (fraction - dp.target_quantile))
-                                      ).astype(jnp.float32)}
-    return state
+        noised[WITHIN] = sums[WITHIN] + count_noise(dp, key)
+    return noised
 
 
-def _private_fisher_step(dp: DpSettings, clipped, fishers, weights, clip_norm, keys, fisher_floor):
-    """A / B of the module docstring: both sums clipped, noised with √2 z_Δ times their sensitivities."""
-    used = (weights > 0).reshape(-1)
-    floored = jax.tree.map(lambda f: jnp.where(used.reshape((-1,) + (1,) * (f.ndim - 1)),
-                                               jnp.maximum(f.astype(jnp.float32), fisher_floor), 0.0), fishers)
-    fisher, _ = clip(floored, dp.fisher_clip_norm)
-    share = math.sqrt(2.0)  # two releases in one mechanism
-    numerator = _noised(dp, keys[0], _weighted_sum(weights, jax.tree.map(jnp.multiply, fisher, clipped)),
-                        share * clip_norm * dp.fisher_clip_norm * dp.max_weight)
-    denominator = _noised(dp, keys[1], _weighted_sum(weights, fisher), share * dp.fisher_clip_norm * dp.max_weight)
-    noise_std = dp.update_noise_multiplier * share * dp.fisher_clip_norm * dp.max_weight
-    lowest = max(fisher_floor * dp.expected_weight, 3.0 * noise_std)
-    return jax.tree.map(lambda a, b: a / jnp.maximum(b, lowest), numerator, denominator)
+def finish(sums: dict, stds: dict | None, public_weight) -> dict:
+    """Post-processing of the released sums before the method's `finalize`: the public weight replaced by its
+    expectation `public_weight` (q Σ_all w_k, per entry under rank masks), and each released correction
+    (FedNano's Fisher terms) shrunk toward zero, its expectation where the clients' Fishers agree, leaf by leaf."""
+    finished = {name: value for name, value in sums.items() if name != WITHIN}
+    finished[WEIGHT] = public_weight
+    for name in [n for n in finished if n.endswith(CORRECTION)]:
+        if stds is not None:
+            finished[name] = jax.tree.map(lambda x: shrink_toward_zero(x, stds[name]), finished[name])
+    weight_correction = WEIGHT + CORRECTION
+    if weight_correction in finished:  # the denominator kept at least a tenth of its public expectation
+        floor = jax.tree.map(lambda _: public_weight, finished[weight_correction]) if jax.tree_util.treedef_is_leaf(
+            jax.tree.structure(public_weight)) else public_weight
+        finished[weight_correction] = jax.tree.map(lambda c, w: jnp.maximum(c, -0.9 * w),
+                                                   finished[weight_correction], floor)
+    return finished
+
+
+def shrink_toward_zero(noised: jax.Array, noise_std) -> jax.Array:
+    """An empirical-Bayes (positive-part James-Stein) estimate of a leaf's entries from noised ones: scaled toward
+    zero by the share of their mean square that the noise explains, with a margin of four standard errors of
+    that mean square, so that a correction the noise swamps is dropped, not kept at a sliver of the noise."""
+    margin = 1.0 + 4.0 * math.sqrt(2.0 / noised.size)
+    mean_square = jnp.maximum(jnp.mean(jnp.square(noised)), 1e-30)
+    return jnp.clip(1.0 - margin * noise_std ** 2 / mean_square, 0.0, 1.0) * noised
+
+
+def next_state(dp: DpSettings, state: dict, within_count: jax.Array) -> dict:
+    """The DP state after a round: C moved towards the target quantile (adaptive clipping) or kept."""
+    if not dp.adaptive:
+        return state
+    fraction = within_count / dp.expected_clients
+    clip_norm = state["clip_norm"] * jnp.exp(-dp.clip_learning_rate * (fraction - dp.target_quantile))
+    return {"clip_norm": clip_norm.astype(jnp.float32)}
 
 
 def check(dp: DpSettings | None) -> str | None:
@@ -201,11 +246,8 @@ def check(dp: DpSettings | None) -> str | None:
         return (f"fed.dp.adaptive needs 2 * count_stddev > noise_multiplier (the clipped-count query's share of "
                 f"the noise); got count_stddev={dp.count_stddev:g}, noise_multiplier={dp.noise_multiplier:g}: raise "
                 "fed.dp.count_stddev or lower the noise.")
-    if not dp.fisher_clip_norm > 0:
-        return f"fed.dp.fisher_clip_norm must be positive (inf: no clipping), got {dp.fisher_clip_norm}."
-    if dp.noise_multiplier > 0 and (math.isinf(dp.clip_norm) or math.isinf(dp.fisher_clip_norm)):
-        return ("fed.dp.clip_norm and fed.dp.fisher_clip_norm must be finite when fed.dp.noise_multiplier > 0 "
-                "(the noise is proportional to them).")
+    if dp.noise_multiplier > 0 and math.isinf(dp.clip_norm):
+        return "fed.dp.clip_norm must be finite when fed.dp.noise_multiplier > 0 (the noise is proportional to it)."
     if dp.adaptive and math.isinf(dp.clip_norm):
         return "fed.dp.adaptive needs a finite starting fed.dp.clip_norm."
     return None

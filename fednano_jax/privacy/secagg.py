@@ -44,6 +44,11 @@ SHARE_BYTES = 66  # one GF(2^521 - 1) element
 QUANTISED_BYTES = 8  # one Z_{2^64} entry (the plain upload's float32 is 4)
 
 
+def majority_threshold(cohort_size: int) -> int:
+    """The survivors needed to unmask when fed.secagg_threshold is 0: a majority of the cohort."""
+    return cohort_size // 2 + 1
+
+
 # ------------------------------------------------------------------ primitives
 def quantise(values: np.ndarray) -> np.ndarray:
     """float -> Z_{2^64} fixed point (two's complement), rounding to the nearest 2^-FRACTION_BITS."""

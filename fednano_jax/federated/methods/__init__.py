@@ -23,11 +23,11 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in [
 PAPER_METHODS = ("centralized", "locft", "fedavg", "fedprox", "feddpa_f", "fednano", "fednano_ef")  # its Table 2
 
 
-def get_method(name: str, fed) -> Method:
-    """The method `name`, reading its settings from the config's `fed` section."""
+def get_method(name: str, fed, seed: int = 0) -> Method:
+    """The method `name`, reading its settings from the config's `fed` section; `seed`: the run's."""
     if name not in METHODS:
         raise ConfigError(f"Unknown method {name!r}; expected one of {sorted(METHODS)}.")
-    method = METHODS[name](fed)
+    method = METHODS[name](fed, seed)
     if server_optimizer(fed, method) is not None:  # the report's row says what stepped the global adapters
         method.label = f"{method.label} + {SERVER_LABELS[fed.server_optimizer]}"
     dp = privacy.settings(fed, [1])  # the guarantee does not depend on the clients' sizes

@@ -16,8 +16,10 @@ A round, as the loop runs it:
         extra pass (FedNano's Fisher), over the first epoch: totals = method.extra_pass_step(totals, ...) per step,
                    from method.extra_pass_init(adapters) (None: no pass)
         upload, client_state = method.client_final(result, broadcast, client_state)
-    server_state = method.server_update(server_state, uploads, weights, masks)  # weights: |D_k|, 0 if unusable;
-                                                                                 # masks: clients' ranks, or None
+    per client:  contribution = method.contribution(upload, broadcast, mask)  # a dict of trees, per unit weight
+    sums = an aggregator's Σ_k w_k contribution_k (plain, rank-masked, secure, DP: `federated/aggregation.py`,
+           `federated/server.py`, `federated/secure.py`, `privacy/dp.py`)
+    server_state = method.finalize(server_state, sums)                   # then the server optimizer steps
     after the last round: client_states = method.after_rounds(...)       # FedDPA-F's local phase
     method.evaluate(evaluator, server_state, client_states, last)
 
@@ -28,9 +30,8 @@ checkpointed with the round and restored exactly. A method reads its settings fr
 
 from __future__ import annotations
 
-import jax
 
-from fednano_jax.federated.aggregation import fedavg
+from fednano_jax.federated.aggregation import DELTA, apply_sums, mean_contribution, update_of
 
 
 class Method:
@@ -40,18 +41,16 @@ class Method:
     downloads: tuple[str, ...] = ("adapters",)  # the adapter-sized trees it receives (its broadcast)
     pooled = False  # one "client" holding every client's data (Centralized)
     extra_passes = 0  # passes over local data after training, through the server LLM (FedNano's Fisher)
-    client_ranks = True  # runs with heterogeneous adapter ranks (model.adapter.client_ranks, models/adapter_ranks.py)
+    # Why it cannot run with heterogeneous adapter ranks (model.adapter.client_ranks, models/adapter_ranks.py),
+    # or None: it can.
+    no_ranks = None
+    unweighted: tuple[str, ...] = ()  # contribution entries summed without the client's weight
+    # Why the method has no sums for DP or secure aggregation to act on (None: it has them).
+    no_sums = None
 
-    @property
-    def dp_aggregate(self) -> str | None:
-        """Its aggregate under client-level DP (fed.dp, privacy/dp.py): "mean" when its server takes the
-        example-weighted mean of uploaded adapters (DP-FedAvg's clipped, noised mean replaces it), "fisher"
-        for the Fisher merge of both noised sums; None: it cannot run under DP."""
-        plain = type(self).server_update is Method.server_update and "adapters" in self.uploads and not self.pooled
-        return "mean" if plain else None
-
-    def __init__(self, fed):
+    def __init__(self, fed, seed: int = 0):
         self.fed = fed
+        self.seed = seed  # the run's seed: the streams a client's own randomness comes from (streams.py)
 
     # ------------------------------------------------------------ client side
     def client_state_init(self, adapters):
@@ -94,13 +93,31 @@ class Method:
         """What every sampled client receives at the start of a round."""
         return {"adapters": server_state["adapters"]}
 
-    def server_update(self, server_state, uploads: dict, weights: jax.Array, masks=None) -> dict:
-        """The new server state from the stacked uploads [K, ...]; `weights` [K] are the clients' example
-        counts, zero for a client that did not report or whose upload was not finite (its upload is zeroed).
-        `masks` [K, ...], shaped like the adapters: the rank components each client holds (heterogeneous
-        ranks, `models/adapter_ranks.py`), or None when every client holds all of them."""
-        merged = fedavg(uploads["adapters"], weights, masks, server_state["adapters"] if masks is not None else None)
-        return {**server_state, "adapters": merged}
+    def plain(self) -> "Method":
+        """The same settings without the method's hooks: plain local training (FedDPA-F's local phase)."""
+        return Method(self.fed, self.seed)
+
+    def client_weight(self, num_examples):
+        """A client's weight w_k in the sums: its example count."""
+        return num_examples
+
+    def contribution(self, upload: dict, broadcast: dict, mask=None) -> dict:
+        """One client's terms of the sums, per unit of its weight (`aggregation.py`): FedAvg's update and unit
+        weight. `mask`: the rank components the client holds (heterogeneous ranks), or None."""
+        return mean_contribution(update_of(upload["adapters"], broadcast["adapters"]), mask)
+
+    def private_contribution(self, upload: dict, broadcast: dict, mask=None) -> dict:
+        """Its contribution under client-level DP, before clipping (`privacy/dp.py`)."""
+        return self.contribution(upload, broadcast, mask)
+
+    def dp_bounds(self, clip_norm, adapters) -> dict:
+        """{entry: (L2 bound per unit weight, share of the noise budget)} of the contribution entries DP clips and
+        noises (the shares add up to one); the rest are public."""
+        return {DELTA: (clip_norm, 1.0)}
+
+    def finalize(self, server_state: dict, sums: dict) -> dict:
+        """The new server state from the round's sums (Σ_k w_k contribution_k over the clients used)."""
+        return {**server_state, "adapters": apply_sums(server_state["adapters"], sums)}
 
     # ------------------------------------------------------------ after the rounds, evaluation
     def after_rounds(self, server_state, client_states, local_trainer):

@@ -91,7 +91,8 @@ class FedDPAF(Method):
     (`fed.dpa_local_epochs`); at test time each input mixes the two (`fed.dpa_instances`, `fed.dpa_max_weight`)."""
 
     name, label = "feddpa_f", "FedDPA-F"
-    client_ranks = False  # no heterogeneous ranks: its mix of global and local adapters is not rank-masked
+    no_ranks = ("each test input mixes the global and the local adapter into one adapter of twice the rank, "
+                "whose halves a client of a lower rank does not both hold")
 
     def client_state_init(self, adapters):
         return adapters  # the local adapter, trained after the last round

@@ -1,9 +1,12 @@
 """FedNano: local epochs, then an extra pass over the local data for the diagonal Fisher; Fisher merge (Eq. 1)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from fednano_jax.federated.aggregation import fisher_merge
+from fednano_jax.federated.aggregation import (CORRECTIONS, DELTA, FISHER_FLOOR, WEIGHT, fisher_contribution,
+                                               mean_contribution, update_of)
 from fednano_jax.federated.fisher import add_squared_example_grads
 from fednano_jax.federated.methods.base import Method
 from fednano_jax.federated.objective import Wire
@@ -13,14 +16,13 @@ class FedNano(Method):
     name, label = "fednano", "FedNano"
     uploads = ("adapters", "fisher")
     extra_passes = 1
-    dp_aggregate = "fisher"  # under fed.dp both sums of Eq. 1 are clipped and noised (privacy/dp.py)
 
     def extra_pass_init(self, adapters):
         return {"squares": jax.tree.map(jnp.zeros_like, adapters), "examples": jnp.zeros((), jnp.float32)}
 
     def extra_pass_step(self, total, model, adapters, rows, valid):
         squares = add_squared_example_grads(model.graphdef, adapters, model.frozen, model.data, total["squares"],
-                                            rows, valid, Wire.of(self.fed, rows))
+                                            rows, valid, Wire.of(self.fed, rows, self.seed))
         return {"squares": squares, "examples": total["examples"] + valid.sum()}
 
     def client_final(self, result, broadcast, client_state):
@@ -28,9 +30,38 @@ class FedNano(Method):
         fisher = jax.tree.map(lambda s: s / count, result.extra["squares"])
         return {"adapters": result.adapters, "fisher": fisher}, client_state
 
-    def server_update(self, server_state, uploads, weights, masks=None):
+    def client_weight(self, num_examples):
         if not self.fed.get("fisher_example_weights", True):  # the ablation: Fisher alone, no |D_k| weights
-            weights = (weights > 0).astype(weights.dtype)
-        merged = fisher_merge(uploads["adapters"], uploads["fisher"], weights, self.fed.fisher_floor, masks,
-                              server_state["adapters"] if masks is not None else None)
-        return {**server_state, "adapters": merged}
+            return (num_examples > 0).astype(num_examples.dtype) if hasattr(num_examples, "astype") else \
+                float(num_examples > 0)
+        return num_examples
+
+    def contribution(self, upload, broadcast, mask=None):
+        """Eq. 1's terms: F̃ ⊙ Δ and F̃, the Fisher floored (`aggregation.fisher_contribution`)."""
+        return fisher_contribution(update_of(upload["adapters"], broadcast["adapters"]), upload["fisher"],
+                                   self.fed.get("fisher_floor", FISHER_FLOOR), mask)
+
+    def private_contribution(self, upload, broadcast, mask=None):
+        """Eq. 1's terms under DP (`privacy/dp.py`): each leaf of the floored Fisher rescaled to mean one over the
+        entries the client holds, F̂ = 1 + G (its scale, a client's unbounded claim of importance, is gone), and
+        the two sums split as FedAvg's plus corrections: Σ w F̂ Δ = Σ w Δ + Σ w G Δ, Σ w F̂ = Σ w + Σ w G."""
+        delta = update_of(upload["adapters"], broadcast["adapters"])
+        plain = mean_contribution(delta, mask)
+        importance = fisher_contribution(delta, upload["fisher"], self.fed.fisher_floor, mask)[WEIGHT]
+
+        def excess(f, held):  # G = F̂ - 1 on the entries held, 0 elsewhere
+            mean = jnp.sum(f) / jnp.maximum(jnp.sum(held), 1.0)
+            return (f / jnp.maximum(mean, 1e-30) - 1.0) * held
+
+        held = jax.tree.map(lambda f: (f > 0).astype(jnp.float32), importance)
+        g = jax.tree.map(excess, importance, held)
+        return {**plain, CORRECTIONS[DELTA]: jax.tree.map(jnp.multiply, g, plain[DELTA]), CORRECTIONS[WEIGHT]: g}
+
+    def dp_bounds(self, clip_norm, adapters):
+        """Δ and G ⊙ Δ clipped to C; G to √(M d), F̂'s mean square at most M; the corrections share
+        `fed.dp.fisher_noise_share` of the noise budget."""
+        dp = self.fed.dp
+        entries = sum(x.size for x in jax.tree.leaves(adapters))
+        share = dp.fisher_noise_share
+        return {DELTA: (clip_norm, 1.0 - share), CORRECTIONS[DELTA]: (clip_norm, share / 2),
+                CORRECTIONS[WEIGHT]: (math.sqrt(dp.fisher_mean_square * entries), share / 2)}

@@ -15,15 +15,17 @@ A client that does not report keeps its old control, and its change is not count
 import jax
 import jax.numpy as jnp
 
-from fednano_jax.federated.aggregation import fedavg
+from fednano_jax.federated.aggregation import DELTA, apply_sums
 from fednano_jax.federated.methods.base import Method
 
 
 class Scaffold(Method):
     name, label = "scaffold", "SCAFFOLD"
-    client_ranks = False  # no heterogeneous ranks: its control variates are not rank-masked
+    no_ranks = ("its server control variate is one full-rank tree added to every client's steps, so a client of "
+                "a lower rank would be corrected along components it does not hold")
     uploads = ("adapters", "control_delta")
     downloads = ("adapters", "control")
+    unweighted = ("control_delta",)  # c moves by the plain mean of the clients' control changes
 
     def client_state_init(self, adapters):
         return {"control": jax.tree.map(jnp.zeros_like, adapters)}
@@ -49,9 +51,13 @@ class Scaffold(Method):
         delta = jax.tree.map(jnp.subtract, control, client_state["control"])
         return {"adapters": result.adapters, "control_delta": delta}, {"control": control}
 
-    def server_update(self, server_state, uploads, weights, masks=None):
-        adapters = fedavg(uploads["adapters"], weights)
-        share = 1.0 / self.fed.num_clients
-        control = jax.tree.map(lambda c, d: c + share * d.sum(axis=0), server_state["control"],
-                               uploads["control_delta"])  # unusable clients' deltas are zeroed upstream
-        return {"adapters": adapters, "control": control}
+    def contribution(self, upload, broadcast, mask=None):
+        return {**super().contribution(upload, broadcast, mask), "control_delta": upload["control_delta"]}
+
+    def dp_bounds(self, clip_norm, adapters):
+        return {DELTA: (clip_norm, 0.5), "control_delta": (clip_norm, 0.5)}
+
+    def finalize(self, server_state, sums):
+        share = 1.0 / self.fed.num_clients  # unusable clients' control changes are not in the sum
+        control = jax.tree.map(lambda c, d: c + share * d, server_state["control"], sums["control_delta"])
+        return {**server_state, "adapters": apply_sums(server_state["adapters"], sums), "control": control}
