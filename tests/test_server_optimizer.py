@@ -10,7 +10,8 @@ from fednano_jax.federated.aggregation import fedavg, fisher_merge
 from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.server import ClientUploads, server_round
-from fednano_jax.federated.server_optimizer import STATE, init_state, server_optimizer
+from fednano_jax.federated.server_optimizer import (DEFAULT_LEARNING_RATES, STATE, init_state, learning_rate,
+                                                    server_optimizer)
 
 UPLOADS = {"down": jnp.array([[[1.0, -2.0]], [[3.0, 0.5]]]), "up": jnp.array([[[0.25]], [[-1.0]]])}
 FISHER = {"down": jnp.array([[[1.0, 4.0]], [[2.0, 1.0]]]), "up": jnp.array([[[3.0]], [[1.0]]])}
@@ -43,6 +44,24 @@ def test_one_round_of_server_adam_is_the_hand_computed_step(name, proposal):
         g = np.asarray(GLOBAL[key]) - np.asarray(proposal()[key])
         np.testing.assert_allclose(new["adapters"][key], GLOBAL[key] - 0.1 * g / (np.abs(g) + 1e-8), atol=2e-6)
     assert int(new[STATE][0].count) == 1
+
+
+@pytest.mark.parametrize("name, rate", [("avgm", 1.0), ("adagrad", 0.1), ("adam", 0.01), ("yogi", 0.01)])
+def test_a_zero_server_learning_rate_is_the_optimizers_own_default(name, rate):
+    """Reddi et al.'s neighbourhoods: FedAdam at the shared 1.0 collapses FedNano on the tiny config."""
+    assert DEFAULT_LEARNING_RATES[name] == rate
+    assert learning_rate(fed(server_optimizer=name, server_learning_rate=0.0)) == rate
+    assert learning_rate(fed(server_optimizer=name, server_learning_rate=0.5)) == 0.5  # an explicit step stays
+    by_default = one_round("fedavg", fed(server_optimizer=name, server_learning_rate=0.0))
+    explicit = one_round("fedavg", fed(server_optimizer=name, server_learning_rate=rate))
+    jax.tree.map(np.testing.assert_array_equal, by_default["adapters"], explicit["adapters"])
+
+
+def test_the_shipped_config_leaves_the_step_to_the_optimizer():
+    from conftest import ROOT
+    from fednano_jax.config import load_config_file
+
+    assert load_config_file(f"{ROOT}/configs/easyvqa_tiny.py").fed.server_learning_rate == 0.0
 
 
 def test_two_rounds_of_server_momentum_are_the_hand_computed_steps():
