@@ -4,10 +4,11 @@
     python -m fednano_jax.memory_plan --config=configs/iconqa_llava15_7b.py --target=tpu:v5p:2x2x1
     python -m fednano_jax.memory_plan --config=configs/easyvqa_tiny.py                  # this host's CPU
 
-For each method in `fed.methods` it lowers the programs the run compiles (`federated/rounds.py`,
-`eval/`): the vmapped local update (FedNano's with its Fisher pass), the server's aggregation,
-FedDPA-F's local phase over every client, and evaluation (greedy decoding: prefill and
-KV-cache steps at `eval.batch_size`). They are lowered on abstract arguments (no weights,
+For each method in `fed.methods` it lowers exactly the programs the run compiles
+(`rounds.compile_programs`, `eval/`): the vmapped (or packed) local update with the method's extra pass,
+the server's aggregation, a local phase over every client after the rounds where the method has one,
+evaluation (greedy decoding: prefill and KV-cache steps at `eval.batch_size`) and the programs a method
+adds to it (`Method.evaluation_programs`); it names no method. They are lowered on abstract arguments (no weights,
 no data) placed as the run places them on the config's mesh over the target's devices:
 the frozen backbone (replicated or FSDP), the device dataset at the official split sizes,
 the cohort sharded over `clients`. `compiled.memory_analysis()` gives each program's
@@ -19,7 +20,6 @@ device's memory.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 import sys
@@ -37,14 +37,11 @@ from fednano_jax.data.batches import HostImages
 from fednano_jax.data.prompts import bucket
 from fednano_jax.data.split_sizes import federated_train_rows, official_split_sizes
 from fednano_jax.eval.generate import greedy_generate
-from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
+from fednano_jax.federated.client import ClientInputs
 from fednano_jax.federated.methods import get_method
-from fednano_jax.federated.methods.base import Method
-from fednano_jax.federated.methods.feddpa_f import mixed_generate, prompt_features
-from fednano_jax.federated.packing import PackedLanes, make_packed_program
-from fednano_jax.federated.rounds import make_optimizer, packs_clients
-from fednano_jax.federated.server import ClientUploads, server_round
-from fednano_jax.federated.server_optimizer import init_state, server_optimizer
+from fednano_jax.federated.packing import PackedLanes
+from fednano_jax.federated.rounds import RoundPrograms, compile_programs, initial_server_state, packs_clients
+from fednano_jax.federated.server import ClientUploads
 from fednano_jax.models.mllm import MllmConfig, count_params
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.parallel import targets
@@ -163,39 +160,42 @@ def make_setting(config, target: targets.Target, text_tokens: int, answer_tokens
     return Setting(config, mcfg, mesh, sizes, graphdef, frozen, adapters, data)
 
 
-def epoch_steps(setting: Setting, method: Method) -> int:
+def epoch_steps(setting: Setting, method) -> int:
     """Local steps per epoch: the mean client's (the run pads to its largest; memory does not depend on it)."""
     fed = setting.config.fed
     rows = setting.sizes.train_rows if method.pooled else setting.sizes.train_rows // fed.num_clients
     return max(math.ceil(rows / fed.batch_size), 1)
 
 
-def local_program(setting: Setting, method: Method, name: str, clients: int, hooks: Method | None = None,
-                  packed: bool = False) -> Program:
-    """The vmapped local update of `clients` clients, as `rounds.compile_programs` builds it: one lane per
-    client, or packed lanes (`federated/packing.py`), planned at one client per lane, the most lanes packing
-    runs (a lane's length, a scan, does not change its memory)."""
+def round_programs(setting: Setting, method) -> RoundPrograms:
+    """The programs a run of `method` compiles (`rounds.compile_programs`), on the setting's mesh."""
     fed = setting.config.fed
-    hooks = hooks or method
+    return compile_programs(method, setting.graphdef, fed, epoch_steps(setting, method), setting.mesh)
+
+
+def local_program(setting: Setting, method, programs: RoundPrograms, name: str, clients: int,
+                  local_phase: bool = False, packed: bool = False) -> Program:
+    """The vmapped local update of `clients` clients as the run compiles it: one lane per client, or packed
+    lanes (`federated/packing.py`), planned at one client per lane, the most lanes packing runs (a lane's
+    length, a scan, does not change its memory); `local_phase`: the method's plain local training after the
+    rounds."""
+    fed = setting.config.fed
+    hooks = method.plain() if local_phase else method
     steps = epoch_steps(setting, method)
     padded = sharding.padded_cohort(clients, setting.mesh)
     by_client = sharding.client_sharding(setting.mesh)
     schedule = (padded, steps * fed.local_epochs, fed.batch_size)
     state = hooks.client_state_init(setting.adapters)
-    chunk = fed.get("client_chunk", 0)
     if packed:
-        vmapped = in_chunks(make_packed_program(setting.graphdef, make_optimizer(fed), hooks), chunk,
-                            setting.client_devices)
+        program = programs.packed
         inputs = _packed_lanes(schedule, steps, fed, by_client,
                                None if state is None else _stacked(_stacked(state, 1), padded, by_client))
     else:
-        vmapped, _ = make_client_programs(setting.graphdef, make_optimizer(fed), hooks, steps, chunk,
-                                          setting.client_devices, fed.get("fisher_examples", 0))
+        program = programs.plain_local if local_phase else programs.local
         inputs = ClientInputs(_sds(schedule, jnp.int32, by_client), _sds(schedule, bool, by_client),
                               None if state is None else _stacked(state, padded, by_client))
     broadcast = _placed(jax.eval_shape(lambda a: hooks.broadcast(hooks.server_init(a)), setting.adapters),
                         setting.everywhere)
-    program = jax.jit(vmapped, out_shardings=by_client)
     return Program(name, lambda: program.lower(setting.frozen, setting.data, broadcast, inputs))
 
 
@@ -209,16 +209,15 @@ def _packed_lanes(schedule, steps: int, fed, by_client, state) -> PackedLanes:
                        _sds((lanes, extra, batch), bool, by_client), _sds((lanes, extra), jnp.int32, by_client), state)
 
 
-def server_program(setting: Setting, method: Method, clients: int) -> Program:
-    """The server's aggregation of the cohort's uploads (`federated/server.py`)."""
+def server_program(setting: Setting, method, programs: RoundPrograms, clients: int) -> Program:
+    """The server's aggregation of the cohort's uploads (`federated/server.py`), as the run compiles it."""
     everywhere = setting.everywhere
-    optimizer = server_optimizer(setting.config.fed, method)
-    state = _placed(jax.eval_shape(lambda a: init_state(optimizer, method.server_init(a)), setting.adapters),
-                    everywhere)
+    state = _placed(jax.eval_shape(lambda a: initial_server_state(method, setting.config.fed, a, None),
+                                   setting.adapters), everywhere)
     upload_shapes = {name: setting.adapters for name in method.uploads}
     uploads = ClientUploads(_stacked(upload_shapes, clients, everywhere), _sds((clients,), jnp.int32, everywhere))
-    program = jax.jit(functools.partial(server_round, method, optimizer=optimizer))
-    return Program(f"server:{method.name}", lambda: program.lower(state, uploads, _sds((clients,), bool, everywhere)))
+    return Program(f"server:{method.name}", lambda: programs.server.lower(state, uploads,
+                                                                          _sds((clients,), bool, everywhere)))
 
 
 def _prompts(setting: Setting):
@@ -240,35 +239,34 @@ def generate_program(setting: Setting) -> Program:
         setting.graphdef, setting.frozen, adapters, *_prompts(setting), **_decode_options(setting.config)))
 
 
-def dpa_programs(setting: Setting) -> list[Program]:
-    """FedDPA-F's evaluation: prompt features with the local adapter, then per-row mixed decoding."""
-    everywhere, batch = setting.everywhere, setting.config.eval.batch_size
-    adapters = _placed(setting.adapters, everywhere)
-    prompts = _prompts(setting)
-    last = _sds((batch,), jnp.int32, everywhere)
-    weights = _sds((batch,), jnp.float32, everywhere)
-    return [Program("eval:feddpa_f_features", lambda: prompt_features.lower(
-                setting.graphdef, setting.frozen, adapters, *prompts, last)),
-            Program("eval:feddpa_f_generate", lambda: mixed_generate.lower(
-                setting.graphdef, setting.frozen, adapters, adapters, weights, *prompts,
-                **_decode_options(setting.config)))]
+def method_evaluation_programs(setting: Setting, method) -> list[Program]:
+    """The programs a method adds to evaluation (`Method.evaluation_programs`: FedDPA-F's mixed decoding)."""
+    adapters = _placed(setting.adapters, setting.everywhere)
+    last = _sds((setting.config.eval.batch_size,), jnp.int32, setting.everywhere)
+    weights = _sds((setting.config.eval.batch_size,), jnp.float32, setting.everywhere)
+    lowerings = method.evaluation_programs(setting.graphdef, setting.frozen, adapters, _prompts(setting), last,
+                                           weights, _decode_options(setting.config))
+    return [Program(f"eval:{name}", lower) for name, lower in lowerings.items()]
 
 
 def run_programs(setting: Setting) -> list[Program]:
-    """Every program a run of the config compiles, named `kind:method` (FedDPA-F's local phase is never packed)."""
+    """Every program a run of the config compiles, named `kind:method` (a local phase after the rounds is never
+    packed)."""
     fed = setting.config.fed
     cohort = fed.clients_per_round or fed.num_clients
     programs = []
     for name in method_names(setting.config):
         method = get_method(name, fed)
+        compiled = round_programs(setting, method)
         clients = 1 if method.pooled else cohort
-        programs.append(local_program(setting, method, f"local:{name}", clients, packed=packs_clients(fed)))
+        programs.append(local_program(setting, method, compiled, f"local:{name}", clients,
+                                      packed=packs_clients(fed)))
         if method.uploads:
-            programs.append(server_program(setting, method, clients))
-        if name == "feddpa_f":
-            programs.append(local_program(setting, method, "local:feddpa_f_local_phase", fed.num_clients,
-                                          hooks=Method(fed), packed=False))
-            programs.extend(dpa_programs(setting))
+            programs.append(server_program(setting, method, compiled, clients))
+        if method.local_phase:
+            programs.append(local_program(setting, method, compiled, f"local:{name}_local_phase", fed.num_clients,
+                                          local_phase=True))
+        programs.extend(method_evaluation_programs(setting, method))
     return programs + [generate_program(setting)]
 
 

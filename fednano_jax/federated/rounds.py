@@ -1,6 +1,6 @@
 """The round loop: sample a cohort, local updates, uploads, server update, evaluate, log, checkpoint.
 
-It names no method: what a method does enters through its hooks (`methods/base.py`).
+It names no method and imports none: what a method does enters through its hooks (`methods/base.py`).
 Every random choice is a pure function of (seed, round, client id) (`schedule`, `server`),
 so a run resumed from a round checkpoint continues exactly as the uninterrupted run
 would have. Server state lives on the device (replicated on a mesh); client state, one
@@ -261,7 +261,7 @@ def run_method(method, graphdef, frozen, init_adapters, device_data: dict, clien
     own_ranks = ranks.tolist() if ranks is not None else [None] * len(train_rows)
     upload_bytes = [len(method.uploads) * rank_bytes(init_adapters, rank) for rank in own_ranks]  # per client
 
-    init_state = {"server": initial_server_state(method, fed, init_adapters, dp),
+    init_state = {"server": jax.tree.map(np.asarray, initial_server_state(method, fed, init_adapters, dp)),
                   "clients": _stack(method.client_state_init(init_adapters), len(train_rows))}
     first, state, history = _resume(checkpoints, init_state, fed.rounds)
     state["server"] = run.place_replicated(state["server"])
@@ -298,9 +298,8 @@ def run_method(method, graphdef, frozen, init_adapters, device_data: dict, clien
 
 
 def initial_server_state(method, fed, adapters, dp: privacy.DpSettings | None) -> dict:
-    """The method's server state before round one, with the server optimizer's and DP's state (host arrays)."""
-    state = init_server_optimizer(server_optimizer(fed, method), method.server_init(adapters))
-    return jax.tree.map(np.asarray, privacy.init_state(dp, state))
+    """The method's server state before round one, with the server optimizer's and DP's state."""
+    return privacy.init_state(dp, init_server_optimizer(server_optimizer(fed, method), method.server_init(adapters)))
 
 
 def public_weight(dp, adapters, weights: np.ndarray, ranks: np.ndarray | None, rank_aggregation: str):

@@ -173,6 +173,7 @@ def sharded_client_program(program, mesh: Mesh):
         padded = jax.tree.leaves(clients)[0].shape[0]
         return jax.tree.map(lambda x: x[:count], outputs) if padded != count else outputs
 
+    run.lower = jitted.lower  # for arguments already padded and sharded (a memory plan's abstract ones)
     return run
 
 

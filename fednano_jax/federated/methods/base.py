@@ -40,6 +40,7 @@ class Method:
     uploads: tuple[str, ...] = ("adapters",)  # the adapter-sized trees a client sends the server each round
     downloads: tuple[str, ...] = ("adapters",)  # the adapter-sized trees it receives (its broadcast)
     pooled = False  # one "client" holding every client's data (Centralized)
+    local_phase = False  # its after_rounds trains every client locally (FedDPA-F)
     extra_passes = 0  # passes over local data after training, through the server LLM (FedNano's Fisher)
     # Why it cannot run with heterogeneous adapter ranks (model.adapter.client_ranks, models/adapter_ranks.py),
     # or None: it can.
@@ -124,6 +125,12 @@ class Method:
         """Client states after the last round. `local_trainer(start_adapters, epochs)` trains every client
         from the given (shared) adapters with plain local steps and returns their adapters [N, ...]."""
         return client_states
+
+    def evaluation_programs(self, graphdef, frozen, adapters, prompts, last_prompt_index, local_weights,
+                            decode: dict) -> dict:
+        """{name: () -> jax.stages.Lowered}: the compiled programs its evaluation adds to the shared greedy
+        decoding, on abstract arguments (`commands/memory_plan.py` plans them)."""
+        return {}
 
     def evaluate(self, evaluator, server_state, client_states, last: bool) -> dict:
         return evaluator.shared(server_state["adapters"])

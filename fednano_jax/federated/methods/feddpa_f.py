@@ -97,6 +97,15 @@ class FedDPAF(Method):
     def client_state_init(self, adapters):
         return adapters  # the local adapter, trained after the last round
 
+    local_phase = True
+
+    def evaluation_programs(self, graphdef, frozen, adapters, prompts, last_prompt_index, local_weights, decode):
+        """Prompt features with the local adapter, then per-row mixed decoding."""
+        return {f"{self.name}_features": lambda: prompt_features.lower(graphdef, frozen, adapters, *prompts,
+                                                                       last_prompt_index),
+                f"{self.name}_generate": lambda: mixed_generate.lower(graphdef, frozen, adapters, adapters,
+                                                                      local_weights, *prompts, **decode)}
+
     def after_rounds(self, server_state, client_states, local_trainer):
         return local_trainer(server_state["adapters"], self.fed.dpa_local_epochs)
 
