@@ -222,3 +222,18 @@ def test_a_dp_round_reports_epsilon_and_without_noise_or_clipping_trains_as_toda
         enabled=True, noise_multiplier=1.0, clip_norm=0.1)})
     assert noised.history[0]["epsilon"] == accountant.epsilon(1.0, 0.5, 1, 1e-5)
     assert noised.history[0]["clip_norm"] == pytest.approx(0.1)
+
+
+def test_distributed_shares_sum_to_at_least_the_central_noise_and_the_server_knows_how_much():
+    """Each of the t clients counted on adds σ/√t; the sum of n ≥ t shares carries σ √(n/t), which is what the
+    server's post-processing is told."""
+    config = fed(noise_multiplier=1.0, clip_norm=0.5, noise="distributed")
+    config.secagg_threshold = 3
+    config.num_clients = 5
+    dp = privacy.settings(config, [1, 2, 3, 4, 5], secure=True)
+    assert dp.distributed and dp.noise_shares == 3
+    assert privacy.client_share_scale(dp) == pytest.approx(1 / math.sqrt(3))
+    in_sums = privacy.noise_in_sums(dp, {"delta": 2.0}, jnp.asarray(5))
+    assert float(in_sums["delta"]) == pytest.approx(2.0 * math.sqrt(5 / 3))
+    central = privacy.settings(fed(noise_multiplier=1.0, clip_norm=0.5), [1, 2, 3])
+    assert not central.distributed and privacy.noise_in_sums(central, {"delta": 2.0}, jnp.asarray(3)) == {"delta": 2.0}

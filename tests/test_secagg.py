@@ -65,7 +65,7 @@ def secure_round(name, reporting, threshold=3):
                                          jnp.asarray(reporting))
     sums, used, cost = secure.secure_sums(jax.tree.map(np.asarray, stacked), np.asarray(used), np.arange(5),
                                           threshold, seed=0, round_index=1)
-    new = GLOBAL if sums is None else finalize_round(method, GLOBAL, sums, jnp.asarray(True))  # a void round
+    new = GLOBAL if sums is None else finalize_round(method, GLOBAL, sums, jnp.asarray(used.sum()))  # a void round
     return new, used, cost, stacked, sums
 
 

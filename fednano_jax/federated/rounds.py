@@ -70,7 +70,7 @@ class RoundPrograms:
     packed: Callable  # (frozen, data, broadcast, PackedLanes [L]) -> ClientOutputs [L, P] (fed.pack_clients)
     # The server program in two halves, for sums added up elsewhere (secure aggregation):
     contribute: Callable  # (server state, uploads, reporting, clients' noise keys) -> (contributions [K], used [K])
-    finalize: Callable  # (server state, sums, any used, noise key) -> server state
+    finalize: Callable  # (server state, sums, clients summed, noise key) -> server state
 
 
 def compile_programs(method, graphdef, fed, epoch_steps: int, mesh: Mesh | None = None,
@@ -94,8 +94,8 @@ def compile_programs(method, graphdef, fed, epoch_steps: int, mesh: Mesh | None 
                                        public_weight=public_weight))
     contribute = jax.jit(lambda state, uploads, reporting, client_keys: client_contributions(
         method, state, uploads, reporting, aggregation, client_keys))
-    finalize = jax.jit(lambda state, sums, any_used, key: finalize_round(
-        method, state, sums, any_used, aggregation, key, stepper, public_weight))
+    finalize = jax.jit(lambda state, sums, used_count, key: finalize_round(
+        method, state, sums, used_count, aggregation, key, stepper, public_weight))
     return RoundPrograms(client_program(method), server, client_program(method.plain()), packed, contribute,
                          finalize)
 
@@ -213,7 +213,7 @@ def aggregate(run: Round, server_state, uploaded, cohort: np.ndarray, reporting:
                                    threshold, seed, round_index)
     if sums is None:
         return server_state, used, cost
-    return run.programs.finalize(server_state, sums, jnp.asarray(True), key), used, cost
+    return run.programs.finalize(server_state, sums, jnp.asarray(used.sum()), key), used, cost
 
 
 def packs_clients(fed) -> bool:

@@ -88,23 +88,25 @@ def client_contributions(method, server_state, uploads: ClientUploads, reporting
     return stacked, keep
 
 
-def finalize_round(method, server_state, sums: dict, any_used: jax.Array, aggregation: Aggregation = Aggregation(),
+def finalize_round(method, server_state, sums: dict, used_count: jax.Array, aggregation: Aggregation = Aggregation(),
                    key: jax.Array | None = None, optimizer=None, public_weight=None):
-    """The new server state from the round's sums: released (central noise), post-processed and finalized by the
-    method, the server optimizer's step, and, under DP, C adapted. `public_weight`: under DP, the expected sum
-    of the public unit weights, q Σ_all w_k (a tree under rank masks); None: DP's scalar expectation."""
+    """The new server state from the sums of `used_count` clients' contributions: released (central noise),
+    post-processed and finalized by the method, the server optimizer's step, and, under DP, C adapted.
+    `public_weight`: under DP, the expected sum of the public unit weights, q Σ_all w_k (a tree under rank
+    masks); None: DP's scalar expectation. No client summed: the state is kept."""
     dp = aggregation.dp
     if dp is not None and sums:
         bounds = method.dp_bounds(server_state[privacy.STATE]["clip_norm"], server_state["adapters"])
         stds = privacy.noise_stds(dp, bounds, method.unweighted)
         released = privacy.release(dp, sums, stds, key)
         expected = dp.expected_weight if public_weight is None else public_weight
-        updated = method.finalize(server_state, privacy.finish(released, stds, expected))
+        in_sums = privacy.noise_in_sums(dp, stds, used_count)
+        updated = method.finalize(server_state, privacy.finish(released, in_sums, expected))
         updated[privacy.STATE] = privacy.next_state(dp, server_state[privacy.STATE], released[privacy.WITHIN])
     else:
         updated = method.finalize(server_state, sums)
     updated = server_optimizer.step(optimizer, server_state, updated)
-    return jax.tree.map(lambda new, old: jnp.where(any_used, new, old), updated, server_state)
+    return jax.tree.map(lambda new, old: jnp.where(used_count > 0, new, old), updated, server_state)
 
 
 def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Array, key: jax.Array | None = None,
@@ -113,7 +115,7 @@ def server_round(method, server_state, uploads: ClientUploads, reporting: jax.Ar
     """-> (new server state, [K] bool of the clients that were used): contributions, plain sums, finalize.
     `key`: the server's DP noise key; `client_keys` [K]: the clients' keys for distributed noise."""
     stacked, used = client_contributions(method, server_state, uploads, reporting, aggregation, client_keys)
-    new = finalize_round(method, server_state, plain_sums(stacked), used.any(), aggregation, key, optimizer,
+    new = finalize_round(method, server_state, plain_sums(stacked), used.sum(), aggregation, key, optimizer,
                          public_weight)
     return new, used
 

@@ -192,6 +192,15 @@ def release(dp: DpSettings, sums: dict, stds: dict, key: jax.Array | None) -> di
     return noised
 
 
+def noise_in_sums(dp: DpSettings, stds: dict | None, used_count) -> dict | None:
+    """The noise std each released sum carries: the central σ_e, or, under distributed noise, the shares of the
+    `used_count` clients summed, σ_e √(used / t) (at least σ_e once t clients are summed)."""
+    if stds is None or not dp.distributed:
+        return stds
+    scale = jnp.sqrt(used_count.astype(jnp.float32)) * client_share_scale(dp)
+    return {name: std * scale for name, std in stds.items()}
+
+
 def finish(sums: dict, stds: dict | None, public_weight) -> dict:
     """Post-processing of the released sums before the method's `finalize`: the public weight replaced by its
     expectation `public_weight` (q Σ_all w_k, per entry under rank masks), and each released correction
