@@ -15,7 +15,7 @@ from fednano_jax.config import validate
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.aggregation import fedavg, fisher_merge
 from fednano_jax.federated.methods import METHODS, get_method
-from fednano_jax.federated.rounds import Round, aggregate, compile_programs, initial_server_state, public_weight
+from fednano_jax.federated.rounds import RunContext, aggregate, compile_programs, initial_server_state, public_weight
 from fednano_jax.federated.server import Aggregation
 from fednano_jax.models.adapter_ranks import client_ranks, stacked_masks
 from fednano_jax.privacy import dp as privacy
@@ -98,7 +98,7 @@ def make_run(config):
     programs = compile_programs(method, None, fed, 1, None, aggregation,
                                 public_weight(dp, GLOBAL, weights, ranks, aggregation.rank_aggregation))
     state = initial_server_state(method, fed, GLOBAL, dp)
-    run = Round(method, programs, None, None, [np.arange(n) for n in COUNTS], COUNTS, 1, config, None, ranks,
+    run = RunContext(method, programs, None, None, [np.arange(n) for n in COUNTS], COUNTS, 1, config, None, ranks,
                 aggregation)
     return run, state, uploads_of(method, ranks)
 

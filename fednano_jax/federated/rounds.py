@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from fednano_jax.errors import CheckpointMismatch
+from fednano_jax.federated import callbacks
 from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
 from fednano_jax.federated.packing import make_packed_program, packed_schedule
@@ -32,7 +33,7 @@ from fednano_jax.federated.server import (Aggregation, ClientUploads, client_con
                                           reporting_clients, server_round)
 from fednano_jax.models.adapter_ranks import MASKED, client_ranks, rank_bytes, stacked_masks
 from fednano_jax.federated.server_optimizer import init_state as init_server_optimizer, server_optimizer
-from fednano_jax.parallel import mesh as sharding
+from fednano_jax.parallel import mesh as meshes
 from fednano_jax.parallel.xla_stats import compile_clock
 from fednano_jax.privacy import dp as privacy
 from fednano_jax.privacy.secagg import majority_threshold
@@ -78,17 +79,17 @@ def compile_programs(method, graphdef, fed, epoch_steps: int, mesh: Mesh | None 
     """With a mesh (vmap mode), clients run sharded over its `clients` axis (see parallel/mesh.py).
     `aggregation`: rank masks and DP; `public_weight`: under DP with rank masks, q Σ_all w_k m_k."""
     optimizer = make_optimizer(fed)
-    devices = mesh.shape[sharding.CLIENTS] if mesh is not None else 1
+    devices = mesh.shape[meshes.CLIENTS] if mesh is not None else 1
 
     def client_program(hooks):
         vmapped, sequential = make_client_programs(graphdef, optimizer, hooks, epoch_steps,
                                                    fed.get("client_chunk", 0), devices, fed.get("fisher_examples", 0))
         if fed.mode == "sequential":
             return sequential
-        return sharding.sharded_client_program(vmapped, mesh) if mesh is not None else jax.jit(vmapped)
+        return meshes.sharded_client_program(vmapped, mesh) if mesh is not None else jax.jit(vmapped)
 
     packed = in_chunks(make_packed_program(graphdef, optimizer, method), fed.get("client_chunk", 0), devices)
-    packed = sharding.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
+    packed = meshes.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
     stepper = server_optimizer(fed, method)
     server = jax.jit(functools.partial(server_round, method, optimizer=stepper, aggregation=aggregation,
                                        public_weight=public_weight))
@@ -142,8 +143,8 @@ def _resume(checkpoints: RoundCheckpoints | None, init_state: dict, rounds: int)
 
 
 @dataclasses.dataclass
-class Round:
-    """Everything the loop knows about the run, shared by its rounds."""
+class RunContext:
+    """Everything a method's rounds share: the method, its programs, the placed backbone and data, the clients."""
 
     method: Any  # methods/base.py's Method
     programs: RoundPrograms
@@ -156,12 +157,13 @@ class Round:
     mesh: Mesh | None
     ranks: np.ndarray | None = None  # [N] each client's adapter rank (model.adapter.client_ranks), or None
     aggregation: Aggregation = Aggregation()
+    upload_bytes: list | None = None  # [N] bytes each client uploads per round
 
     def cohort_ranks(self, cohort: np.ndarray):
         return None if self.ranks is None else self.ranks[cohort]
 
     def place_replicated(self, tree):
-        return sharding.place(tree, sharding.replicated(self.mesh)) if self.mesh is not None else tree
+        return meshes.place(tree, meshes.replicated(self.mesh)) if self.mesh is not None else tree
 
     def schedule(self, client_ids, epochs: int, round_index: int, purpose: Purpose = Purpose.SHUFFLE):
         rows = [self.train_rows[k] for k in client_ids]
@@ -174,28 +176,36 @@ class Round:
         rows, valid = self.schedule(ids, epochs, 0, Purpose.LOCAL_PHASE)
         outputs = self.programs.plain_local(self.frozen, self.data, {"adapters": self.place_replicated(start)},
                                             ClientInputs(rows, valid, None))
-        return jax.tree.map(sharding.to_host, outputs.upload["adapters"])
+        return jax.tree.map(meshes.to_host, outputs.upload["adapters"])
 
 
-def run_round(run: Round, state: dict, round_index: int):
-    """One round -> (new state, cohort, reporting, used, losses)."""
+def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int) -> tuple[dict, dict]:
+    """One round of the method over `cohort` -> (new state, the round's record): broadcast, local updates,
+    uploads of the clients that report, aggregation; after the last round, the method's phase after the rounds."""
     method, fed, config = run.method, run.config.fed, run.config
-    cohort = sample_cohort(len(run.train_rows), 0 if method.pooled else fed.clients_per_round, config.seed,
-                           round_index)
+    started = time.perf_counter()
     broadcast = run.place_replicated(method.broadcast(state["server"]))
     outputs, steps = local_updates(run, cohort, broadcast, _rows(state["clients"], cohort), round_index)
     # A method that sends nothing (LocFT, Centralized) has nothing to lose to a dropped connection.
     reporting = (reporting_clients(cohort, fed.dropout, config.seed, round_index) if method.uploads
                  else np.ones(len(cohort), bool))
     server, used, cost = aggregate(run, state["server"], outputs.upload, cohort, reporting, round_index)
-    steps = {**steps, **cost}
-    new_client_states = jax.tree.map(sharding.to_host, outputs.state)
+    new_client_states = jax.tree.map(meshes.to_host, outputs.state)
     used = used & _finite_rows(new_client_states, len(cohort))
-    clients = _set_rows(state["clients"], cohort, used, new_client_states)
-    return {"server": server, "clients": clients}, cohort, reporting, used, sharding.to_host(outputs.loss), steps
+    state = {"server": server, "clients": _set_rows(state["clients"], cohort, used, new_client_states)}
+    last = round_index + 1 == fed.rounds
+    if last:
+        state["clients"] = method.after_rounds(state["server"], state["clients"], run.local_trainer)
+    jax.block_until_ready(state["server"])
+    record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
+              "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
+              "used": cohort[used].tolist(), "train_loss": meshes.to_host(outputs.loss).tolist(), **steps, **cost,
+              "uploaded_bytes": int(sum(run.upload_bytes[k] for k in cohort[reporting])),
+              "round_seconds": time.perf_counter() - started}
+    return state, record
 
 
-def aggregate(run: Round, server_state, uploaded, cohort: np.ndarray, reporting: np.ndarray, round_index: int):
+def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, reporting: np.ndarray, round_index: int):
     """The cohort's uploads -> (new server state, used [K], the protocol's costs): one server program, or, under
     secure aggregation, its two halves around the secure sum (only masked vectors leave the clients)."""
     ranks = run.cohort_ranks(cohort)
@@ -206,10 +216,10 @@ def aggregate(run: Round, server_state, uploaded, cohort: np.ndarray, reporting:
     client_keys = privacy.client_noise_keys(seed, round_index, cohort) if dp is not None and dp.distributed else None
     if not run.config.fed.get("secure_aggregation", False):
         server, used = run.programs.server(server_state, uploads, jnp.asarray(reporting), key, client_keys)
-        return server, sharding.to_host(used), {}
+        return server, meshes.to_host(used), {}
     stacked, used = run.programs.contribute(server_state, uploads, jnp.asarray(reporting), client_keys)
     threshold = run.config.fed.get("secagg_threshold", 0) or majority_threshold(len(cohort))
-    sums, used, cost = secure_sums(jax.tree.map(sharding.to_host, stacked), sharding.to_host(used), cohort,
+    sums, used, cost = secure_sums(jax.tree.map(meshes.to_host, stacked), meshes.to_host(used), cohort,
                                    threshold, seed, round_index)
     if sums is None:
         return server_state, used, cost
@@ -220,7 +230,7 @@ def packs_clients(fed) -> bool:
     return bool(fed.get("pack_clients", False)) and fed.mode != "sequential"
 
 
-def local_updates(run: Round, cohort: np.ndarray, broadcast, states, round_index: int):
+def local_updates(run: RunContext, cohort: np.ndarray, broadcast, states, round_index: int):
     """The cohort's local training -> (ClientOutputs [K] in cohort order, {client_steps, padded_client_steps}):
     steps the clients really take, and the steps the round's programs run, padding included."""
     fed = run.config.fed
@@ -228,9 +238,9 @@ def local_updates(run: Round, cohort: np.ndarray, broadcast, states, round_index
         rows, valid = run.schedule(cohort, fed.local_epochs, round_index)
         outputs = run.programs.local(run.frozen, run.data, broadcast,
                                      ClientInputs(rows, valid, states, run.cohort_ranks(cohort)))
-        lanes = sharding.padded_cohort(len(cohort), run.mesh) if run.mesh is not None else len(cohort)
+        lanes = meshes.padded_cohort(len(cohort), run.mesh) if run.mesh is not None else len(cohort)
         return outputs, {"client_steps": int(valid.any(axis=2).sum()), "padded_client_steps": lanes * rows.shape[1]}
-    devices = run.mesh.shape[sharding.CLIENTS] if run.mesh is not None else 1
+    devices = run.mesh.shape[meshes.CLIENTS] if run.mesh is not None else 1
     packed = packed_schedule([run.train_rows[k] for k in cohort], fed.batch_size, fed.local_epochs, run.config.seed,
                              round_index, cohort, fed.get("fisher_examples", 0), devices, fed.get("pack_padding", 0.1),
                              states, run.cohort_ranks(cohort))
@@ -243,6 +253,36 @@ def local_updates(run: Round, cohort: np.ndarray, broadcast, states, round_index
 def run_method(method, graphdef, frozen, init_adapters, device_data: dict, client_rows: list[np.ndarray],
                config, evaluator, log: Callable, checkpoints: RoundCheckpoints | None = None,
                mesh: Mesh | None = None) -> RunResult:
+    """The method's rounds: `state, record = run_round(run, state, cohort)`, then the callbacks."""
+    run = run_context(method, graphdef, frozen, init_adapters, device_data, client_rows, config, mesh)
+    fed = config.fed
+    init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
+    init_state = {"server": jax.tree.map(np.asarray, initial_server_state(method, fed, init_adapters,
+                                                                          run.aggregation.dp)),
+                  "clients": _stack(method.client_state_init(init_adapters), len(run.train_rows))}
+    first, state, history = _resume(checkpoints, init_state, fed.rounds)
+    state["server"] = run.place_replicated(state["server"])
+    after_round = [callbacks.dp_accounting(run.aggregation.dp), callbacks.fault_report,
+                   callbacks.evaluation(evaluator, config.eval.every_rounds), callbacks.metrics(history, log),
+                   callbacks.checkpointing(checkpoints, config.checkpoint.every_rounds, history, _checkpointed)]
+    clock = compile_clock()
+    for round_index in tqdm(range(first, fed.rounds), desc=f"{method.label} rounds", unit="round",
+                            initial=first, total=fed.rounds):
+        clock.take()
+        cohort = sample_cohort(len(run.train_rows), 0 if method.pooled else fed.clients_per_round, config.seed,
+                               round_index)
+        state, record = run_round(run, state, cohort, round_index)
+        record["compile_seconds"] = clock.take()
+        record["round_seconds"] -= record["compile_seconds"]
+        for callback in after_round:
+            callback(run, state, record, round_index + 1 == fed.rounds)
+    return RunResult(jax.tree.map(meshes.to_host, state["server"]), state["clients"], history)
+
+
+def run_context(method, graphdef, frozen, init_adapters, device_data: dict, client_rows: list[np.ndarray], config,
+                mesh: Mesh | None) -> RunContext:
+    """What the method's rounds share: its clients' rows and weights, DP settings, compiled programs, the placed
+    backbone and data."""
     fed = config.fed
     train_rows = [np.concatenate(client_rows)] if method.pooled else client_rows
     epoch_steps = steps_per_epoch(train_rows, fed.batch_size)
@@ -254,47 +294,12 @@ def run_method(method, graphdef, frozen, init_adapters, device_data: dict, clien
     programs = compile_programs(method, graphdef, fed, epoch_steps, mesh, aggregation,
                                 public_weight(dp, init_adapters, weights, ranks, aggregation.rank_aggregation))
     if mesh is not None:
-        frozen = sharding.place_backbone(frozen, mesh, sharding.mesh_config_of(config))  # a no-op once placed
-        device_data = sharding.place(device_data, sharding.replicated(mesh))
-    run = Round(method, programs, frozen, device_data, train_rows, np.array([len(r) for r in train_rows]),
-                epoch_steps, config, mesh, ranks, aggregation)
+        frozen = meshes.place_backbone(frozen, mesh, meshes.mesh_config_of(config))  # a no-op once placed
+        device_data = meshes.place(device_data, meshes.replicated(mesh))
     own_ranks = ranks.tolist() if ranks is not None else [None] * len(train_rows)
     upload_bytes = [len(method.uploads) * rank_bytes(init_adapters, rank) for rank in own_ranks]  # per client
-
-    init_state = {"server": jax.tree.map(np.asarray, initial_server_state(method, fed, init_adapters, dp)),
-                  "clients": _stack(method.client_state_init(init_adapters), len(train_rows))}
-    first, state, history = _resume(checkpoints, init_state, fed.rounds)
-    state["server"] = run.place_replicated(state["server"])
-    clock = compile_clock()
-    for round_index in tqdm(range(first, fed.rounds), desc=f"{method.label} rounds", unit="round",
-                            initial=first, total=fed.rounds):
-        clock.take()
-        start = time.perf_counter()
-        state, cohort, reporting, used, losses, steps = run_round(run, state, round_index)
-        last = round_index + 1 == fed.rounds
-        if last:
-            state["clients"] = method.after_rounds(state["server"], state["clients"], run.local_trainer)
-        jax.block_until_ready(state["server"])
-        compile_seconds = clock.take()
-        record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
-                  "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
-                  "train_loss": losses.tolist(), **steps, "uploaded_bytes": sum(upload_bytes[k] for k in cohort[reporting]),
-                  "round_seconds": time.perf_counter() - start - compile_seconds,
-                  "compile_seconds": compile_seconds}
-        if dp is not None:  # the guarantee so far, and the clip norm the next round uses
-            record.update(epsilon=dp.epsilon(round_index + 1), delta=dp.delta,
-                          clip_norm=float(sharding.to_host(state["server"][privacy.STATE]["clip_norm"])))
-        _warn_about_faults(record, used)
-        if last or (config.eval.every_rounds and (round_index + 1) % config.eval.every_rounds == 0):
-            eval_start = time.perf_counter()
-            host_server = jax.tree.map(sharding.to_host, state["server"])
-            record.update(method.evaluate(evaluator, host_server, state["clients"], last))
-            record["eval_seconds"] = time.perf_counter() - eval_start
-        history.append(record)
-        log(record)
-        if checkpoints and (last or (round_index + 1) % config.checkpoint.every_rounds == 0):
-            checkpoints.save(round_index + 1, _checkpointed(state), history)
-    return RunResult(jax.tree.map(sharding.to_host, state["server"]), state["clients"], history)
+    return RunContext(method, programs, frozen, device_data, train_rows, np.array([len(r) for r in train_rows]),
+                      epoch_steps, config, mesh, ranks, aggregation, upload_bytes)
 
 
 def initial_server_state(method, fed, adapters, dp: privacy.DpSettings | None) -> dict:
@@ -314,14 +319,7 @@ def public_weight(dp, adapters, weights: np.ndarray, ranks: np.ndarray | None, r
 
 def _checkpointed(state: dict) -> dict:
     """The state as orbax stores it: host arrays; no entry for a method without client state."""
-    saved = {"server": jax.tree.map(sharding.to_host, state["server"])}
+    saved = {"server": jax.tree.map(meshes.to_host, state["server"])}
     if state["clients"] is not None:
         saved["clients"] = state["clients"]
     return saved
-
-
-def _warn_about_faults(record: dict, used: np.ndarray) -> None:
-    if record["non_finite"]:
-        tqdm.write(f"Round {record['round']}: left out clients {record['non_finite']}, whose update was not finite.")
-    if not used.any():
-        tqdm.write(f"Round {record['round']}: no client reported; the global adapters are unchanged.")

@@ -1,0 +1,69 @@
+"""What happens after each round, as callbacks (pfl's `after_central_iteration`): the round driver
+(`rounds.run_method`) trains and aggregates; these add to the round's record, report, evaluate, log and
+checkpoint. Each is `callback(run, state, record, last)`; they run in the order given, on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+from tqdm import tqdm
+
+from fednano_jax.federated.checkpoints import RoundCheckpoints
+from fednano_jax.parallel import mesh as meshes
+from fednano_jax.privacy import dp as privacy
+
+
+def dp_accounting(dp: privacy.DpSettings | None) -> Callable:
+    """Under client-level DP: the guarantee so far (ε at δ) and the clip norm the next round uses."""
+
+    def after_round(run, state, record, last):
+        if dp is not None:
+            record.update(epsilon=dp.epsilon(record["round"]), delta=dp.delta,
+                          clip_norm=float(meshes.to_host(state["server"][privacy.STATE]["clip_norm"])))
+
+    return after_round
+
+
+def fault_report(run, state, record, last) -> None:
+    """Say which clients' updates were left out, and when no client reported at all."""
+    if record["non_finite"]:
+        tqdm.write(f"Round {record['round']}: left out clients {record['non_finite']}, whose update was not finite.")
+    if not record["used"]:
+        tqdm.write(f"Round {record['round']}: no client reported; the global adapters are unchanged.")
+
+
+def evaluation(evaluator, every_rounds: int) -> Callable:
+    """The method's evaluation every `every_rounds` rounds (0: only after the last) and after the last."""
+
+    def after_round(run, state, record, last):
+        if last or (every_rounds and record["round"] % every_rounds == 0):
+            started = time.perf_counter()
+            host_server = jax.tree.map(meshes.to_host, state["server"])
+            record.update(run.method.evaluate(evaluator, host_server, state["clients"], last))
+            record["eval_seconds"] = time.perf_counter() - started
+
+    return after_round
+
+
+def metrics(history: list, log: Callable) -> Callable:
+    """The record into the run's history and its log (metrics.jsonl, TensorBoard: `metrics.MetricsLog`)."""
+
+    def after_round(run, state, record, last):
+        history.append(record)
+        log(record)
+
+    return after_round
+
+
+def checkpointing(checkpoints: RoundCheckpoints | None, every_rounds: int, history: list,
+                  checkpointed: Callable) -> Callable:
+    """A round checkpoint (state and history) every `every_rounds` rounds and after the last."""
+
+    def after_round(run, state, record, last):
+        if checkpoints and (last or record["round"] % every_rounds == 0):
+            checkpoints.save(record["round"], checkpointed(state), history)
+
+    return after_round
