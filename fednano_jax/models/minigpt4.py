@@ -7,6 +7,7 @@ LLM width) and the token embeddings; A_I sits on `llama_proj`'s outputs, one per
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 from flax import nnx
@@ -19,6 +20,14 @@ from fednano_jax.models.qformer import QFormer, QFormerConfig
 class MiniGpt4VisionConfig:
     eva: EvaVitConfig
     qformer: QFormerConfig
+
+    # What this vision side holds, for the parameter accounting: (label, path under the NanoEdge's `vision/`).
+    parts: ClassVar[tuple[tuple[str, str], ...]] = (("EVA ViT (with ln_vision)", "visual_encoder/"),
+                                                    ("Q-Former (with its query tokens)", "qformer/"))
+
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The module this config describes (NanoEdge builds its vision side from its config)."""
+        return MiniGpt4Vision(self, rngs)
 
     def __post_init__(self):
         if self.qformer.encoder_hidden_size != self.eva.hidden_size:

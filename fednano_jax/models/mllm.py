@@ -5,13 +5,15 @@ NanoAdapters (A_I on projected image tokens, A_T on text token embeddings); it
 turns token ids and images into input embeddings. The server keeps the LLM
 (decoder blocks, final norm, LM head) frozen and turns embeddings into logits.
 Image tokens are spliced where the (already expanded) `<image>` placeholder ids sit,
-as LLaVA does. The vision side is LLaVA's (a CLIP tower and a projector) or MiniGPT-4's
-(EVA ViT and Q-Former, then `llama_proj`), chosen by the type of `MllmConfig.vision`.
+as LLaVA does. The vision side is whatever module `MllmConfig.vision` builds (`build`): LLaVA's CLIP
+tower (then a projector) or MiniGPT-4's EVA ViT and Q-Former (then `llama_proj`); the server is
+`MllmConfig.decoder` on `MllmConfig.llm`. The backbone family (`backbone/family/`) fills both in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +21,7 @@ from flax import nnx
 
 from fednano_jax.models.connector import make_connector
 from fednano_jax.models.llama import LlamaConfig, LlamaDecoder
-from fednano_jax.models.minigpt4 import MiniGpt4Vision, MiniGpt4VisionConfig
 from fednano_jax.models.nano_adapter import AdapterParam, NanoAdapter
-from fednano_jax.models.vision import VisionConfig, VisionTower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +32,31 @@ class AdapterConfig:
     text: bool = True  # A_T on text tokens
 
 
+class VisionSideConfig(Protocol):
+    """What NanoEdge needs of a vision side's config (models/vision.VisionConfig, models/minigpt4's, ...)."""
+
+    image_size: int
+    parts: tuple[tuple[str, str], ...]  # (label, path under NanoEdge's `vision/`): what the client holds
+
+    @property
+    def num_image_tokens(self) -> int: ...  # image embeddings per image
+
+    @property
+    def feature_size(self) -> int: ...  # the width the connector reads
+
+    def build(self, rngs: nnx.Rngs) -> nnx.Module: ...  # images [B, H, W, 3] -> features [B, tokens, feature_size]
+
+
 @dataclasses.dataclass(frozen=True)
 class MllmConfig:
-    vision: VisionConfig | MiniGpt4VisionConfig | None  # None: a text-only LLM (no vision side, no A_I)
-    llm: LlamaConfig
+    vision: VisionSideConfig | None  # None: a text-only LLM (no vision side, no A_I)
+    llm: LlamaConfig  # the decoder's config
     adapter: AdapterConfig
     image_token_id: int
     connector: str = "mlp2x_gelu"
     embed_vocab_size: int | None = None  # rows of the client's embedding table, when it has ids the LM head has not
                                           # (an `<image>` token added to a text-only LLM's tokenizer)
+    decoder: type = LlamaDecoder  # the server's module, built as decoder(llm, rngs): the backbone family names it
 
 
 def splice_image_features(text_embeds: jax.Array, image_features: jax.Array, is_image: jax.Array) -> jax.Array:
@@ -54,10 +70,6 @@ def splice_image_features(text_embeds: jax.Array, image_features: jax.Array, is_
     return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
-def make_vision(config: VisionConfig | MiniGpt4VisionConfig, rngs: nnx.Rngs) -> nnx.Module:
-    return MiniGpt4Vision(config, rngs) if isinstance(config, MiniGpt4VisionConfig) else VisionTower(config, rngs)
-
-
 class NanoEdge(nnx.Module):
     """Everything a client holds: the only place raw images and token ids are seen."""
 
@@ -65,7 +77,7 @@ class NanoEdge(nnx.Module):
         d = config.llm.hidden_size
         dtype = jnp.dtype(config.llm.dtype)
         v = config.vision
-        self.vision = make_vision(v, rngs) if v else None
+        self.vision = v.build(rngs) if v else None
         self.connector = make_connector(config.connector, v.feature_size, d, rngs, dtype) if v else None
         self.embed_tokens = nnx.Embed(config.embed_vocab_size or config.llm.vocab_size, d, dtype=dtype, rngs=rngs,
                                       embedding_init=nnx.initializers.normal(0.02))
@@ -94,7 +106,7 @@ class NanoEdge(nnx.Module):
 class MultimodalModel(nnx.Module):
     def __init__(self, config: MllmConfig, rngs: nnx.Rngs):
         self.edge = NanoEdge(config, rngs)
-        self.server = LlamaDecoder(config.llm, rngs)
+        self.server = config.decoder(config.llm, rngs)
         self.config = config
 
     def __call__(self, input_ids, attention_mask, images=None):

@@ -10,6 +10,7 @@ selected one are never computed.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,13 @@ class VisionConfig:
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     dtype: str = "float32"
+
+    # What this vision side holds, for the parameter accounting: (label, path under the NanoEdge's `vision/`).
+    parts: ClassVar[tuple[tuple[str, str], ...]] = (("Vision tower", ""),)
+
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The module this config describes (NanoEdge builds its vision side from its config)."""
+        return VisionTower(self, rngs)
 
     @property
     def num_patches(self) -> int:
