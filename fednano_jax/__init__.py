@@ -1,5 +1,5 @@
 """fednano_jax: FedNano in JAX/Flax NNX. `load_pretrained` (LLaVA-1.5, LLaMA-family LLMs) and `load_minigpt4`
-load real checkpoints (see fednano_jax.backbone.pretrained and fednano_jax.backbone.minigpt4)."""
+load real checkpoints (see fednano_jax.backbone.pretrained and fednano_jax.backbone.family.minigpt4)."""
 
 
 def load_pretrained(path, dtype=None, adapter=None, seed: int = 0):
@@ -9,6 +9,6 @@ def load_pretrained(path, dtype=None, adapter=None, seed: int = 0):
 
 
 def load_minigpt4(llm, projection, vision, qformer=None, dtype=None, adapter=None, seed: int = 0):
-    from fednano_jax.backbone.minigpt4 import load_minigpt4 as load
+    from fednano_jax.backbone.family.minigpt4 import load_minigpt4 as load
 
     return load(llm, projection, vision, qformer, dtype=dtype, adapter=adapter, seed=seed)

@@ -1,4 +1,4 @@
-"""Checks on a user's experiment config, and the model config it describes.
+"""Checks on a user's experiment config (the backbone's own, by its family: backbone/family/).
 
 Every check raises `ConfigError` with one sentence naming the setting and what was
 expected; main prints that sentence instead of a traceback.
@@ -10,6 +10,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from fednano_jax.backbone.family import family_of, without_derived_family
 from fednano_jax.data.partition import PARTITIONS, Partition
 from fednano_jax.data.prompts import DEFAULT_TEMPLATE, TEMPLATES
 from fednano_jax.errors import ConfigError
@@ -17,12 +18,7 @@ from fednano_jax.models import adapter_ranks as ranks
 from fednano_jax.privacy import dp as privacy
 from fednano_jax.privacy.accountant import ACCOUNTANTS
 from fednano_jax.federated.server_optimizer import OPTIMIZERS as SERVER_OPTIMIZERS
-from fednano_jax.models.llama import REMAT_POLICIES, LlamaConfig
-from fednano_jax.models.eva_vit import EvaVitConfig
-from fednano_jax.models.minigpt4 import MiniGpt4VisionConfig
-from fednano_jax.models.mllm import AdapterConfig, MllmConfig
-from fednano_jax.models.qformer import QFormerConfig
-from fednano_jax.models.vision import VisionConfig
+from fednano_jax.models.llama import REMAT_POLICIES
 
 
 def _require(condition: bool, message: str) -> None:
@@ -104,8 +100,7 @@ def validate(config: ConfigDict, known_methods) -> None:
              "only the shapes).")
     _require(config.model.get("prompt", DEFAULT_TEMPLATE) in TEMPLATES,
              f"model.prompt must be one of {sorted(TEMPLATES)}, got {config.model.get('prompt')!r}.")
-    if is_minigpt4(config):
-        minigpt4_vision_config(config)  # its checks
+    family_of(config).check(config)  # model.family (or the one its keys describe) and that family's own checks
     methods = method_names(config)
     _require(len(methods) > 0, "fed.methods must name at least one method.")
     for name in methods:
@@ -187,54 +182,6 @@ def method_names(config: ConfigDict) -> list[str]:
     return [part.strip() for name in names for part in name.split(",") if part.strip()]
 
 
-def is_minigpt4(config: ConfigDict) -> bool:
-    """A MiniGPT-4-layout model (EVA ViT, Q-Former, llama_proj): its config has a `model.qformer` section."""
-    return bool(config.model.get("qformer"))
-
-
-def minigpt4_vision_config(config: ConfigDict) -> MiniGpt4VisionConfig:
-    m = config.model
-    v, q = m.vision, m.qformer
-    _require(m.connector == "linear", f"A MiniGPT-4 model (model.qformer set) projects with one linear layer "
-             f"(llama_proj): model.connector must be 'linear', got {m.connector!r}.")
-    eva = EvaVitConfig(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
-                       intermediate_size=v.intermediate_size, num_layers=v.num_layers, num_heads=v.num_heads,
-                       dtype=m.dtype)
-    qformer = QFormerConfig(hidden_size=q.hidden_size, num_layers=q.num_layers, num_heads=q.num_heads,
-                            intermediate_size=q.intermediate_size, encoder_hidden_size=v.hidden_size,
-                            cross_attention_frequency=q.cross_attention_frequency,
-                            num_query_tokens=q.num_query_tokens)
-    return MiniGpt4VisionConfig(eva, qformer)
-
-
-def vision_config(config: ConfigDict) -> VisionConfig | MiniGpt4VisionConfig:
-    if is_minigpt4(config):
-        return minigpt4_vision_config(config)
-    m = config.model
-    v = m.vision
-    return VisionConfig(
-        image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
-        intermediate_size=v.intermediate_size, num_layers=v.num_layers, num_heads=v.num_heads,
-        feature_layer=v.feature_layer, dtype=m.dtype,
-    )
-
-
-def adapter_config(config: ConfigDict) -> AdapterConfig:
-    a = config.model.adapter
-    return AdapterConfig(a.rank, a.alpha, a.image, a.text)
-
-
-def model_config(config: ConfigDict, vocab_size: int, image_token_id: int) -> MllmConfig:
-    m = config.model
-    l = m.llm
-    llm = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=l.hidden_size, intermediate_size=l.intermediate_size,
-        num_layers=l.num_layers, num_heads=l.num_heads, num_kv_heads=l.num_kv_heads,
-        rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps, dtype=m.dtype, remat=m.get("remat", "none"),
-    )
-    return MllmConfig(vision_config(config), llm, adapter_config(config), image_token_id, m.connector)
-
-
 # Settings added after checkpoints were first written, with the value that means what their absence meant:
 # at that value they stay out of the fingerprint, so older workdirs still resume.
 LATER_DEFAULTS = {"fed": {"fisher_examples": 0, "server_optimizer": "none", "server_learning_rate": 0.0,
@@ -265,7 +212,7 @@ def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
     fed = _fingerprinted("fed", config.fed.to_dict(),
                          ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding"))
     data = _fingerprinted("data", config.data.to_dict(), ("dir", "root", "stream_images"))
-    model = config.model.to_dict()
+    model = without_derived_family(config.model.to_dict())  # naming a config's own family keeps its fingerprint
     model["adapter"] = _fingerprinted("adapter", {**model["adapter"], "client_ranks": ranks.parse_client_ranks(
         model["adapter"].get("client_ranks", ()))}, ())
     return {"seed": config.seed, "model": model, "data": data, "fed": fed, "backbone": backbone_key}

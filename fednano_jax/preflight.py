@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from fednano_jax.backbone import pretrain
-from fednano_jax.backbone.build import stored_backbones
 from fednano_jax.backbone.shapes import checkpoint_metadata, model_shapes
+from fednano_jax.backbone.stored import stored_backbones
 from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.config import method_names, validate
 from fednano_jax.data import datasets, pipeline

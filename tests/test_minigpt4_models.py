@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from fednano_jax.models.eva_vit import EvaVisionTower, EvaVitConfig  # noqa: E402
 from fednano_jax.models.qformer import QFormer, QFormerConfig  # noqa: E402
 from fednano_jax.weights.fill import fill_state  # noqa: E402
-from fednano_jax.weights.names import eva_vit_hf_table, qformer_table  # noqa: E402
+from fednano_jax.backbone.family.minigpt4 import eva_vit_hf_table, qformer_table  # noqa: E402
 
 VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=28,
               patch_size=7, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu")
@@ -104,7 +104,7 @@ def test_lavis_checkpoints_load_to_the_same_modules(tmp_path):
     HF outputs."""
     import itertools
 
-    from fednano_jax.weights.names import eva_vit_lavis_table
+    from fednano_jax.backbone.family.minigpt4 import eva_vit_lavis_table
     from fednano_jax.weights.torch_pth import iter_pth
 
     torch.manual_seed(0)

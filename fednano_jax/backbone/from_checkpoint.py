@@ -1,10 +1,10 @@
-"""A pretrained checkpoint as an experiment's backbone (`config.model.path`).
+"""A pretrained checkpoint as an experiment's backbone (`config.model.path`), as its family loads it.
 
-A LLaVA checkpoint, or MiniGPT-4's files (`model.minigpt4` beside Vicuna at `model.path`), is used as it is. A text-only LLM (SmolLM2, LLaMA, Vicuna, ...) gets
-the config's vision tower and connector and an `<image>` token, and LLaVA's alignment
-stage trains that vision side on the held-aside pretraining examples with the LLM
-frozen. Only the aligned vision side is cached (keyed like the small backbone); the
-LLM is read from its checkpoint every run.
+A checkpoint with its own vision side (LLaVA, MiniGPT-4's files) is used as it is. A text-only LLM (SmolLM2,
+LLaMA, Vicuna, ...) gets the config's vision side (its family's: a CLIP tower, or MiniGPT-4's EVA ViT and
+Q-Former), connector and an `<image>` token, and LLaVA's alignment stage trains that vision side on the
+held-aside pretraining examples with the LLM frozen. Only the aligned vision side is cached (keyed like the
+small backbone); the LLM is read from its checkpoint every run.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fednano_jax.backbone import cache, pretrain
+from fednano_jax.backbone.family import family_of
 from fednano_jax.data import pipeline
 from fednano_jax.data.tokenizer import add_image_token, load_tokenizer
-from fednano_jax.config import adapter_config, vision_config
-from fednano_jax.models.llama import LlamaConfig
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
-from fednano_jax.backbone.pretrained import PretrainedModel, load_pretrained
+from fednano_jax.backbone.pretrained import PretrainedModel
 from fednano_jax.weights.fill import flatten, unflatten
 
 VISION_SIDE = ("edge/vision/", "edge/connector/")
@@ -29,12 +28,6 @@ VISION_SIDE = ("edge/vision/", "edge/connector/")
 
 def _vision_side(state) -> dict:
     return {k: v for k, v in flatten(nnx.to_pure_dict(state)).items() if k.startswith(VISION_SIDE)}
-
-
-def with_vision_tower(config, llm: LlamaConfig, image_token: int, tokenizer_size: int) -> MllmConfig:
-    """A text-only LLM's config plus the experiment config's vision tower, connector and adapters."""
-    return MllmConfig(vision_config(config), llm, adapter_config(config), image_token, config.model.connector,
-                      embed_vocab_size=max(tokenizer_size, llm.vocab_size))
 
 
 def attach_vision_tower(loaded: PretrainedModel, mcfg: MllmConfig, seed: int):
@@ -54,16 +47,11 @@ def attach_vision_tower(loaded: PretrainedModel, mcfg: MllmConfig, seed: int):
     return graphdef, frozen, adapters
 
 
-def checkpoint_backbone(config, splits):
-    """-> (graphdef, frozen, adapters, tokenizer, model config) from config.model.path."""
-    if config.model.get("minigpt4"):
-        from fednano_jax.backbone.minigpt4 import files_of, load_minigpt4
-
-        loaded = load_minigpt4(config.model.path, **files_of(config), dtype=config.model.dtype,
-                               adapter=adapter_config(config), seed=config.pretrain.seed)
-    else:
-        loaded = load_pretrained(config.model.path, dtype=config.model.dtype, adapter=adapter_config(config),
-                                 seed=config.pretrain.seed)
+def checkpoint_backbone(config, splits, family=None):
+    """-> (graphdef, frozen, adapters, tokenizer, model config) from config.model.path, loaded by `family` (the
+    config's, by default)."""
+    family = family or family_of(config)
+    loaded = family.load(config)
     print(f"Loaded {loaded.source}")
     if loaded.config.vision is not None:
         return loaded.graphdef, loaded.frozen, loaded.adapters, loaded.tokenizer, loaded.config
@@ -71,7 +59,7 @@ def checkpoint_backbone(config, splits):
     cached = cache.backbone_is_cached(backbone_dir)
     tokenizer = load_tokenizer(os.path.join(backbone_dir, cache.TOKENIZER)) if cached else loaded.tokenizer
     image_token = add_image_token(tokenizer)
-    mcfg = with_vision_tower(config, loaded.config.llm, image_token, len(tokenizer))
+    mcfg = family.with_vision_tower(config, loaded.config.llm, image_token, len(tokenizer))
     graphdef, frozen, adapters = attach_vision_tower(loaded, mcfg, config.pretrain.seed)
     del loaded
     if cached:

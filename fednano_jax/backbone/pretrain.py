@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from fednano_jax.backbone.family import without_derived_family
 from fednano_jax.data.prompts import TokenizedSet
 from fednano_jax.data.batches import device_dataset, gather_batch
 from fednano_jax.models.loss import mean_answer_nll, model_logits
@@ -30,7 +31,7 @@ from fednano_jax.weights.fill import flatten, unflatten
 
 def cache_key(config) -> str:
     """Hash of everything that determines the pretrained backbone (not adapters, not fed)."""
-    model = config.model.to_dict()
+    model = without_derived_family(config.model.to_dict())  # naming a config's own family keeps its key
     model.pop("adapter")
     model.pop("remat", None)  # how the graph saves memory, not what it computes
     where = ("cache_dir", "shipped")  # where a backbone is looked for, not what it is

@@ -5,13 +5,14 @@ as save_pretrained writes them; llava-hf LLaVA-1.5 or a LLaMA-family causal LM) 
 llama.cpp `.gguf` file. The result holds the model split as the federated code uses
 it (graphdef, frozen backbone, NanoAdapters at identity), the tokenizer from the same
 source, and `logits` / `generate` that compute what transformers' PyTorch code does.
+The backbone family whose `hf_model_type` is the directory's model_type (backbone/family/) reads
+its layout and name table; a GGUF file holds a LLaMA-family text LLM (the llama_text family).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable
 
@@ -20,17 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fednano_jax.data.images import llava_image, minigpt4_image
+from fednano_jax.backbone.family import FAMILIES, entry
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.models.llama import LlamaConfig
-from fednano_jax.models.minigpt4 import MiniGpt4VisionConfig
 from fednano_jax.models.mllm import AdapterConfig, MllmConfig, MultimodalModel, merge_model, split_model
-from fednano_jax.models.vision import VisionConfig
-from fednano_jax.weights import gguf_llama, names, safetensors_hf
+from fednano_jax.weights import gguf_llama, safetensors_hf
 from fednano_jax.errors import WeightsError
 from fednano_jax.weights.fill import fill_state
 
 NO_IMAGE_TOKEN = -1  # a text-only LLM: no id is spliced
+GGUF_FAMILY = "llama_text"  # what a .gguf file holds here (gguf_llama reads LLaMA-architecture files only)
 
 
 def default_dtype():
@@ -65,36 +65,6 @@ def llama_config(hf, dtype) -> LlamaConfig:
                        rms_norm_eps=hf.rms_norm_eps, dtype=jnp.dtype(dtype).name)
 
 
-def _image_statistics(directory: str) -> dict:
-    path = os.path.join(directory, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        processor = json.load(f)
-    return {key: tuple(processor[key]) for key in ("image_mean", "image_std") if key in processor}
-
-
-def vision_config(hf, directory: str, dtype) -> VisionConfig:
-    """CLIP vision tower config from a transformers LlavaConfig (and the checkpoint's preprocessor config)."""
-    vc = hf.vision_config
-    if vc.model_type != "clip_vision_model":
-        raise WeightsError(f"Unsupported vision tower {vc.model_type!r}; expected a CLIP vision model.")
-    layer = hf.vision_feature_layer
-    if not isinstance(layer, int):
-        raise WeightsError(f"vision_feature_layer={layer!r} is not supported; expected one layer index.")
-    strategy = hf.vision_feature_select_strategy
-    if strategy not in ("default", "full"):
-        raise WeightsError(f"vision_feature_select_strategy {strategy!r} is not supported; expected 'default' "
-                           "or 'full'.")
-    if hf.projector_hidden_act != "gelu" or not getattr(hf, "multimodal_projector_bias", True):
-        raise WeightsError("Only LLaVA's mlp2x_gelu projector (GELU, with biases) is supported.")
-    return VisionConfig(image_size=vc.image_size, patch_size=vc.patch_size, hidden_size=vc.hidden_size,
-                        intermediate_size=vc.intermediate_size, num_layers=vc.num_hidden_layers,
-                        num_heads=vc.num_attention_heads, feature_layer=layer, select_strategy=strategy,
-                        layer_norm_eps=vc.layer_norm_eps, activation=vc.hidden_act, dtype=jnp.dtype(dtype).name,
-                        **_image_statistics(directory))
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _logits(graphdef, frozen, adapters, input_ids, attention_mask, images):
     return merge_model(graphdef, frozen, adapters)(input_ids, attention_mask, images)
@@ -110,6 +80,7 @@ class PretrainedModel:
     adapters: nnx.State
     source: str
     load_tokenizer: Callable[[], Any]
+    family: str  # the backbone family that read it (backbone/family/): how its images are prepared
 
     @property
     def image_token_id(self) -> int:
@@ -127,15 +98,13 @@ class PretrainedModel:
         return self.load_tokenizer()
 
     def preprocess(self, images) -> np.ndarray:
-        """PIL images -> uint8 [B, size, size, 3] as LLaVA-1.5 prepares them (padded to a square with the
-        checkpoint's mean colour, bicubic-resized) or MiniGPT-4 does (bicubic-resized); `logits`/`generate`
+        """PIL images -> uint8 [B, size, size, 3] as the family's checkpoints were fed: LLaVA-1.5 pads to a square
+        with the checkpoint's mean colour and bicubic-resizes, MiniGPT-4 only resizes; `logits`/`generate`
         normalise with the checkpoint's mean and std."""
         if self.config.vision is None:
             raise ValueError(f"{self.source} is a text-only LLM; it takes no images.")
-        v = self.config.vision
-        if isinstance(v, MiniGpt4VisionConfig):
-            return np.stack([minigpt4_image(image, v.image_size) for image in images])
-        return np.stack([llava_image(image, v.image_size, v.image_mean) for image in images])
+        family = entry(self.family)
+        return np.stack([family.prepare_image(image, self.config.vision) for image in images])
 
     def _inputs(self, input_ids, pixel_values, attention_mask):
         ids = jnp.asarray(input_ids, jnp.int32)
@@ -185,41 +154,30 @@ def _build(config: MllmConfig, table, tensors, dtype, source: str, seed: int):
 
 
 def _hf_layout(directory: str, dtype, adapter: AdapterConfig):
-    """-> (model config, name table) of a Hugging Face checkpoint directory, from its config and key names only."""
+    """-> (model config, name table, family name) of a Hugging Face checkpoint directory, from its config and key
+    names only: the family whose `hf_model_type` is its model_type reads it."""
     import transformers
 
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise WeightsError(f"{directory} has no config.json; expected a Hugging Face checkpoint directory "
                            "(save_pretrained output) or a .gguf file.")
     hf = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-    if hf.model_type == "llava":
-        text = hf.text_config
-        prefixes = names.llava_prefixes(safetensors_hf.checkpoint_keys(directory))
-        vision = vision_config(hf, directory, dtype)
-        image_token = getattr(hf, "image_token_id", None)
-        image_token = hf.image_token_index if image_token is None else image_token
-        table = {**names.llama_table(prefixes, text.num_hidden_layers, text.tie_word_embeddings),
-                 **names.clip_vision_table(prefixes, vision.num_layers), **names.projector_table(prefixes)}
-    elif hf.model_type == "llama":
-        text, vision, image_token, prefixes = hf, None, NO_IMAGE_TOKEN, names.LLAMA
-        table = names.llama_table(prefixes, text.num_hidden_layers, text.tie_word_embeddings)
-    else:
-        raise WeightsError(f"Unsupported architecture {hf.model_type!r} in {directory}/config.json; expected "
-                           "'llava' (LLaVA-1.5) or 'llama' (a LLaMA-family causal LM).")
-    return MllmConfig(vision, llama_config(text, dtype), adapter, image_token), table
+    readers = [family for family in map(entry, FAMILIES) if family.hf_model_type]
+    for family in readers:
+        if family.hf_model_type == hf.model_type:
+            return (*family.hf_layout(hf, directory, dtype, adapter), family.name)
+    expected = " or ".join(f"{family.hf_model_type!r} ({family.hf_description})" for family in readers)
+    raise WeightsError(f"Unsupported architecture {hf.model_type!r} in {directory}/config.json; expected "
+                       f"{expected}.")
 
 
 def _load_hf(directory: str, dtype, adapter: AdapterConfig, seed: int) -> PretrainedModel:
     import transformers
 
-    config, table = _hf_layout(directory, dtype, adapter)
+    config, table, family = _hf_layout(directory, dtype, adapter)
     graphdef, frozen, adapters = _build(config, table, safetensors_hf.iter_tensors(directory), dtype, directory, seed)
     return PretrainedModel(config, graphdef, frozen, adapters, directory, functools.partial(
-        transformers.AutoTokenizer.from_pretrained, directory, local_files_only=True))
-
-
-def _gguf_config(hparams: dict, dtype, adapter: AdapterConfig) -> MllmConfig:
-    return MllmConfig(None, llama_config(_as_hf_config(hparams), dtype), adapter, NO_IMAGE_TOKEN)
+        transformers.AutoTokenizer.from_pretrained, directory, local_files_only=True), family)
 
 
 def _load_gguf(path: str, dtype, adapter: AdapterConfig, seed: int) -> PretrainedModel:
@@ -227,14 +185,15 @@ def _load_gguf(path: str, dtype, adapter: AdapterConfig, seed: int) -> Pretraine
 
     reader = gguf_llama.open_reader(path)
     hparams = gguf_llama.hyperparameters(reader)
-    config = _gguf_config(hparams, dtype, adapter)
-    table = names.llama_table(names.LLAMA, hparams["num_hidden_layers"], hparams["tie_word_embeddings"])
+    config, table = entry(GGUF_FAMILY).gguf_layout(hparams, dtype, adapter)
     graphdef, frozen, adapters = _build(config, table, gguf_llama.iter_tensors(reader, hparams), dtype, path, seed)
     return PretrainedModel(config, graphdef, frozen, adapters, path, functools.partial(
-        transformers.AutoTokenizer.from_pretrained, os.path.dirname(path), gguf_file=os.path.basename(path)))
+        transformers.AutoTokenizer.from_pretrained, os.path.dirname(path), gguf_file=os.path.basename(path)),
+        GGUF_FAMILY)
 
 
-def _as_hf_config(fields: dict):
+def as_hf_config(fields: dict):
+    """GGUF hyperparameters as the attributes of a transformers LlamaConfig (for llama_config)."""
     import types
 
     return types.SimpleNamespace(model_type="llama", **fields)
@@ -284,7 +243,8 @@ def checkpoint_config(path: str, dtype=None, adapter: AdapterConfig | None = Non
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     adapter = adapter or AdapterConfig()
     if os.path.isfile(path):
-        return _gguf_config(_gguf_hyperparameters(path, os.path.getmtime(path), os.path.getsize(path)), dtype, adapter)
+        hparams = _gguf_hyperparameters(path, os.path.getmtime(path), os.path.getsize(path))
+        return entry(GGUF_FAMILY).gguf_layout(hparams, dtype, adapter)[0]
     return _hf_layout(path, dtype, adapter)[0]
 
 

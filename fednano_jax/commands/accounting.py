@@ -31,26 +31,30 @@ from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.data.split_sizes import federated_train_rows
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
-from fednano_jax.models.minigpt4 import MiniGpt4VisionConfig
 from fednano_jax.models.mllm import MllmConfig
 from fednano_jax.weights.fill import flatten
 
-COMPONENTS = (  # (row label, parameter-path prefix, side)
-    ("Vision tower", "edge/vision/", "client"),
+VISION = ("Vision tower", "edge/vision/", "client")  # a text-only model's (empty) row
+COMPONENTS = (  # (row label, parameter-path prefix, side) after the vision side's parts
     ("Connector", "edge/connector/", "client"),
     ("Token embeddings", "edge/embed_tokens/", "client"),
     ("NanoAdapter A_I (image tokens)", "edge/adapter_image/", "client"),
     ("NanoAdapter A_T (text tokens)", "edge/adapter_text/", "client"),
     ("LLM (decoder, final norm, LM head)", "server/", "server"),
 )
-MINIGPT4_VISION = (("EVA ViT (with ln_vision)", "edge/vision/visual_encoder/", "client"),
-                   ("Q-Former (with its query tokens)", "edge/vision/qformer/", "client"))
-SIDES = {label: side for label, _, side in COMPONENTS + MINIGPT4_VISION}
 
 
 def components(mcfg: MllmConfig) -> tuple:
-    """COMPONENTS, with MiniGPT-4's vision side as its two parts."""
-    return MINIGPT4_VISION + COMPONENTS[1:] if isinstance(mcfg.vision, MiniGpt4VisionConfig) else COMPONENTS
+    """The rows of a model: its vision side's parts as its config names them (a CLIP tower is one; MiniGPT-4's
+    EVA ViT and Q-Former are two), then COMPONENTS."""
+    if mcfg.vision is None:
+        return (VISION, *COMPONENTS)
+    return (*((label, f"edge/vision/{path}", "client") for label, path in mcfg.vision.parts), *COMPONENTS)
+
+
+def side_of(label: str) -> str:
+    """Where a component lives: everything but the LLM is on the client (NanoEdge)."""
+    return next((side for row, _, side in COMPONENTS if row == label), "client")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +144,9 @@ def parameter_table(counts: dict[str, int]) -> str:
     total = sum(counts.values())
     lines = ["| Component | Side | Parameters | % of model |", "|---|---|---:|---:|"]
     for label, n in counts.items():
-        lines.append(f"| {label} | {SIDES[label]} | {n:,} | {100 * n / total:.3f} |")
+        lines.append(f"| {label} | {side_of(label)} | {n:,} | {100 * n / total:.3f} |")
     for side in ("client", "server"):
-        n = sum(c for label, c in counts.items() if SIDES[label] == side)
+        n = sum(c for label, c in counts.items() if side_of(label) == side)
         lines.append(f"| **All on the {side}** | | {n:,} | {100 * n / total:.2f} |")
     adapters = adapter_count(counts)
     lines.append(f"| **Trained and uploaded (NanoAdapters)** | client | {adapters:,} | {100 * adapters / total:.3f} |")

@@ -22,7 +22,9 @@ from torch import nn
 
 from fednano_jax.errors import ConfigError
 from fednano_jax.data.batches import gather_batch
+from fednano_jax.models.llama import LlamaDecoder
 from fednano_jax.models.mllm import MllmConfig
+from fednano_jax.models.vision import VisionConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTERS = {"image": "adapter_image", "text": "adapter_text"}  # torch name -> our NanoEdge attribute
@@ -36,9 +38,10 @@ OPTIMIZERS = {"adamw": lambda params, fed: torch.optim.AdamW(params, lr=fed.lear
 def unsupported(mcfg: MllmConfig) -> str | None:
     """Why transformers' LLaVA cannot mirror this model, or None."""
     v, t = mcfg.vision, mcfg.llm
-    if v is None or mcfg.connector != "mlp2x_gelu":
-        return ("The PyTorch loop mirrors LLaVA-1.5: it needs a vision tower and model.connector='mlp2x_gelu' "
-                f"(got vision={'yes' if v else 'none'}, connector={mcfg.connector!r}).")
+    if not isinstance(v, VisionConfig) or mcfg.connector != "mlp2x_gelu" or mcfg.decoder is not LlamaDecoder:
+        return ("The PyTorch loop mirrors LLaVA-1.5: it needs a CLIP vision tower, model.connector='mlp2x_gelu' "
+                f"and the LLaMA decoder (got vision={type(v).__name__ if v else 'none'}, "
+                f"connector={mcfg.connector!r}, decoder={mcfg.decoder.__name__}).")
     if mcfg.embed_vocab_size not in (None, t.vocab_size):
         return ("The PyTorch loop needs one vocabulary for the embeddings and the LM head; this model embeds "
                 f"{mcfg.embed_vocab_size} ids and predicts {t.vocab_size}.")
