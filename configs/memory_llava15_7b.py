@@ -14,6 +14,7 @@ def get_config():
     config = tiny_config()
     config.name = "memory_llava15_7b"
     config.model = llava15_7b()
+    config.model.family = "llava"  # fednano_jax/backbone/family/llava.py
     config.model.remat = "full"  # per decoder layer; "none" keeps every activation (see memory_plan's table)
     config.fed.num_clients = 5
     config.fed.batch_size = 8

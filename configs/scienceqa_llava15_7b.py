@@ -16,6 +16,7 @@ from fednano_jax.backbone.presets import llava15_7b
 def paper_setup(config: ConfigDict) -> ConfigDict:
     """The paper's model, federation and evaluation on a tiny config's data section."""
     config.model = llava15_7b(rank=64)
+    config.model.family = "llava"  # fednano_jax/backbone/family/llava.py
     config.model.path = "~/models/llava-1.5-7b-hf"  # a llava-hf checkpoint directory
     config.data.pretrain_examples = 0  # LLaVA is already aligned: nothing held aside
     config.data.train_examples = 0  # the whole official train split

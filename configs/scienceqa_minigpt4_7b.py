@@ -26,6 +26,7 @@ def minigpt4_setup(config: ConfigDict) -> ConfigDict:
     here = os.path.dirname(__file__)
     config = runpy.run_path(os.path.join(here, "scienceqa_llava15_7b.py"))["paper_setup"](config)
     config.model = minigpt4_7b(rank=64)
+    config.model.family = "minigpt4"  # fednano_jax/backbone/family/minigpt4.py
     config.model.path = "~/models/vicuna-7b"
     config.model.minigpt4 = ConfigDict(dict(projection="~/models/minigpt4/prerained_minigpt4_7b.pth",
                                             vision="~/models/minigpt4/eva_vit_g.pth",
