@@ -222,7 +222,8 @@ def test_images_streamed_from_the_host_give_the_device_tables_outputs(tiny_confi
 
 def packed_outputs(graphdef, frozen, data, broadcast, method, client_rows, epochs, max_padding, cap=0, states=None,
                    ranks=None):
-    from fednano_jax.federated.packing import make_packed_program, packed_schedule
+    from fednano_jax.federated.client import make_packed_program
+    from fednano_jax.federated.packing import packed_schedule
 
     packed = packed_schedule(client_rows, 2, epochs, 0, 0, range(len(client_rows)), cap, max_padding=max_padding,
                              states=states, ranks=ranks)

@@ -38,11 +38,12 @@ from fednano_jax.backbone import synthetic
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.parallel.xla_stats import device_summary, write_json, flops_of, memory_of, planned_total
 from fednano_jax.commands import cli
-from fednano_jax.federated.client import ClientInputs, initial_carry, local_update, make_client_programs, train_step
+from fednano_jax.federated.client import (ClientInputs, initial_carry, local_update, make_client_programs,
+                                          make_packed_program, train_step)
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods.fedavg import FedAvg
 from fednano_jax.federated.methods.fednano import FedNano
-from fednano_jax.federated.packing import make_packed_program, packed_schedule
+from fednano_jax.federated.packing import packed_schedule
 from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.federated.rounds import make_optimizer
 

@@ -37,9 +37,8 @@ from fednano_jax.data.batches import HostImages
 from fednano_jax.data.prompts import bucket
 from fednano_jax.data.split_sizes import federated_train_rows, official_split_sizes
 from fednano_jax.eval.generate import greedy_generate
-from fednano_jax.federated.client import ClientInputs
+from fednano_jax.federated.client import ClientInputs, PackedLanes
 from fednano_jax.federated.methods import get_method
-from fednano_jax.federated.packing import PackedLanes
 from fednano_jax.federated.rounds import RoundPrograms, compile_programs, initial_server_state, packs_clients
 from fednano_jax.federated.server import ClientUploads
 from fednano_jax.models.mllm import MllmConfig, count_params

@@ -5,6 +5,10 @@ clients (broadcast, never copied per client) plus a validity mask. Clients with 
 batches are padded; a step with no valid example leaves adapters, optimizer state and
 the method's running sums exactly as they were.
 
+There is one client program, `lane_update`: a lane trains its clients one after another
+(`packing.py` lays several small clients end to end in a lane); an unpacked client is a lane of one
+(`local_update`); vmap, sequential and chunked runs are ways to run that one program.
+
 What differs between methods enters through the method's hooks (`methods/base.py`):
 where a client starts, extra gradient terms, what it sums over its steps, what a pass over
 its data after training adds up (FedNano's Fisher), and what it uploads and keeps at the end. Everything per client travels in one named pytree,
@@ -71,24 +75,13 @@ class LocalResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class Model:
-    """What a method's extra pass computes with: the split model and the shared dataset."""
+class SharedInputs:
+    """What every client of a round shares, as a method's extra pass computes with it: the split model's graph
+    and frozen backbone, and the dataset."""
 
     graphdef: Any
     frozen: Any
     data: dict
-
-
-def run_extra_pass(method, model: Model, adapters, rows: jax.Array, valid: jax.Array):
-    """The method's extra pass over rows, valid [steps, batch] at `adapters` -> its totals (None without one)."""
-    totals = method.extra_pass_init(adapters)
-    if totals is None:
-        return None
-
-    def step(totals, inputs):
-        return method.extra_pass_step(totals, model, adapters, *inputs), None
-
-    return jax.lax.scan(step, totals, (rows, valid))[0]
 
 
 def tree_select(predicate, on_true, on_false):
@@ -144,33 +137,116 @@ def extra_pass_rows(rows: jax.Array, valid: jax.Array, examples: int) -> tuple[j
     return rows, valid & (jnp.cumsum(valid.reshape(-1)).reshape(valid.shape) <= examples)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedLanes:
+    """A round's cohort as lanes (leaves lead with [lanes]); P clients per lane, dummies where a lane has fewer."""
+
+    rows: jax.Array  # [L, S, batch] row indices
+    valid: jax.Array  # [L, S, batch]
+    slot: jax.Array  # [L, S] which of the lane's clients the step trains
+    first: jax.Array  # [L, S] the step is that client's first
+    members: jax.Array  # [L, P] bool: the slot holds a client (not a dummy)
+    extra_rows: jax.Array  # [L, X, batch]: each client's first epoch (or its first fed.fisher_examples), packed
+    extra_valid: jax.Array  # [L, X, batch]
+    extra_slot: jax.Array  # [L, X]
+    state: Any = None  # the clients' states [L, P, ...] (None when the method keeps none)
+    rank: jax.Array | None = None  # [L, P] the clients' adapter ranks (None: all at the full rank)
+
+
+def _at(tree, index):
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def lane_update(graphdef, optimizer: optax.GradientTransformation, method, frozen, data, broadcast,
+                lane: PackedLanes) -> ClientOutputs:
+    """One lane's clients trained one after another, then their extra passes -> their ClientOutputs [P]."""
+    width = lane.members.shape[0]
+    states = lane.state
+    if states is None:
+        starts = jax.tree.map(lambda x: jnp.broadcast_to(x, (width,) + x.shape), method.local_start(broadcast, None))
+    else:
+        starts = jax.vmap(lambda state: method.local_start(broadcast, state))(states)
+    masks = None if lane.rank is None else jax.vmap(client_mask)(starts, lane.rank)
+    starts = starts if masks is None else apply_mask(starts, masks)
+    mask_at = (lambda slot: None) if masks is None else (lambda slot: _at(masks, slot))
+
+    def fresh(slot):
+        adapters, opt_state, sums = initial_carry(optimizer, method, _at(starts, slot))
+        return adapters, opt_state, sums, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+
+    def kept(carry):  # what a client's slot keeps of its carry (its optimizer state is not needed after)
+        adapters, _, sums, loss_sum, steps = carry
+        return adapters, sums, loss_sum, steps
+
+    def step(state, inputs):
+        carry, buffers = state
+        step_rows, step_valid, slot, first = inputs
+        carry = tree_select(first, fresh(slot), carry)
+        core, loss = train_step(graphdef, optimizer, method, frozen, data, broadcast,
+                                None if states is None else _at(states, slot), _at(starts, slot),
+                                carry[:3], step_rows, step_valid, mask_at(slot))
+        carry = tree_select(step_valid.any(), (*core, carry[3] + loss, carry[4] + 1), carry)
+        buffers = jax.tree.map(lambda buffer, value: buffer.at[slot].set(value), buffers, kept(carry))
+        return (carry, buffers), None
+
+    buffers = jax.vmap(lambda p: kept(fresh(p)))(jnp.arange(width))
+    (_, buffers), _ = jax.lax.scan(step, (fresh(0), buffers), (lane.rows, lane.valid, lane.slot, lane.first))
+    adapters, sums, loss_sums, steps = buffers
+    extras = lane_extra_pass(method, SharedInputs(graphdef, frozen, data), adapters, lane)
+
+    def final(start, adapters, sums, loss_sum, steps, extra, state, mask):
+        loss = loss_sum / jnp.maximum(steps, 1)
+        upload, new_state = method.client_final(LocalResult(start, adapters, sums, steps, loss, extra), broadcast,
+                                                state)
+        return ClientOutputs(masked_upload(upload, mask), new_state, loss)
+
+    return jax.vmap(final)(starts, adapters, sums, loss_sums, steps, extras, states, masks)
+
+
+def lane_extra_pass(method, shared: SharedInputs, adapters, lane: PackedLanes):
+    """The method's extra pass for each of the lane's clients, at its trained adapters [P] -> totals [P] (or None)."""
+    totals = jax.vmap(method.extra_pass_init)(adapters)
+    if totals is None:
+        return None
+
+    def step(totals, inputs):
+        rows, valid, slot = inputs
+        mine = _at(totals, slot)
+        added = method.extra_pass_step(mine, shared, _at(adapters, slot), rows, valid)
+        added = tree_select(valid.any(), added, mine)
+        return jax.tree.map(lambda total, value: total.at[slot].set(value), totals, added), None
+
+    return jax.lax.scan(step, totals, (lane.extra_rows, lane.extra_valid, lane.extra_slot))[0]
+
+
+def make_packed_program(graphdef, optimizer, method):
+    """(frozen, data, broadcast, PackedLanes [L]) -> ClientOutputs [L, P], vmapped over lanes."""
+
+    def lane(frozen, data, broadcast, one: PackedLanes):
+        return lane_update(graphdef, optimizer, method, frozen, data, broadcast, one)
+
+    return jax.vmap(lane, in_axes=(None, None, None, 0))
+
+
+def single_lane(client: ClientInputs, steps_per_epoch: int, extra_pass_examples: int = 0) -> PackedLanes:
+    """One client's inputs as a lane of one: its steps in order, its extra pass over its first epoch (or its
+    first `extra_pass_examples` examples)."""
+    steps = client.rows.shape[0]
+    extra_rows, extra_valid = extra_pass_rows(client.rows[:steps_per_epoch], client.valid[:steps_per_epoch],
+                                              extra_pass_examples)
+    return PackedLanes(client.rows, client.valid, jnp.zeros(steps, jnp.int32), jnp.arange(steps) == 0,
+                       jnp.ones(1, bool), extra_rows, extra_valid, jnp.zeros(extra_rows.shape[0], jnp.int32),
+                       jax.tree.map(lambda x: x[None], client.state), None if client.rank is None else client.rank[None])
+
+
 def local_update(graphdef, optimizer: optax.GradientTransformation, method, steps_per_epoch: int, frozen, data,
                  broadcast, client: ClientInputs, extra_pass_examples: int = 0) -> ClientOutputs:
-    """One client's local training, then the method's upload. `client.rows`: [epochs * steps_per_epoch, batch].
-
-    A method's extra pass after training (FedNano's Fisher) sees the client's first epoch, or its first
-    `extra_pass_examples` examples (`fed.fisher_examples`)."""
-    start = method.local_start(broadcast, client.state)
-    mask = client_mask(start, client.rank)
-    start = start if mask is None else apply_mask(start, mask)
-    step_active = client.valid.any(axis=1)
-
-    def step(carry, inputs):
-        step_rows, step_valid, active = inputs
-        new_carry, loss = train_step(graphdef, optimizer, method, frozen, data, broadcast, client.state, start,
-                                     carry, step_rows, step_valid, mask)
-        return tree_select(active, new_carry, carry), loss
-
-    carry = initial_carry(optimizer, method, start)
-    (adapters, _, sums), losses = jax.lax.scan(step, carry, (client.rows, client.valid, step_active))
-    steps = step_active.sum()
-    loss = jnp.sum(losses * step_active) / jnp.maximum(steps, 1)
-    epoch_rows, epoch_valid = extra_pass_rows(client.rows[:steps_per_epoch], client.valid[:steps_per_epoch],
-                                              extra_pass_examples)
-    extra = run_extra_pass(method, Model(graphdef, frozen, data), adapters, epoch_rows, epoch_valid)
-    upload, state = method.client_final(LocalResult(start, adapters, sums, steps, loss, extra), broadcast,
-                                        client.state)
-    return ClientOutputs(masked_upload(upload, mask), state, loss)
+    """One client's local training, then the method's upload: the lane program (`lane_update`) on a lane of one.
+    `client.rows`: [epochs * steps_per_epoch, batch]. A method's extra pass after training (FedNano's Fisher)
+    sees the client's first epoch, or its first `extra_pass_examples` examples (`fed.fisher_examples`)."""
+    lane = single_lane(client, steps_per_epoch, extra_pass_examples)
+    return jax.tree.map(lambda x: x[0], lane_update(graphdef, optimizer, method, frozen, data, broadcast, lane))
 
 
 def in_chunks(vmapped, chunk: int, devices: int = 1):

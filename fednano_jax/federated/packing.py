@@ -6,27 +6,19 @@ clients are laid end to end into lanes (largest first onto the shortest lane), a
 lanes as keep the padding within `fed.pack_padding` of the real steps, each lane as long as
 its longest (rounded up by `step_bucket`, so a run compiles a bounded number of times).
 
-In the program a lane's carry (adapters, optimizer state, the method's sums) restarts from
-the client's own starting adapters at each client's first step, and each client's slot of a
-result buffer holds its carry after its last step. The method's extra pass (FedNano's Fisher
-over the client's first epoch) is packed the same way, at each client's trained adapters,
-and `client_final` then runs per client. Each client gets the adapters, sums and upload it
-gets unpacked: its steps are the same, in the same order.
+This module lays the lanes out; the program that trains a lane is the one client program
+(`client.lane_update`; an unpacked client is a lane of one). Each client gets the adapters, sums
+and upload it gets unpacked: its steps are the same, in the same order.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fednano_jax.federated.client import (ClientOutputs, LocalResult, Model, client_mask, extra_pass_rows,
-                                          initial_carry, masked_upload, train_step, tree_select)
-from fednano_jax.models.adapter_ranks import apply_mask
+from fednano_jax.federated.client import PackedLanes, extra_pass_rows
 from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.streams import Purpose
 
@@ -63,23 +55,6 @@ def choose_lanes(steps: list[int], devices: int, max_padding: float) -> list[lis
         if best is None or lanes * lane_length(steps, packed) - total <= max_padding * total:
             best = packed
     return best
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class PackedLanes:
-    """A round's cohort as lanes (leaves lead with [lanes]); P clients per lane, dummies where a lane has fewer."""
-
-    rows: jax.Array  # [L, S, batch] row indices
-    valid: jax.Array  # [L, S, batch]
-    slot: jax.Array  # [L, S] which of the lane's clients the step trains
-    first: jax.Array  # [L, S] the step is that client's first
-    members: jax.Array  # [L, P] bool: the slot holds a client (not a dummy)
-    extra_rows: jax.Array  # [L, X, batch]: each client's first epoch (or its first fed.fisher_examples), packed
-    extra_valid: jax.Array  # [L, X, batch]
-    extra_slot: jax.Array  # [L, X]
-    state: Any = None  # the clients' states [L, P, ...] (None when the method keeps none)
-    rank: jax.Array | None = None  # [L, P] the clients' adapter ranks (None: all at the full rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,78 +124,3 @@ def client_own_schedule(rows: np.ndarray, batch_size: int, epochs: int, seed: in
     own_rows, own_valid = client_schedule([rows], batch_size, epochs, seed, round_index, [client_id],
                                           -(-len(rows) // batch_size), Purpose.SHUFFLE)
     return own_rows[0], own_valid[0]
-
-
-def _at(tree, index):
-    return jax.tree.map(lambda x: x[index], tree)
-
-
-def packed_lane(graphdef, optimizer: optax.GradientTransformation, method, frozen, data, broadcast,
-                lane: PackedLanes) -> ClientOutputs:
-    """One lane's clients trained one after another, then their extra passes -> their ClientOutputs [P]."""
-    width = lane.members.shape[0]
-    states = lane.state
-    if states is None:
-        starts = jax.tree.map(lambda x: jnp.broadcast_to(x, (width,) + x.shape), method.local_start(broadcast, None))
-    else:
-        starts = jax.vmap(lambda state: method.local_start(broadcast, state))(states)
-    masks = None if lane.rank is None else jax.vmap(client_mask)(starts, lane.rank)
-    starts = starts if masks is None else apply_mask(starts, masks)
-    mask_at = (lambda slot: None) if masks is None else (lambda slot: _at(masks, slot))
-
-    def fresh(slot):
-        adapters, opt_state, sums = initial_carry(optimizer, method, _at(starts, slot))
-        return adapters, opt_state, sums, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-
-    def kept(carry):  # what a client's slot keeps of its carry (its optimizer state is not needed after)
-        adapters, _, sums, loss_sum, steps = carry
-        return adapters, sums, loss_sum, steps
-
-    def step(state, inputs):
-        carry, buffers = state
-        step_rows, step_valid, slot, first = inputs
-        carry = tree_select(first, fresh(slot), carry)
-        core, loss = train_step(graphdef, optimizer, method, frozen, data, broadcast,
-                                None if states is None else _at(states, slot), _at(starts, slot),
-                                carry[:3], step_rows, step_valid, mask_at(slot))
-        carry = tree_select(step_valid.any(), (*core, carry[3] + loss, carry[4] + 1), carry)
-        buffers = jax.tree.map(lambda buffer, value: buffer.at[slot].set(value), buffers, kept(carry))
-        return (carry, buffers), None
-
-    buffers = jax.vmap(lambda p: kept(fresh(p)))(jnp.arange(width))
-    (_, buffers), _ = jax.lax.scan(step, (fresh(0), buffers), (lane.rows, lane.valid, lane.slot, lane.first))
-    adapters, sums, loss_sums, steps = buffers
-    extras = packed_extra_pass(method, Model(graphdef, frozen, data), adapters, lane)
-
-    def final(start, adapters, sums, loss_sum, steps, extra, state, mask):
-        loss = loss_sum / jnp.maximum(steps, 1)
-        upload, new_state = method.client_final(LocalResult(start, adapters, sums, steps, loss, extra), broadcast,
-                                                state)
-        return ClientOutputs(masked_upload(upload, mask), new_state, loss)
-
-    return jax.vmap(final)(starts, adapters, sums, loss_sums, steps, extras, states, masks)
-
-
-def packed_extra_pass(method, model: Model, adapters, lane: PackedLanes):
-    """The method's extra pass for each of the lane's clients, at its trained adapters [P] -> totals [P] (or None)."""
-    totals = jax.vmap(method.extra_pass_init)(adapters)
-    if totals is None:
-        return None
-
-    def step(totals, inputs):
-        rows, valid, slot = inputs
-        mine = _at(totals, slot)
-        added = method.extra_pass_step(mine, model, _at(adapters, slot), rows, valid)
-        added = tree_select(valid.any(), added, mine)
-        return jax.tree.map(lambda total, value: total.at[slot].set(value), totals, added), None
-
-    return jax.lax.scan(step, totals, (lane.extra_rows, lane.extra_valid, lane.extra_slot))[0]
-
-
-def make_packed_program(graphdef, optimizer, method):
-    """(frozen, data, broadcast, PackedLanes [L]) -> ClientOutputs [L, P], vmapped over lanes."""
-
-    def lane(frozen, data, broadcast, one: PackedLanes):
-        return packed_lane(graphdef, optimizer, method, frozen, data, broadcast, one)
-
-    return jax.vmap(lane, in_axes=(None, None, None, 0))

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from fednano_jax.errors import CheckpointMismatch
 from fednano_jax.federated import callbacks
 from fednano_jax.federated.checkpoints import RoundCheckpoints
-from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs
-from fednano_jax.federated.packing import make_packed_program, packed_schedule
+from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs, make_packed_program
+from fednano_jax.federated.packing import packed_schedule
 from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
 from fednano_jax.federated.secure import secure_sums
 from fednano_jax.federated.server import (Aggregation, ClientUploads, client_contributions, finalize_round,

@@ -78,8 +78,9 @@ class Method:
         """Running totals of a pass over the client's data after training, at its trained adapters (None: no pass)."""
         return None
 
-    def extra_pass_step(self, totals, model, adapters, rows, valid):
-        """Add one batch (rows, valid [batch]) to the totals; `model` has the graphdef, frozen backbone and data."""
+    def extra_pass_step(self, totals, shared, adapters, rows, valid):
+        """Add one batch (rows, valid [batch]) to the totals; `shared` (`client.SharedInputs`): the graphdef,
+        frozen backbone and data."""
         return totals
 
     def client_final(self, result, broadcast, client_state):

@@ -20,8 +20,8 @@ class FedNano(Method):
     def extra_pass_init(self, adapters):
         return {"squares": jax.tree.map(jnp.zeros_like, adapters), "examples": jnp.zeros((), jnp.float32)}
 
-    def extra_pass_step(self, total, model, adapters, rows, valid):
-        squares = add_squared_example_grads(model.graphdef, adapters, model.frozen, model.data, total["squares"],
+    def extra_pass_step(self, total, shared, adapters, rows, valid):
+        squares = add_squared_example_grads(shared.graphdef, adapters, shared.frozen, shared.data, total["squares"],
                                             rows, valid, Wire.of(self.fed, rows, self.seed))
         return {"squares": squares, "examples": total["examples"] + valid.sum()}
 
