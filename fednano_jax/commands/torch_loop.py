@@ -39,8 +39,8 @@ def unsupported(mcfg: MllmConfig) -> str | None:
     """Why transformers' LLaVA cannot mirror this model, or None."""
     v, t = mcfg.vision, mcfg.llm
     if not isinstance(v, VisionConfig) or mcfg.connector != "mlp2x_gelu" or mcfg.decoder is not LlamaDecoder:
-        return ("The PyTorch loop mirrors LLaVA-1.5: it needs a CLIP vision tower, model.connector='mlp2x_gelu' "
-                f"and the LLaMA decoder (got vision={type(v).__name__ if v else 'none'}, "
+        return ("The PyTorch loop mirrors LLaVA-1.5: it needs a vision tower and model.connector='mlp2x_gelu', "
+                f"the tower CLIP's and the decoder LLaMA's (got vision={type(v).__name__ if v else 'none'}, "
                 f"connector={mcfg.connector!r}, decoder={mcfg.decoder.__name__}).")
     if mcfg.embed_vocab_size not in (None, t.vocab_size):
         return ("The PyTorch loop needs one vocabulary for the embeddings and the LM head; this model embeds "
