@@ -18,6 +18,7 @@ from fednano_jax.models import adapter_ranks as ranks
 from fednano_jax.privacy import dp as privacy
 from fednano_jax.privacy.accountant import ACCOUNTANTS
 from fednano_jax.federated.server_optimizer import OPTIMIZERS as SERVER_OPTIMIZERS
+from fednano_jax.federated.server_optimizer import learning_rate as server_learning_rate
 from fednano_jax.models.llama import REMAT_POLICIES
 
 
@@ -211,6 +212,8 @@ def resume_fingerprint(config: ConfigDict, backbone_key: str) -> dict:
     """
     fed = _fingerprinted("fed", config.fed.to_dict(),
                          ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding"))
+    if config.fed.get("server_optimizer", "none") != "none":  # the step it really takes (0: the optimizer's own)
+        fed["server_learning_rate"] = server_learning_rate(config.fed)
     data = _fingerprinted("data", config.data.to_dict(), ("dir", "root", "stream_images"))
     model = without_derived_family(config.model.to_dict())  # naming a config's own family keeps its fingerprint
     model["adapter"] = _fingerprinted("adapter", {**model["adapter"], "client_ranks": ranks.parse_client_ranks(

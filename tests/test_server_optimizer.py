@@ -104,3 +104,17 @@ def test_the_server_optimizer_state_resumes_exactly_from_a_checkpoint(tmp_path, 
     resumed = one_round("fedavg", config, jax.tree.map(jnp.asarray, restored["server"]))
     uninterrupted = one_round("fedavg", config, jax.tree.map(jnp.asarray, first))
     jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+
+
+def test_a_checkpoint_remembers_the_step_its_server_optimizer_took():
+    """The default step (0: the optimizer's own) is part of the resume fingerprint as the rate it resolves to, so a
+    workdir written at another step is not resumed at this one."""
+    from configs.easyvqa_tiny import get_config
+    from fednano_jax.config import resume_fingerprint
+
+    config = get_config()
+    assert "server_learning_rate" not in resume_fingerprint(config, "b")["fed"]  # no server optimizer: no step
+    config.fed.server_optimizer = "adam"
+    assert resume_fingerprint(config, "b")["fed"]["server_learning_rate"] == DEFAULT_LEARNING_RATES["adam"]
+    config.fed.server_learning_rate = 1.0
+    assert resume_fingerprint(config, "b")["fed"]["server_learning_rate"] == 1.0
