@@ -15,7 +15,7 @@ from fednano_jax.data.partition import PARTITIONS, Partition
 from fednano_jax.data.prompts import DEFAULT_TEMPLATE, TEMPLATES
 from fednano_jax.errors import ConfigError
 from fednano_jax.models import adapter_ranks as ranks
-from fednano_jax.privacy import dp as privacy
+from fednano_jax.privacy import dp as client_dp
 from fednano_jax.privacy.accountant import ACCOUNTANTS
 from fednano_jax.federated.server_optimizer import OPTIMIZERS as SERVER_OPTIMIZERS
 from fednano_jax.federated.server_optimizer import learning_rate as server_learning_rate
@@ -136,8 +136,8 @@ def validate_dp(config: ConfigDict, known_methods: dict, methods: list[str]) -> 
         return
     _require(dp_section.get("accountant", "rdp") in ACCOUNTANTS,
              f"fed.dp.accountant must be one of {list(ACCOUNTANTS)}, got {dp_section.get('accountant')!r}.")
-    _require(dp_section.get("noise", privacy.AUTO) in privacy.NOISE_PLACEMENTS,
-             f"fed.dp.noise must be one of {list(privacy.NOISE_PLACEMENTS)}, got {dp_section.get('noise')!r}.")
+    _require(dp_section.get("noise", client_dp.AUTO) in client_dp.NOISE_PLACEMENTS,
+             f"fed.dp.noise must be one of {list(client_dp.NOISE_PLACEMENTS)}, got {dp_section.get('noise')!r}.")
     _require(dp_section.get("target_epsilon", 0.0) >= 0,
              f"fed.dp.target_epsilon must be non-negative (0: use fed.dp.noise_multiplier), "
              f"got {dp_section.get('target_epsilon')}.")
@@ -149,7 +149,7 @@ def validate_dp(config: ConfigDict, known_methods: dict, methods: list[str]) -> 
              f"fed.dp.fisher_mean_square must be at least 1 (a mean-one Fisher's mean square), "
              f"got {dp_section.get('fisher_mean_square')}.")
     try:
-        problem = privacy.check(privacy.settings(config.fed, [1], config.fed.get("secure_aggregation", False)))
+        problem = client_dp.check(client_dp.settings(config.fed, [1], config.fed.get("secure_aggregation", False)))
     except (ValueError, RuntimeError) as error:  # dp-accounting could not solve for the target epsilon
         raise ConfigError(f"fed.dp.target_epsilon={dp_section.target_epsilon} has no noise multiplier that "
                           f"reaches it ({error}).") from None

@@ -18,7 +18,7 @@ from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.rounds import RunContext, aggregate, compile_programs, initial_server_state, public_weight
 from fednano_jax.federated.server import Aggregation
 from fednano_jax.models.adapter_ranks import client_ranks, stacked_masks
-from fednano_jax.privacy import dp as privacy
+from fednano_jax.privacy import dp as client_dp
 
 K, RANK = 5, 4
 RNG = np.random.default_rng(0)
@@ -93,7 +93,7 @@ def make_run(config):
     method = get_method(config.fed.methods[0], fed)
     weights = np.array([method.client_weight(n) for n in COUNTS], np.float64)
     ranks = client_ranks(config.model.adapter, K)
-    dp = privacy.settings(fed, weights, fed.secure_aggregation)
+    dp = client_dp.settings(fed, weights, fed.secure_aggregation)
     aggregation = Aggregation(fed.rank_aggregation, dp)
     programs = compile_programs(method, None, fed, 1, None, aggregation,
                                 public_weight(dp, GLOBAL, weights, ranks, aggregation.rank_aggregation))

@@ -18,7 +18,7 @@ from fednano_jax.federated.methods import METHODS, get_method
 from fednano_jax.federated.aggregation import fisher_merge, plain_sums
 from fednano_jax.federated.server import Aggregation, ClientUploads, client_contributions, server_round
 from fednano_jax.privacy import accountant
-from fednano_jax.privacy import dp as privacy
+from fednano_jax.privacy import dp as client_dp
 
 GLOBAL = {"down": jnp.zeros((4, 2)), "up": jnp.ones((2, 3))}
 UPLOADS = {"down": jnp.arange(24.0).reshape(3, 4, 2) / 10, "up": 1 + jnp.arange(18.0).reshape(3, 2, 3) / 5}
@@ -31,11 +31,11 @@ def fed(**dp):
 
 
 def settings(**dp):
-    return privacy.settings(fed(**dp), COUNTS)
+    return client_dp.settings(fed(**dp), COUNTS)
 
 
 def state(dp_settings):
-    return privacy.init_state(dp_settings, {"adapters": GLOBAL})
+    return client_dp.init_state(dp_settings, {"adapters": GLOBAL})
 
 
 @pytest.mark.parametrize("name", ["rdp", "pld"])
@@ -63,10 +63,10 @@ def private_round(name, dp, key=jax.random.key(0), fishers=None, reporting=(True
 
 def test_clipped_contributions_have_norm_at_most_their_bound():
     delta = jax.tree.map(lambda u, g: u[0] - g, UPLOADS, GLOBAL)
-    clipped, norm = privacy.clip_contribution({"delta": delta, "weight": jnp.ones(())}, {"delta": (0.5, 1.0)})
+    clipped, norm = client_dp.clip_contribution({"delta": delta, "weight": jnp.ones(())}, {"delta": (0.5, 1.0)})
     assert float(norm) > 0.5  # clipped here
     assert float(optax.tree.norm(clipped["delta"])) == pytest.approx(0.5, rel=1e-5)
-    small, _ = privacy.clip_contribution({"delta": delta}, {"delta": (1e6, 1.0)})
+    small, _ = client_dp.clip_contribution({"delta": delta}, {"delta": (1e6, 1.0)})
     jax.tree.map(np.testing.assert_array_equal, small["delta"], delta)  # within C: untouched
 
 
@@ -163,12 +163,12 @@ def test_the_fisher_merge_noises_each_released_sum_at_its_sensitivity_over_its_s
     uploads = ClientUploads({"adapters": UPLOADS, "fisher": jax.tree.map(jnp.abs, UPLOADS)}, COUNTS)
     stacked, used = client_contributions(method, state(dp), uploads, jnp.ones(3, bool), Aggregation(dp=dp))
     sums = plain_sums(stacked)
-    stds = privacy.noise_stds(dp, method.dp_bounds(0.3, GLOBAL), method.unweighted)
+    stds = client_dp.noise_stds(dp, method.dp_bounds(0.3, GLOBAL), method.unweighted)
     entries = sum(x.size for x in jax.tree.leaves(GLOBAL))
     assert stds == pytest.approx({"delta": 0.5 * 0.3 * 30.0 / math.sqrt(0.9),
                                   "delta_correction": 0.5 * 0.3 * 30.0 / math.sqrt(0.05),
                                   "weight_correction": 0.5 * 30.0 * math.sqrt(16 * entries) / math.sqrt(0.05)})
-    draws = jax.vmap(lambda k: privacy.release(dp, sums, stds, k))(jax.random.split(jax.random.key(3), 3000))
+    draws = jax.vmap(lambda k: client_dp.release(dp, sums, stds, k))(jax.random.split(jax.random.key(3), 3000))
     for name, std in stds.items():
         noise = np.concatenate([np.asarray(d - s[None]).ravel() for d, s in
                                 zip(jax.tree.leaves(draws[name]), jax.tree.leaves(sums[name]))])
@@ -177,9 +177,9 @@ def test_the_fisher_merge_noises_each_released_sum_at_its_sensitivity_over_its_s
 
 def test_a_correction_is_kept_without_noise_and_dropped_when_noise_swamps_it():
     correction = jnp.linspace(-1.0, 3.0, 1000)
-    np.testing.assert_array_equal(privacy.shrink_toward_zero(correction, 0.0), correction)
+    np.testing.assert_array_equal(client_dp.shrink_toward_zero(correction, 0.0), correction)
     noised = correction + 1e3 * jax.random.normal(jax.random.key(0), correction.shape)
-    assert float(jnp.abs(privacy.shrink_toward_zero(noised, 1e3)).max()) < 0.05 * 1e3
+    assert float(jnp.abs(client_dp.shrink_toward_zero(noised, 1e3)).max()) < 0.05 * 1e3
 
 
 def test_dp_settings_that_cannot_run_are_one_sentence():
@@ -230,10 +230,10 @@ def test_distributed_shares_sum_to_at_least_the_central_noise_and_the_server_kno
     config = fed(noise_multiplier=1.0, clip_norm=0.5, noise="distributed")
     config.secagg_threshold = 3
     config.num_clients = 5
-    dp = privacy.settings(config, [1, 2, 3, 4, 5], secure=True)
+    dp = client_dp.settings(config, [1, 2, 3, 4, 5], secure=True)
     assert dp.distributed and dp.noise_shares == 3
-    assert privacy.client_share_scale(dp) == pytest.approx(1 / math.sqrt(3))
-    in_sums = privacy.noise_in_sums(dp, {"delta": 2.0}, jnp.asarray(5))
+    assert client_dp.client_share_scale(dp) == pytest.approx(1 / math.sqrt(3))
+    in_sums = client_dp.noise_in_sums(dp, {"delta": 2.0}, jnp.asarray(5))
     assert float(in_sums["delta"]) == pytest.approx(2.0 * math.sqrt(5 / 3))
-    central = privacy.settings(fed(noise_multiplier=1.0, clip_norm=0.5), [1, 2, 3])
-    assert not central.distributed and privacy.noise_in_sums(central, {"delta": 2.0}, jnp.asarray(3)) == {"delta": 2.0}
+    central = client_dp.settings(fed(noise_multiplier=1.0, clip_norm=0.5), [1, 2, 3])
+    assert not central.distributed and client_dp.noise_in_sums(central, {"delta": 2.0}, jnp.asarray(3)) == {"delta": 2.0}

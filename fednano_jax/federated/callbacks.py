@@ -13,16 +13,16 @@ from tqdm import tqdm
 
 from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.parallel import mesh as meshes
-from fednano_jax.privacy import dp as privacy
+from fednano_jax.privacy import dp as client_dp
 
 
-def dp_accounting(dp: privacy.DpSettings | None) -> Callable:
+def dp_accounting(dp: client_dp.DpSettings | None) -> Callable:
     """Under client-level DP: the guarantee so far (ε at δ) and the clip norm the next round uses."""
 
     def after_round(run, state, record, last):
         if dp is not None:
             record.update(epsilon=dp.epsilon(record["round"]), delta=dp.delta,
-                          clip_norm=float(meshes.to_host(state["server"][privacy.STATE]["clip_norm"])))
+                          clip_norm=float(meshes.to_host(state["server"][client_dp.STATE]["clip_norm"])))
 
     return after_round
 

@@ -35,7 +35,7 @@ from fednano_jax.models.adapter_ranks import MASKED, client_ranks, rank_bytes, s
 from fednano_jax.federated.server_optimizer import init_state as init_server_optimizer, server_optimizer
 from fednano_jax.parallel import mesh as meshes
 from fednano_jax.parallel.xla_stats import compile_clock
-from fednano_jax.privacy import dp as privacy
+from fednano_jax.privacy import dp as client_dp
 from fednano_jax.privacy.secagg import majority_threshold
 from fednano_jax.streams import Purpose
 
@@ -212,8 +212,8 @@ def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, repor
     uploads = ClientUploads(uploaded, jnp.asarray(run.num_examples[cohort]),
                             None if ranks is None else jnp.asarray(ranks))
     dp, seed = run.aggregation.dp, run.config.seed
-    key = privacy.noise_key(seed, round_index) if dp is not None else None
-    client_keys = privacy.client_noise_keys(seed, round_index, cohort) if dp is not None and dp.distributed else None
+    key = client_dp.noise_key(seed, round_index) if dp is not None else None
+    client_keys = client_dp.client_noise_keys(seed, round_index, cohort) if dp is not None and dp.distributed else None
     if not run.config.fed.get("secure_aggregation", False):
         server, used = run.programs.server(server_state, uploads, jnp.asarray(reporting), key, client_keys)
         return server, meshes.to_host(used), {}
@@ -289,7 +289,7 @@ def run_context(method, graphdef, frozen, init_adapters, device_data: dict, clie
     init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
     ranks = None if method.pooled else client_ranks(config.model.adapter, len(train_rows))
     weights = np.array([method.client_weight(len(r)) for r in train_rows], np.float64)
-    dp = privacy.settings(fed, weights, fed.get("secure_aggregation", False))
+    dp = client_dp.settings(fed, weights, fed.get("secure_aggregation", False))
     aggregation = Aggregation(fed.get("rank_aggregation", MASKED), dp)
     programs = compile_programs(method, graphdef, fed, epoch_steps, mesh, aggregation,
                                 public_weight(dp, init_adapters, weights, ranks, aggregation.rank_aggregation))
@@ -302,9 +302,9 @@ def run_context(method, graphdef, frozen, init_adapters, device_data: dict, clie
                       epoch_steps, config, mesh, ranks, aggregation, upload_bytes)
 
 
-def initial_server_state(method, fed, adapters, dp: privacy.DpSettings | None) -> dict:
+def initial_server_state(method, fed, adapters, dp: client_dp.DpSettings | None) -> dict:
     """The method's server state before round one, with the server optimizer's and DP's state."""
-    return privacy.init_state(dp, init_server_optimizer(server_optimizer(fed, method), method.server_init(adapters)))
+    return client_dp.init_state(dp, init_server_optimizer(server_optimizer(fed, method), method.server_init(adapters)))
 
 
 def public_weight(dp, adapters, weights: np.ndarray, ranks: np.ndarray | None, rank_aggregation: str):

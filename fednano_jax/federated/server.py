@@ -21,7 +21,7 @@ import numpy as np
 from fednano_jax.federated import server_optimizer
 from fednano_jax.federated.aggregation import plain_sums, weighted
 from fednano_jax.models import adapter_ranks as ranks
-from fednano_jax.privacy import dp as privacy
+from fednano_jax.privacy import dp as client_dp
 from fednano_jax.streams import Purpose, generator
 
 
@@ -39,7 +39,7 @@ class Aggregation:
     uploads (`models/adapter_ranks.py`), and with client-level DP or without."""
 
     rank_aggregation: str = ranks.MASKED
-    dp: privacy.DpSettings | None = None
+    dp: client_dp.DpSettings | None = None
 
 
 def finite_clients(uploads: ClientUploads) -> jax.Array:
@@ -70,17 +70,17 @@ def client_contributions(method, server_state, uploads: ClientUploads, reporting
     def one(upload, weight, used, mask, key):
         if dp is None:
             return weighted(method.contribution(upload, broadcast, mask), weight, method.unweighted)
-        clip_norm = server_state[privacy.STATE]["clip_norm"]
+        clip_norm = server_state[client_dp.STATE]["clip_norm"]
         bounds = method.dp_bounds(clip_norm, server_state["adapters"])
-        clipped, norm = privacy.clip_contribution(method.private_contribution(upload, broadcast, mask), bounds)
+        clipped, norm = client_dp.clip_contribution(method.private_contribution(upload, broadcast, mask), bounds)
         terms = weighted(clipped, weight, method.unweighted)
-        terms[privacy.WITHIN] = (norm <= clip_norm).astype(jnp.float32)
+        terms[client_dp.WITHIN] = (norm <= clip_norm).astype(jnp.float32)
         if dp.distributed:
-            stds = privacy.noise_stds(dp, bounds, method.unweighted)
-            share = privacy.client_share_scale(dp)
-            terms = privacy.add_noise(key, terms, stds, share)
+            stds = client_dp.noise_stds(dp, bounds, method.unweighted)
+            share = client_dp.client_share_scale(dp)
+            terms = client_dp.add_noise(key, terms, stds, share)
             if dp.adaptive:
-                terms[privacy.WITHIN] = terms[privacy.WITHIN] + privacy.count_noise(dp, key, share)
+                terms[client_dp.WITHIN] = terms[client_dp.WITHIN] + client_dp.count_noise(dp, key, share)
         return jax.tree.map(lambda x: jnp.where(used, x, 0.0), terms)  # the unweighted entries of a dropped client
 
     keys = client_keys if client_keys is not None else jnp.zeros(keep.shape[0], jnp.uint32)
@@ -96,13 +96,13 @@ def finalize_round(method, server_state, sums: dict, used_count: jax.Array, aggr
     masks); None: DP's scalar expectation. No client summed: the state is kept."""
     dp = aggregation.dp
     if dp is not None and sums:
-        bounds = method.dp_bounds(server_state[privacy.STATE]["clip_norm"], server_state["adapters"])
-        stds = privacy.noise_stds(dp, bounds, method.unweighted)
-        released = privacy.release(dp, sums, stds, key)
+        bounds = method.dp_bounds(server_state[client_dp.STATE]["clip_norm"], server_state["adapters"])
+        stds = client_dp.noise_stds(dp, bounds, method.unweighted)
+        released = client_dp.release(dp, sums, stds, key)
         expected = dp.expected_weight if public_weight is None else public_weight
-        in_sums = privacy.noise_in_sums(dp, stds, used_count)
-        updated = method.finalize(server_state, privacy.finish(released, in_sums, expected))
-        updated[privacy.STATE] = privacy.next_state(dp, server_state[privacy.STATE], released[privacy.WITHIN])
+        in_sums = client_dp.noise_in_sums(dp, stds, used_count)
+        updated = method.finalize(server_state, client_dp.finish(released, in_sums, expected))
+        updated[client_dp.STATE] = client_dp.next_state(dp, server_state[client_dp.STATE], released[client_dp.WITHIN])
     else:
         updated = method.finalize(server_state, sums)
     updated = server_optimizer.step(optimizer, server_state, updated)

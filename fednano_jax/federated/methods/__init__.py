@@ -16,7 +16,7 @@ from fednano_jax.federated.methods.fedprox import FedProx
 from fednano_jax.federated.methods.locft import LocFT
 from fednano_jax.federated.methods.scaffold import Scaffold
 from fednano_jax.federated.server_optimizer import LABELS as SERVER_LABELS, server_optimizer
-from fednano_jax.privacy import dp as privacy
+from fednano_jax.privacy import dp as client_dp
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in [
     Centralized, LocFT, FedAvg, FedProx, FedDPAF, FedNano, FedNanoEF, Scaffold]}
@@ -30,7 +30,7 @@ def get_method(name: str, fed, seed: int = 0) -> Method:
     method = METHODS[name](fed, seed)
     if server_optimizer(fed, method) is not None:  # the report's row says what stepped the global adapters
         method.label = f"{method.label} + {SERVER_LABELS[fed.server_optimizer]}"
-    dp = privacy.settings(fed, [1])  # the guarantee does not depend on the clients' sizes
+    dp = client_dp.settings(fed, [1])  # the guarantee does not depend on the clients' sizes
     if dp is not None:
         method.label = f"{method.label} + DP (ε={dp.epsilon(fed.rounds):.2f}, δ={dp.delta:g})"
     return method
