@@ -98,3 +98,19 @@ def test_docs_design_gives_the_same_order():
     for index, units in enumerate(LAYERS):
         row = f"| {index} | " + ", ".join(f"`{unit or 'fednano_jax'}`" for unit in units) + " |"
         assert row in design, row
+
+
+def test_the_round_driver_and_the_memory_planner_name_no_method():
+    """What a method does enters through its hooks: the round loop and memory_plan import no method module and
+    spell no method's name, so adding a method touches neither."""
+    from fednano_jax.federated.methods import METHODS
+
+    for relative in ("federated/rounds.py", "commands/memory_plan.py"):
+        with open(os.path.join(PACKAGE, relative)) as f:
+            source = f.read()
+        imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+        assert not {m for m in imported if m and m.startswith("fednano_jax.federated.methods.")}, relative
+        strings = [node.value.lower() for node in ast.walk(ast.parse(source))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+        for name in METHODS:
+            assert not any(name in text.replace("fednano_jax", "") for text in strings), (relative, name)
