@@ -100,7 +100,6 @@ def fisher_merge(params, fishers, num_examples, fisher_floor: float = FISHER_FLO
 def _aggregate(params, num_examples, previous, contribution, masks, *extra):
     previous = jax.tree.map(lambda p: jnp.zeros(p.shape[1:], p.dtype), params) if previous is None else previous
     weights = jnp.asarray(num_examples, jnp.float32)
-    stacked = jax.vmap(lambda p, m, *more: weighted(contribution(update_of(p, previous), m, *more), 1.0),
-                       in_axes=(0, None if masks is None else 0) + (0,) * len(extra))(params, masks, *extra)
-    sums = plain_sums(jax.tree.map(lambda x: x * weights.reshape((-1,) + (1,) * (x.ndim - 1)), stacked))
-    return apply_sums(previous, sums)
+    stacked = jax.vmap(lambda w, p, m, *more: weighted(contribution(update_of(p, previous), m, *more), w),
+                       in_axes=(0, 0, None if masks is None else 0) + (0,) * len(extra))(weights, params, masks, *extra)
+    return apply_sums(previous, plain_sums(stacked))

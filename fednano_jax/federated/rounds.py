@@ -254,9 +254,9 @@ def run_method(method, graphdef, frozen, init_adapters, device_data: dict, clien
                config, evaluator, log: Callable, checkpoints: RoundCheckpoints | None = None,
                mesh: Mesh | None = None) -> RunResult:
     """The method's rounds: `state, record = run_round(run, state, cohort)`, then the callbacks."""
+    init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
     run = run_context(method, graphdef, frozen, init_adapters, device_data, client_rows, config, mesh)
     fed = config.fed
-    init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
     init_state = {"server": jax.tree.map(np.asarray, initial_server_state(method, fed, init_adapters,
                                                                           run.aggregation.dp)),
                   "clients": _stack(method.client_state_init(init_adapters), len(run.train_rows))}
@@ -282,11 +282,10 @@ def run_method(method, graphdef, frozen, init_adapters, device_data: dict, clien
 def run_context(method, graphdef, frozen, init_adapters, device_data: dict, client_rows: list[np.ndarray], config,
                 mesh: Mesh | None) -> RunContext:
     """What the method's rounds share: its clients' rows and weights, DP settings, compiled programs, the placed
-    backbone and data."""
+    backbone and data. `init_adapters`: a pure dict."""
     fed = config.fed
     train_rows = [np.concatenate(client_rows)] if method.pooled else client_rows
     epoch_steps = steps_per_epoch(train_rows, fed.batch_size)
-    init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
     ranks = None if method.pooled else client_ranks(config.model.adapter, len(train_rows))
     weights = np.array([method.client_weight(len(r)) for r in train_rows], np.float64)
     dp = client_dp.settings(fed, weights, fed.get("secure_aggregation", False))

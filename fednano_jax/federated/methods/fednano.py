@@ -32,8 +32,7 @@ class FedNano(Method):
 
     def client_weight(self, num_examples):
         if not self.fed.get("fisher_example_weights", True):  # the ablation: Fisher alone, no |D_k| weights
-            return (num_examples > 0).astype(num_examples.dtype) if hasattr(num_examples, "astype") else \
-                float(num_examples > 0)
+            return (jnp.asarray(num_examples) > 0).astype(jnp.float32)
         return num_examples
 
     def contribution(self, upload, broadcast, mask=None):
