@@ -4,8 +4,8 @@
     python -m fednano_jax.memory_plan --config=configs/iconqa_llava15_7b.py --target=tpu:v5p:2x2x1
     python -m fednano_jax.memory_plan --config=configs/easyvqa_tiny.py                  # this host's CPU
 
-For each method in `fed.methods` it lowers exactly the programs the run compiles
-(`rounds.compile_programs`, `eval/`): the vmapped (or packed) local update with the method's extra pass,
+For each method in `fed.methods` it lowers exactly the programs the run compiles, with the arguments the run
+gives them (`federated/abstract_programs.py` over `rounds.compile_programs`; `eval/`): the vmapped (or packed) local update with the method's extra pass,
 the server's aggregation, a local phase over every client after the rounds where the method has one,
 evaluation (greedy decoding: prefill and KV-cache steps at `eval.batch_size`) and the programs a method
 adds to it (`Method.evaluation_programs`); it names no method. They are lowered on abstract arguments (no weights,
@@ -32,15 +32,14 @@ from absl import flags
 
 from fednano_jax.backbone import synthetic
 from fednano_jax.commands import cli
-from fednano_jax.config import method_names
+from fednano_jax.config import read
 from fednano_jax.data.batches import HostImages
 from fednano_jax.data.prompts import bucket
 from fednano_jax.data.split_sizes import federated_train_rows, official_split_sizes
 from fednano_jax.eval.generate import greedy_generate
-from fednano_jax.federated.client import ClientInputs, PackedLanes
+from fednano_jax.federated.abstract_programs import AbstractRun, placed, round_programs, shape_of
 from fednano_jax.federated.methods import get_method
-from fednano_jax.federated.rounds import RoundPrograms, compile_programs, initial_server_state, packs_clients
-from fednano_jax.federated.server import ClientUploads
+from fednano_jax.federated.rounds import packs_clients
 from fednano_jax.models.mllm import MllmConfig, count_params
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.parallel import targets
@@ -67,9 +66,9 @@ def run_sizes(config, mcfg: MllmConfig, text_tokens: int, answer_tokens: int) ->
     seq_len = bucket(1 + image_tokens + text_tokens)
     prompt_len = bucket(1 + image_tokens + text_tokens - answer_tokens)
     train, source = federated_train_rows(config) or (config.data.train_examples, "data.train_examples")
-    sizes = official_split_sizes(config.data.get("name", "easyvqa"))
+    sizes = official_split_sizes(config.data.name)
     if sizes is not None:
-        test = config.data.get("test_examples") or sizes["test"]
+        test = config.data.test_examples or sizes["test"]
         images = sizes.get("images", {})
         image_fraction = {split: images.get(split, sizes[split]) / sizes[split] for split in ("train", "test")}
         image_rows = 1 + math.ceil(train * image_fraction["train"]) + math.ceil(test * image_fraction["test"])
@@ -78,21 +77,6 @@ def run_sizes(config, mcfg: MllmConfig, text_tokens: int, answer_tokens: int) ->
         image_rows = 1 + train + test  # one image per row: an upper bound
     return Sizes(train, image_rows, seq_len, prompt_len, answer_tokens,
                  f"{train:,} train rows ({source}), {test:,} test rows")
-
-
-def _sds(shape, dtype, sharding):
-    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
-
-
-def _placed(tree, sharding):
-    """Abstract arrays carrying the sharding the run gives them (one sharding, or a tree of them)."""
-    if isinstance(sharding, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: _sds(x.shape, x.dtype, sharding), tree)
-    return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), tree, sharding)
-
-
-def _stacked(tree, count: int, sharding=None):
-    return jax.tree.map(lambda x: _sds((count,) + x.shape, x.dtype, sharding), tree)
 
 
 class PlannedHostImages(HostImages):
@@ -114,10 +98,10 @@ def device_dataset_shapes(mcfg: MllmConfig, sizes: Sizes, everywhere, stream_ima
     n, t, s = sizes.train_rows, sizes.seq_len, sizes.answer_slots
     size = mcfg.vision.image_size if mcfg.vision else 1
     images = jax.ShapeDtypeStruct((sizes.images, size, size, 3), jnp.uint8)
-    return {"input_ids": _sds((n, t), jnp.int32, everywhere), "attention_mask": _sds((n, t), bool, everywhere),
-            "loss_mask": _sds((n, t), bool, everywhere), "image_index": _sds((n,), jnp.int32, everywhere),
-            "images": PlannedHostImages(images) if stream_images else _sds(images.shape, images.dtype, everywhere),
-            "answer_positions": _sds((n, s), jnp.int32, everywhere), "answer_valid": _sds((n, s), bool, everywhere)}
+    return {"input_ids": shape_of((n, t), jnp.int32, everywhere), "attention_mask": shape_of((n, t), bool, everywhere),
+            "loss_mask": shape_of((n, t), bool, everywhere), "image_index": shape_of((n,), jnp.int32, everywhere),
+            "images": PlannedHostImages(images) if stream_images else shape_of(images.shape, images.dtype, everywhere),
+            "answer_positions": shape_of((n, s), jnp.int32, everywhere), "answer_valid": shape_of((n, s), bool, everywhere)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,88 +127,24 @@ class Setting:
     def everywhere(self):
         return sharding.replicated(self.mesh)
 
-    @property
-    def client_devices(self) -> int:
-        return self.mesh.shape[sharding.CLIENTS]
-
 
 def make_setting(config, target: targets.Target, text_tokens: int, answer_tokens: int) -> Setting:
     mcfg = synthetic.synthetic_model_config(config)
-    mesh_config = sharding.mesh_config_of(config)
+    mesh_config = config.mesh
     mesh = sharding.make_mesh(mesh_config, devices=target.devices)
     graphdef, frozen, adapters = synthetic.abstract_model(mcfg)
-    frozen = _placed(frozen, sharding.backbone_shardings(frozen, mesh, mesh_config))
+    frozen = placed(frozen, sharding.backbone_shardings(frozen, mesh, mesh_config))
     sizes = run_sizes(config, mcfg, text_tokens, answer_tokens)
-    data = device_dataset_shapes(mcfg, sizes, sharding.replicated(mesh), config.data.get("stream_images", False))
+    data = device_dataset_shapes(mcfg, sizes, sharding.replicated(mesh), config.data.stream_images)
     return Setting(config, mcfg, mesh, sizes, graphdef, frozen, adapters, data)
-
-
-def epoch_steps(setting: Setting, method) -> int:
-    """Local steps per epoch: the mean client's (the run pads to its largest; memory does not depend on it)."""
-    fed = setting.config.fed
-    rows = setting.sizes.train_rows if method.pooled else setting.sizes.train_rows // fed.num_clients
-    return max(math.ceil(rows / fed.batch_size), 1)
-
-
-def round_programs(setting: Setting, method) -> RoundPrograms:
-    """The programs a run of `method` compiles (`rounds.compile_programs`), on the setting's mesh."""
-    fed = setting.config.fed
-    return compile_programs(method, setting.graphdef, fed, epoch_steps(setting, method), setting.mesh)
-
-
-def local_program(setting: Setting, method, programs: RoundPrograms, name: str, clients: int,
-                  local_phase: bool = False, packed: bool = False) -> Program:
-    """The vmapped local update of `clients` clients as the run compiles it: one lane per client, or packed
-    lanes (`federated/packing.py`), planned at one client per lane, the most lanes packing runs (a lane's
-    length, a scan, does not change its memory); `local_phase`: the method's plain local training after the
-    rounds."""
-    fed = setting.config.fed
-    hooks = method.plain() if local_phase else method
-    steps = epoch_steps(setting, method)
-    padded = sharding.padded_cohort(clients, setting.mesh)
-    by_client = sharding.client_sharding(setting.mesh)
-    schedule = (padded, steps * fed.local_epochs, fed.batch_size)
-    state = hooks.client_state_init(setting.adapters)
-    if packed:
-        program = programs.packed
-        inputs = _packed_lanes(schedule, steps, fed, by_client,
-                               None if state is None else _stacked(_stacked(state, 1), padded, by_client))
-    else:
-        program = programs.plain_local if local_phase else programs.local
-        inputs = ClientInputs(_sds(schedule, jnp.int32, by_client), _sds(schedule, bool, by_client),
-                              None if state is None else _stacked(state, padded, by_client))
-    broadcast = _placed(jax.eval_shape(lambda a: hooks.broadcast(hooks.server_init(a)), setting.adapters),
-                        setting.everywhere)
-    return Program(name, lambda: program.lower(setting.frozen, setting.data, broadcast, inputs))
-
-
-def _packed_lanes(schedule, steps: int, fed, by_client, state) -> PackedLanes:
-    lanes, length, batch = schedule
-    cap = fed.get("fisher_examples", 0)
-    extra = min(steps, -(-cap // batch)) if cap else steps
-    return PackedLanes(_sds(schedule, jnp.int32, by_client), _sds(schedule, bool, by_client),
-                       _sds((lanes, length), jnp.int32, by_client), _sds((lanes, length), bool, by_client),
-                       _sds((lanes, 1), bool, by_client), _sds((lanes, extra, batch), jnp.int32, by_client),
-                       _sds((lanes, extra, batch), bool, by_client), _sds((lanes, extra), jnp.int32, by_client), state)
-
-
-def server_program(setting: Setting, method, programs: RoundPrograms, clients: int) -> Program:
-    """The server's aggregation of the cohort's uploads (`federated/server.py`), as the run compiles it."""
-    everywhere = setting.everywhere
-    state = _placed(jax.eval_shape(lambda a: initial_server_state(method, setting.config.fed, a, None),
-                                   setting.adapters), everywhere)
-    upload_shapes = {name: setting.adapters for name in method.uploads}
-    uploads = ClientUploads(_stacked(upload_shapes, clients, everywhere), _sds((clients,), jnp.int32, everywhere))
-    return Program(f"server:{method.name}", lambda: programs.server.lower(state, uploads,
-                                                                          _sds((clients,), bool, everywhere)))
 
 
 def _prompts(setting: Setting):
     everywhere, ev = setting.everywhere, setting.config.eval
     size = setting.mcfg.vision.image_size if setting.mcfg.vision else 1
     shape = (ev.batch_size, setting.sizes.prompt_len)
-    return (_sds(shape, jnp.int32, everywhere), _sds(shape, bool, everywhere),
-            _sds((ev.batch_size, size, size, 3), jnp.uint8, everywhere))
+    return (shape_of(shape, jnp.int32, everywhere), shape_of(shape, bool, everywhere),
+            shape_of((ev.batch_size, size, size, 3), jnp.uint8, everywhere))
 
 
 def _decode_options(config) -> dict:
@@ -233,38 +153,32 @@ def _decode_options(config) -> dict:
 
 def generate_program(setting: Setting) -> Program:
     """Greedy decoding of one evaluation batch: the prefill, then one KV-cache step per new token."""
-    adapters = _placed(setting.adapters, setting.everywhere)
+    adapters = placed(setting.adapters, setting.everywhere)
     return Program("eval:generate", lambda: greedy_generate.lower(
         setting.graphdef, setting.frozen, adapters, *_prompts(setting), **_decode_options(setting.config)))
 
 
 def method_evaluation_programs(setting: Setting, method) -> list[Program]:
     """The programs a method adds to evaluation (`Method.evaluation_programs`: FedDPA-F's mixed decoding)."""
-    adapters = _placed(setting.adapters, setting.everywhere)
-    last = _sds((setting.config.eval.batch_size,), jnp.int32, setting.everywhere)
-    weights = _sds((setting.config.eval.batch_size,), jnp.float32, setting.everywhere)
+    adapters = placed(setting.adapters, setting.everywhere)
+    last = shape_of((setting.config.eval.batch_size,), jnp.int32, setting.everywhere)
+    weights = shape_of((setting.config.eval.batch_size,), jnp.float32, setting.everywhere)
     lowerings = method.evaluation_programs(setting.graphdef, setting.frozen, adapters, _prompts(setting), last,
                                            weights, _decode_options(setting.config))
     return [Program(f"eval:{name}", lower) for name, lower in lowerings.items()]
 
 
 def run_programs(setting: Setting) -> list[Program]:
-    """Every program a run of the config compiles, named `kind:method` (a local phase after the rounds is never
-    packed)."""
+    """Every program a run of the config compiles, named `kind:method`: each method's round programs with the run's
+    abstract arguments (`federated/abstract_programs.py`), its evaluation programs, and decoding."""
     fed = setting.config.fed
-    cohort = fed.clients_per_round or fed.num_clients
+    run = AbstractRun(setting.graphdef, setting.frozen, setting.data, setting.adapters, setting.mesh, fed,
+                      setting.sizes.train_rows)
     programs = []
-    for name in method_names(setting.config):
+    for name in fed.methods:
         method = get_method(name, fed)
-        compiled = round_programs(setting, method)
-        clients = 1 if method.pooled else cohort
-        programs.append(local_program(setting, method, compiled, f"local:{name}", clients,
-                                      packed=packs_clients(fed)))
-        if method.uploads:
-            programs.append(server_program(setting, method, compiled, clients))
-        if method.local_phase:
-            programs.append(local_program(setting, method, compiled, f"local:{name}_local_phase", fed.num_clients,
-                                          local_phase=True))
+        for kind, lower in round_programs(method, run).items():
+            programs.append(Program(f"local:{name}_local_phase" if kind == "local_phase" else f"{kind}:{name}", lower))
         programs.extend(method_evaluation_programs(setting, method))
     return programs + [generate_program(setting)]
 
@@ -294,16 +208,16 @@ def plan_programs(programs: list[Program], announce: Callable[[str], None] = pri
 
 def plan(config, target: targets.Target, text_tokens: int, answer_tokens: int) -> dict:
     setting = make_setting(config, target, text_tokens, answer_tokens)
-    print(f"Planning {config.get('name')} on {target.name} ({len(target.devices)} x {target.kind}, "
+    print(f"Planning {config.name} on {target.name} ({len(target.devices)} x {target.kind}, "
           f"{target.device_memory_gib:.1f} GiB each), mesh {dict(setting.mesh.shape)}, remat "
           f"{setting.mcfg.llm.remat}; data: {setting.sizes.source}")
     programs = plan_programs(run_programs(setting))
-    return {"config": config.get("name"), "target": target.name, "device_kind": target.kind,
+    return {"config": config.name, "target": target.name, "device_kind": target.kind,
             "devices": len(target.devices), "device_memory_gib": target.device_memory_gib,
             "mesh": dict(setting.mesh.shape), "remat": setting.mcfg.llm.remat, "units": "GiB per device",
             "frozen_params": count_params(setting.frozen), "adapter_params": count_params(setting.adapters),
             "frozen_dtype": setting.mcfg.llm.dtype, "sizes": dataclasses.asdict(setting.sizes),
-            "client_chunk": config.fed.get("client_chunk", 0), "packed": packs_clients(config.fed),
+            "client_chunk": config.fed.client_chunk, "packed": packs_clients(config.fed),
             "programs": programs}
 
 
@@ -333,7 +247,7 @@ def too_large(report: dict) -> str | None:
 
 def main() -> None:
     args = flags.FLAGS
-    config = synthetic.with_preset(args.config, args.preset)
+    config = args.config
     if args.remat:
         config.model.remat = args.remat
     if args.clients:
@@ -343,6 +257,7 @@ def main() -> None:
         config.fed.batch_size = args.batch
     if args.methods:
         config.fed.methods = tuple(args.methods)
+    config = synthetic.with_preset(read(config, run=False), args.preset)
     target = targets.resolve(args.target, args.devices)
     report = plan(config, target, args.text_tokens, args.answer_tokens)
     print(table(report))
