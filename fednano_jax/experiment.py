@@ -11,7 +11,7 @@ import time
 
 from fednano_jax.backbone import pretrain
 from fednano_jax.backbone.build import experiment_backbone, with_remat
-from fednano_jax.config import method_names, resume_fingerprint, validate
+from fednano_jax.config import read, resume_fingerprint
 from fednano_jax.data import datasets, pipeline
 from fednano_jax.data.batches import device_dataset
 from fednano_jax.data.partition import Partition
@@ -19,11 +19,11 @@ from fednano_jax.errors import ConfigError
 from fednano_jax.eval.evaluate import Evaluator
 from fednano_jax.eval.report import write_report
 from fednano_jax.federated.checkpoints import RoundCheckpoints
-from fednano_jax.federated.methods import METHODS, get_method
+from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.rounds import run_method
 from fednano_jax.metrics import MetricsLog
 from fednano_jax.models.mllm import count_params
-from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_config_of, mesh_description, place_backbone
+from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_description, place_backbone
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -50,19 +50,20 @@ def check_resumable(config, workdir: str, methods: list[str], fingerprint: dict)
 
 
 def run_experiment(config, workdir: str) -> None:
-    """Everything one config describes; results land in `workdir` (results.json is written last)."""
+    """Everything one config (a ConfigDict, or the Experiment `config.read` made of one) describes; results land
+    in `workdir` (results.json is written last)."""
     # -------------------------------------------------------------- Config
-    validate(config, METHODS)
+    config = read(config)
     prepare_workdir(workdir)
     started = time.perf_counter()
     log = MetricsLog(workdir, time.strftime("%Y-%m-%dT%H:%M:%S"), is_main_process())  # each record flushed
 
     fingerprint = resume_fingerprint(config, pretrain.cache_key(config))
-    methods = method_names(config)
+    methods = config.fed.methods
     check_resumable(config, workdir, methods, fingerprint)
 
     # ---------------------------------------------------------------- Mesh
-    mesh = make_mesh(mesh_config_of(config))
+    mesh = make_mesh(config.mesh)
     print(mesh_description(mesh))
 
     # ---------------------------------------------------------------- Data
@@ -70,9 +71,9 @@ def run_experiment(config, workdir: str) -> None:
 
     # ------------------------------------------------- Pretrained backbone
     graphdef, frozen, adapters, tokenizer, mcfg = experiment_backbone(config, splits)
-    graphdef, mcfg = with_remat(graphdef, mcfg, config.model.get("remat", "none"))
+    graphdef, mcfg = with_remat(graphdef, mcfg, config.model.remat)
     # Placed once: training and the evaluator share this one copy of the backbone.
-    frozen = place_backbone(frozen, mesh, mesh_config_of(config))
+    frozen = place_backbone(frozen, mesh, config.mesh)
     print(f"Backbone: {count_params(frozen):,} frozen parameters; NanoAdapters: {count_params(adapters):,} "
           f"trainable parameters per client")
 
@@ -84,7 +85,7 @@ def run_experiment(config, workdir: str) -> None:
         raise ConfigError(str(error)) from error
     sizes = [len(r) for r in data.client_train]
     print(f"{config.fed.num_clients} clients, train examples {sizes}, test examples {[len(r) for r in data.client_test]}")
-    device_data = device_dataset(data.train, data.images, config.data.get("stream_images", False))
+    device_data = device_dataset(data.train, data.images, config.data.stream_images)
     evaluator = Evaluator(graphdef, frozen, data, tokenizer, config)
 
     # ------------------------------------------------------------- Methods
@@ -114,7 +115,7 @@ def run_experiment(config, workdir: str) -> None:
     # -------------------------------------------------------------- Report
     if not is_main_process():
         return
-    table = write_report(workdir, rows, {"config": config.to_dict(), "client_train_examples": sizes,
+    table = write_report(workdir, rows, {"config": config.as_dict(), "client_train_examples": sizes,
                                          "method_seconds": seconds, "history": histories,
                                          "total_seconds": time.perf_counter() - started},
                          evaluator.ranks.tolist() if evaluator.ranks is not None else None)

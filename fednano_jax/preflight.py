@@ -14,19 +14,18 @@ from fednano_jax.backbone import pretrain
 from fednano_jax.backbone.shapes import checkpoint_metadata, model_shapes
 from fednano_jax.backbone.stored import stored_backbones
 from fednano_jax.backbone.synthetic import abstract_model
-from fednano_jax.config import method_names, validate
+from fednano_jax.config import read
 from fednano_jax.data import datasets, pipeline
 from fednano_jax.data.partition import Partition
 from fednano_jax.errors import ConfigError
-from fednano_jax.federated.methods import METHODS
 from fednano_jax.federated.schedule import steps_per_epoch
 from fednano_jax.models.mllm import count_params
-from fednano_jax.parallel.mesh import make_mesh, mesh_config_of, mesh_description
+from fednano_jax.parallel.mesh import make_mesh, mesh_description
 
 
 def backbone_source(config, checkpoint_has_vision: bool) -> str:
     """Where the run's backbone would come from (`checkpoint_has_vision`: a LLaVA checkpoint, used as loaded)."""
-    path = config.model.get("path")
+    path = config.model.path
     if path and checkpoint_has_vision:
         return f"the checkpoint at {path}"
     stored = stored_backbones(config)
@@ -46,12 +45,12 @@ def _client_train_rows(config, splits) -> list:
 
 def dry_run(config) -> str:
     """The checks a run makes before training, then what it would run; raises the run's own errors."""
-    validate(config, METHODS)
-    mesh = make_mesh(mesh_config_of(config))
+    config = read(config)
+    mesh = make_mesh(config.mesh)
     splits = datasets.load_splits(config, with_images=False)
-    path = config.model.get("path")
+    path = config.model.path
     checkpoint = checkpoint_metadata(config) if path else None  # its metadata only: a missing checkpoint stops here
-    vocab = None if path or config.model.get("vocab_size") else len(pipeline.tokenizer_for(splits))
+    vocab = None if path or config.model.vocab_size else len(pipeline.tokenizer_for(splits))
     mcfg = model_shapes(config, vocab_size=vocab)
     sizes = [len(r) for r in _client_train_rows(config, splits)]
     fed = config.fed
@@ -67,7 +66,7 @@ def dry_run(config) -> str:
         f"Model: {mcfg.llm.num_layers} decoder layers of width {mcfg.llm.hidden_size}, vocabulary "
         f"{mcfg.llm.vocab_size:,}, {mcfg.vision.num_image_tokens if mcfg.vision else 0} image tokens: "
         f"{count_params(frozen):,} frozen parameters; NanoAdapters: {count_params(adapters):,} per client",
-        f"Methods: {', '.join(method_names(config))}; {fed.rounds} rounds of {cohort} clients, {fed.local_epochs} "
+        f"Methods: {', '.join(config.fed.methods)}; {fed.rounds} rounds of {cohort} clients, {fed.local_epochs} "
         f"local epoch(s) of {steps} steps of batch {fed.batch_size} (the largest client's "
         f"{max(sizes):,} examples; {math.ceil(sum(sizes) / fed.batch_size):,} batches hold data)",
     ])
@@ -78,7 +77,7 @@ def study_dry_run(cells: dict[str, tuple[dict, object]]) -> str:
     cells share their data and backbone settings)."""
     lines = []
     for index, (name, (overrides, config)) in enumerate(cells.items()):
-        validate(config, METHODS)
+        read(config)
         lines.append(f"{name}: {overrides}")
         if index == 0:
             lines.append(dry_run(config) + "\n")

@@ -159,3 +159,14 @@ def make_batch(seed: int, batch: int = 3, length: int = 12, num_image_tokens: in
     loss = attention & (np.arange(length)[None] >= lengths[:, None] - 2)
     images = rng.integers(0, 256, size=(batch, image_size, image_size, 3)).astype(np.uint8)
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss, "images": images}
+
+
+def fed_of(**keys):
+    """A settings.Fed from `fed` section keys (the rest at their defaults), read as config.read reads it: method
+    hyperparameters (fisher_floor, prox_mu, ...) go to the methods that declare them."""
+    from ml_collections import ConfigDict
+
+    from fednano_jax.federated.methods import METHODS
+    from fednano_jax.settings import Fed
+
+    return Fed.read(ConfigDict(keys), "fed", {name: m.Hyperparameters for name, m in METHODS.items()})

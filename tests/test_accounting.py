@@ -10,18 +10,19 @@ from ml_collections import ConfigDict
 
 from fednano_jax.backbone import presets as model_presets
 from fednano_jax.commands.accounting import parameter_counts, report, shapes_from_config
+from fednano_jax.config import read
 from fednano_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def experiment(model: ConfigDict, train_examples=2000) -> ConfigDict:
+def experiment(model: ConfigDict, train_examples=2000):
     config = ConfigDict()
     config.name = "accounting"
     config.model = model
     config.data = ConfigDict(dict(train_examples=train_examples))
     config.fed = ConfigDict(dict(num_clients=5, batch_size=8, local_epochs=1))
-    return config
+    return read(config, run=False)
 
 
 def hf_llava_counts(hf_config) -> dict:
@@ -118,10 +119,10 @@ def test_a_vocabulary_its_data_decides_comes_from_the_stored_backbone_or_is_aske
     from fednano_jax.data.tokenizer import load_tokenizer
     from fednano_jax.errors import DataError
 
-    config = load_config_file(os.path.join(REPO, "configs", "easyvqa_tiny.py"))
+    config = read(load_config_file(os.path.join(REPO, "configs", "easyvqa_tiny.py")), run=False)
     shipped = load_tokenizer(os.path.join(pretrain.shipped_dir(config), "tokenizer"))
     assert shapes_from_config(config).llm.vocab_size == len(shipped)
-    no_data = load_config_file(os.path.join(REPO, "configs", "scienceqa_tiny.py"))  # data.root unset, nothing stored
+    no_data = read(load_config_file(os.path.join(REPO, "configs", "scienceqa_tiny.py")), run=False)  # data.root unset, nothing stored
     with pytest.raises((ConfigError, DataError), match="--vocab_size"):
         shapes_from_config(no_data)
     assert shapes_from_config(no_data, vocab_size=77).llm.vocab_size == 77
@@ -130,7 +131,7 @@ def test_a_vocabulary_its_data_decides_comes_from_the_stored_backbone_or_is_aske
 def test_table_1_of_a_paper_config_needs_no_flag_and_counts_the_official_train_split():
     from fednano_jax.config import load_config_file
 
-    figures = report(load_config_file(os.path.join(REPO, "configs", "scienceqa_llava15_7b.py")))
+    figures = report(read(load_config_file(os.path.join(REPO, "configs", "scienceqa_llava15_7b.py")), run=False))
     assert figures["adapters"] == 1_048_576  # 2 adapters x 2 matrices x 4096 x rank 64
     assert figures["traffic"]["examples_per_client"] == 12_726 // 5
     assert "official train split (12,726" in figures["examples_per_client_source"]

@@ -3,6 +3,7 @@ every aggregator over FedNano's contributions equals the hand computation, and e
 or distributed), secure aggregation, heterogeneous ranks and a server optimizer, for every method, either runs
 through the same round code as a real run or stops with its one sentence."""
 
+import dataclasses
 import itertools
 import math
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fednano_jax.config import validate
+from fednano_jax.config import read
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.aggregation import fedavg, fisher_merge
 from fednano_jax.federated.methods import METHODS, get_method
@@ -89,11 +90,12 @@ def one_round(config, reporting=(True,) * K):
 
 def make_run(config):
     """What `rounds.run_method` sets up for the aggregation: DP settings, programs, public weight, server state."""
+    config = read(config, run=False)
     fed = config.fed
     method = get_method(config.fed.methods[0], fed)
     weights = np.array([method.client_weight(n) for n in COUNTS], np.float64)
     ranks = client_ranks(config.model.adapter, K)
-    dp = client_dp.settings(fed, weights, fed.secure_aggregation)
+    dp = client_dp.settings(fed, weights)
     aggregation = Aggregation(fed.rank_aggregation, dp)
     programs = compile_programs(method, None, fed, 1, None, aggregation,
                                 public_weight(dp, GLOBAL, weights, ranks, aggregation.rank_aggregation))
@@ -143,7 +145,7 @@ def composition():
         config = experiment(*combination[:2], secure=combination[2], ranks=combination[3],
                             server_optimizer=combination[4])
         try:
-            validate(config, METHODS)
+            read(config)
         except ConfigError as error:
             results[combination] = str(error)
             continue
@@ -194,7 +196,7 @@ def test_distributed_noise_under_secure_aggregation_has_central_noises_mean_and_
             run, state, uploads = make_run(config)
             draws[noise] = []
             for seed in range(200):
-                config.seed = seed  # the noise keys come from (seed, round)
+                run.config = dataclasses.replace(run.config, seed=seed)  # the noise keys come from (seed, round)
                 server, _, _ = aggregate(run, state, uploads, np.arange(K), np.ones(K, bool), 0)
                 draws[noise].append(np.concatenate([np.ravel(x) for x in jax.tree.leaves(server["adapters"])]))
             draws[noise] = np.stack(draws[noise])

@@ -7,7 +7,7 @@ import pytest
 
 from fednano_jax.backbone.from_checkpoint import VISION_SIDE, attach_vision_tower, checkpoint_backbone
 from fednano_jax.data import pipeline
-from fednano_jax.config import load_config_file
+from fednano_jax.config import load_config_file, read
 from fednano_jax.backbone.pretrained import load_pretrained
 from fednano_jax.weights.fill import flatten
 
@@ -37,7 +37,7 @@ def experiment_config(path, cache_dir):
     config.model.adapter.rank = 4
     config.pretrain.update(steps=4, batch_size=8, cache_dir=str(cache_dir))
     config.data.pretrain_images = 40
-    return config
+    return read(config, run=False)
 
 
 def parameters(state) -> dict:

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from ml_collections import ConfigDict
 
-from fednano_jax.config import LATER_DEFAULTS, validate
+from conftest import fed_of
+from fednano_jax.config import read
 from fednano_jax.errors import ConfigError
-from fednano_jax.federated.methods import METHODS, get_method
+from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.aggregation import fisher_merge, plain_sums
 from fednano_jax.federated.server import Aggregation, ClientUploads, client_contributions, server_round
 from fednano_jax.privacy import accountant
@@ -25,9 +25,9 @@ UPLOADS = {"down": jnp.arange(24.0).reshape(3, 4, 2) / 10, "up": 1 + jnp.arange(
 COUNTS = jnp.array([10.0, 20.0, 30.0])
 
 
-def fed(**dp):
-    return ConfigDict(dict(num_clients=3, clients_per_round=0, rounds=4, fisher_floor=1e-6,
-                           dp={**LATER_DEFAULTS["fed"]["dp"], "enabled": True, **dp}))
+def fed(fed_keys=None, **dp):
+    keys = {**dict(num_clients=3, clients_per_round=0, rounds=4, fisher_floor=1e-6), **(fed_keys or {})}
+    return fed_of(**keys, dp={"enabled": True, **dp})
 
 
 def settings(**dp):
@@ -187,19 +187,18 @@ def test_dp_settings_that_cannot_run_are_one_sentence():
                                           "raw data"):
         config = tiny_dp_config()
         config.fed.methods = ("centralized", "fedavg")
-        validate(config, METHODS)
-    validate(tiny_dp_config(), METHODS)  # FedAvg and FedNano, the default methods
+        read(config)
+    read(tiny_dp_config())  # FedAvg and FedNano, the default methods
     config = tiny_dp_config(adaptive=True, noise_multiplier=2.0)
     config.fed.methods = ("fedavg",)
     with pytest.raises(ConfigError, match=r"fed.dp.adaptive needs 2 \* count_stddev > noise_multiplier"):
-        validate(config, METHODS)
+        read(config)
     config = tiny_dp_config(clip_norm=0.0)
     config.fed.methods = ("fedavg",)
     with pytest.raises(ConfigError, match="fed.dp.clip_norm must be positive"):
-        validate(config, METHODS)
+        read(config)
     config.fed.dp.clip_norm = 1.0
-    validate(config, METHODS)
-    assert get_method("fedavg", config.fed).label.startswith("FedAvg + DP (ε=")
+    assert get_method("fedavg", read(config).fed).label.startswith("FedAvg + DP (ε=")
 
 
 def test_pld_refuses_noise_too_small_to_discretise():
@@ -207,7 +206,7 @@ def test_pld_refuses_noise_too_small_to_discretise():
         accountant.epsilon(0.01, 1.0, 5, 1e-5, "pld")
     config = tiny_dp_config(accountant="pld", noise_multiplier=0.1)
     with pytest.raises(ConfigError, match="use fed.dp.accountant='rdp'"):
-        validate(config, METHODS)
+        read(config)
 
 
 def test_a_dp_round_reports_epsilon_and_without_noise_or_clipping_trains_as_today(tiny_config):
@@ -227,10 +226,9 @@ def test_a_dp_round_reports_epsilon_and_without_noise_or_clipping_trains_as_toda
 def test_distributed_shares_sum_to_at_least_the_central_noise_and_the_server_knows_how_much():
     """Each of the t clients counted on adds σ/√t; the sum of n ≥ t shares carries σ √(n/t), which is what the
     server's post-processing is told."""
-    config = fed(noise_multiplier=1.0, clip_norm=0.5, noise="distributed")
-    config.secagg_threshold = 3
-    config.num_clients = 5
-    dp = client_dp.settings(config, [1, 2, 3, 4, 5], secure=True)
+    config = fed(dict(secagg_threshold=3, num_clients=5, secure_aggregation=True), noise_multiplier=1.0,
+                 clip_norm=0.5, noise="distributed")
+    dp = client_dp.settings(config, [1, 2, 3, 4, 5])
     assert dp.distributed and dp.noise_shares == 3
     assert client_dp.client_share_scale(dp) == pytest.approx(1 / math.sqrt(3))
     in_sums = client_dp.noise_in_sums(dp, {"delta": 2.0}, jnp.asarray(5))

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import optax
 from flax import nnx
-from ml_collections import ConfigDict
 
-from conftest import make_batch
+from conftest import fed_of, make_batch
 from fednano_jax.federated.aggregation import fedavg, fisher_merge
 from fednano_jax.federated.client import ClientInputs, local_update, make_client_programs
 from fednano_jax.federated.fisher import diagonal_fisher
@@ -17,8 +16,9 @@ from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.models.loss import answer_slots, mean_answer_nll, summed_answer_nll
 from fednano_jax.models.mllm import MultimodalModel, merge_model, split_model
 
-FED = ConfigDict(dict(prox_mu=0.0, fisher_floor=1e-6, num_clients=3, dpa_local_epochs=1, dpa_instances=2,
-                      dpa_max_weight=0.5))
+FED_KEYS = dict(prox_mu=0.0, fisher_floor=1e-6, num_clients=3, dpa_local_epochs=1, dpa_instances=2,
+                dpa_max_weight=0.5)
+FED = fed_of(**FED_KEYS)
 
 
 def train(graphdef, optimizer, adapters, frozen, data, rows, valid, method=None, state=None, epoch_steps=None):

@@ -12,7 +12,7 @@ PACKAGE = os.path.join(ROOT, "fednano_jax")
 # __init__ alone, the public `load_pretrained` / `load_minigpt4`); a module under none fails the first test. The entry points at the top keep their
 # `python -m fednano_jax.NAME` names; each only calls its command.
 LAYERS = (
-    ("errors", "streams"),
+    ("errors", "streams", "settings"),  # settings: the config's records, read at the edge (config.py)
     ("models", "weights"),
     ("data",),
     ("eval",),

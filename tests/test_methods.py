@@ -17,14 +17,13 @@ from fednano_jax.federated.objective import adapter_value_and_grad
 from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.federated.server import ClientUploads, server_round
 from fednano_jax.models.mllm import merge_model
-from test_federated import FED, tiny_setup, train, trained_adapters
+from conftest import fed_of
+from test_federated import FED_KEYS, tiny_setup, train, trained_adapters
 
 
 def method(name, **fed):
     """The method `name` with FED's settings, `fed` overriding some."""
-    config = FED.copy_and_resolve_references()
-    config.update(fed)
-    return get_method(name, config)
+    return get_method(name, fed_of(**{**FED_KEYS, **fed}))
 
 
 def squared_distance(a, b):
@@ -82,7 +81,7 @@ def test_methods_that_send_nothing_and_centralized_pools_every_example():
     assert len(METHODS["fednano_ef"].uploads) == 2 and METHODS["fednano"].extra_passes == 1
     assert METHODS["centralized"].pooled and not METHODS["fedavg"].pooled
     with pytest.raises(ConfigError, match="Unknown method 'fedfoo'"):
-        get_method("fedfoo", FED)
+        get_method("fedfoo", fed_of(**FED_KEYS))
     pooled = [np.concatenate([np.array([0, 3, 5]), np.array([1, 2]), np.array([4, 6, 7, 8])])]
     rows, valid = client_schedule(pooled, batch_size=4, epochs=2, seed=0, round_index=0)
     seen = rows[0][valid[0]]

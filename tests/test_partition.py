@@ -225,11 +225,10 @@ def test_dirichlet_redraws_until_every_client_has_its_minimum():
 ])
 def test_a_bad_partition_setting_is_one_clear_sentence(key, value, message):
     from configs.easyvqa_tiny import get_config
-    from fednano_jax.config import validate
+    from fednano_jax.config import read
     from fednano_jax.errors import ConfigError
-    from fednano_jax.federated.methods import METHODS
 
     config = get_config()
     config.data[key] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(config, METHODS)
+        read(config)

@@ -9,16 +9,16 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from ml_collections import ConfigDict
 
-from conftest import SMALL_MODEL, run_main
-from fednano_jax.config import validate
+from conftest import SMALL_MODEL, fed_of, run_main
+from fednano_jax.config import read
 from fednano_jax.errors import ConfigError
 from fednano_jax.eval.evaluate import Evaluator
 from fednano_jax.federated.aggregation import fedavg, fisher_merge
 from fednano_jax.federated.client import ClientInputs, local_update, make_client_programs
-from fednano_jax.federated.methods import METHODS, get_method
+from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.methods.fednano import FedNano
+from fednano_jax.settings import Adapter
 from fednano_jax.models.adapter_ranks import client_ranks, rank_axis, rank_bytes, rank_mask, truncate
 from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.federated.server import Aggregation, ClientUploads, server_round
@@ -116,7 +116,7 @@ def test_masked_fisher_merge_gives_a_slice_its_holders_fisher_only():
 
 
 def test_the_server_round_aggregates_under_the_clients_ranks_or_zero_padded():
-    fed = ConfigDict(dict(fisher_floor=1e-6, fisher_example_weights=True))
+    fed = fed_of(fisher_floor=1e-6, fisher_example_weights=True)
     uploads = {"adapters": jax.tree.map(lambda p, m: p * m, PARAMS, masks_of([2, 1, 2])), "fisher": FISHERS}
     state = {"adapters": PREVIOUS}
     for name in ("fedavg", "fednano"):
@@ -133,8 +133,8 @@ def test_the_server_round_aggregates_under_the_clients_ranks_or_zero_padded():
 
 
 def test_ranks_cycle_over_clients_and_upload_bytes_count_each_clients_rank():
-    np.testing.assert_array_equal(client_ranks(ConfigDict({"client_ranks": (16, 8, 4)}), 5), [16, 8, 4, 16, 8])
-    assert client_ranks(ConfigDict({"client_ranks": ()}), 5) is None
+    np.testing.assert_array_equal(client_ranks(Adapter(client_ranks=(16, 8, 4)), 5), [16, 8, 4, 16, 8])
+    assert client_ranks(Adapter(), 5) is None
     adapters = {"t": {"down": np.zeros((32, 16), np.float32), "up": np.zeros((16, 32), np.float32)}}
     assert rank_bytes(adapters, None) == 2 * 32 * 16 * 4
     assert rank_bytes(adapters, 4) == 2 * 32 * 4 * 4
@@ -160,11 +160,11 @@ def test_bad_client_ranks_get_one_sentence(ranks, methods, message):
     config = tiny_experiment(client_ranks=ranks)
     config.fed.methods = methods
     with pytest.raises(ConfigError, match=message):
-        validate(config, METHODS)
+        read(config)
     config.fed.methods, config.model.adapter.client_ranks = ("fedavg",), (8, 4)
     config.fed.rank_aggregation = "median"
     with pytest.raises(ConfigError, match="fed.rank_aggregation must be one of"):
-        validate(config, METHODS)
+        read(config)
 
 
 def test_each_client_is_evaluated_with_the_shared_adapters_at_its_own_rank():
@@ -217,5 +217,6 @@ def test_workdirs_written_before_client_ranks_existed_still_resume():
     config = tiny_experiment()
     older = tiny_experiment()
     del older.model.adapter["client_ranks"], older.fed["rank_aggregation"]  # a config from before the settings
-    assert resume_fingerprint(config, "key") == resume_fingerprint(older, "key")
-    assert resume_fingerprint(tiny_experiment(client_ranks=(8, 4)), "key") != resume_fingerprint(config, "key")
+    assert resume_fingerprint(read(config), "key") == resume_fingerprint(read(older), "key")
+    assert (resume_fingerprint(read(tiny_experiment(client_ranks=(8, 4))), "key")
+            != resume_fingerprint(read(config), "key"))

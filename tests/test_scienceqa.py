@@ -15,8 +15,8 @@ from fednano_jax.data.images import mean_colour
 from fednano_jax.data.partition import Partition, dirichlet_proportions
 from fednano_jax.data.pipeline import client_partition, tokenizer_for
 from fednano_jax.data.tokenizer import IMAGE
-from fednano_jax.config import load_config_file, method_names, validate
-from fednano_jax.federated.methods import METHODS, PAPER_METHODS
+from fednano_jax.config import load_config_file, read
+from fednano_jax.federated.methods import PAPER_METHODS
 from conftest import SMALL_MODEL
 from official_fixtures import SCIENCEQA_TOPICS, SPLIT_SIZES, write_scienceqa, write_scienceqa_parquet
 
@@ -34,7 +34,7 @@ def tiny_config(root, data_dir, name="scienceqa_tiny", **data):
     config.data.root, config.data.dir = root, str(data_dir)
     config.data.pretrain_examples, config.data.train_examples, config.data.test_examples = 10, 0, 0
     config.data.update(data)
-    return config
+    return read(config, run=False)
 
 
 def test_official_layout_gives_every_problem_with_its_llava_prompt(release, tmp_path):
@@ -192,11 +192,11 @@ def test_paper_config_prints_its_partition_statistics(release, tmp_path, name):
 def test_paper_configs_are_the_papers_setup(name, dataset):
     config = load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
     config.data.root = "/data"
-    validate(config, METHODS)
+    config = read(config)
     fed = config.fed
     assert (fed.num_clients, fed.rounds, fed.local_epochs, fed.batch_size) == (5, 10, 1, 8)
     assert config.model.adapter.rank == 64 and config.data.dirichlet_alpha == 1.0
-    assert tuple(method_names(config)) == PAPER_METHODS
+    assert fed.methods == PAPER_METHODS
     if "minigpt4" in name:  # Vicuna-7B with MiniGPT-4's files: EVA ViT-g at 224 px, 32 queries, its template
         assert config.model.path == "~/models/vicuna-7b" and config.model.vision.image_size == 224
         assert config.model.qformer.num_query_tokens == 32 and config.model.prompt == "minigpt4"

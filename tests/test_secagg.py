@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
+from conftest import fed_of
 
 from fednano_jax.federated import secure
 from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.server import ClientUploads, client_contributions, finalize_round, server_round
 from fednano_jax.privacy import secagg
 
-FED = ConfigDict(dict(num_clients=5, clients_per_round=0, fisher_floor=1e-6, secagg_threshold=3))
+FED = fed_of(num_clients=5, clients_per_round=0, fisher_floor=1e-6, secagg_threshold=3)
 RNG = np.random.default_rng(0)
 ADAPTERS = {"down": jnp.asarray(RNG.normal(size=(5, 6, 2)), jnp.float32),
             "up": jnp.asarray(RNG.normal(size=(5, 2, 6)) * 0.1, jnp.float32)}

@@ -4,7 +4,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import ConfigDict
+from conftest import fed_of
 
 from fednano_jax.federated.aggregation import fedavg
 from fednano_jax.federated.methods import get_method
@@ -15,7 +15,7 @@ from fednano_jax.streams import Purpose, generator
 ADAPTERS = {"down": jnp.arange(24.0).reshape(3, 4, 2), "up": jnp.arange(18.0).reshape(3, 2, 3)}
 COUNTS = jnp.array([10, 20, 30])
 PREVIOUS = {"adapters": {"down": jnp.full((4, 2), -1.0), "up": jnp.full((2, 3), -1.0)}}
-FED = ConfigDict(dict(fisher_floor=1e-6, num_clients=3))
+FED = fed_of(fisher_floor=1e-6, num_clients=3)
 
 
 def poison(tree, client, value=np.nan):
@@ -137,7 +137,7 @@ def test_the_fisher_merge_without_example_weights_weighs_every_usable_client_ali
     from fednano_jax.federated.aggregation import fisher_merge
 
     fishers = jax.tree.map(lambda x: jnp.abs(x) + 1.0, ADAPTERS)
-    method = get_method("fednano", ConfigDict(dict(fisher_floor=1e-6, num_clients=3, fisher_example_weights=False)))
+    method = get_method("fednano", fed_of(fisher_floor=1e-6, num_clients=3, fisher_example_weights=False))
     merged, _ = server_round(method, PREVIOUS, ClientUploads({"adapters": ADAPTERS, "fisher": fishers}, COUNTS),
                              jnp.array([True, False, True]))
     expected = fisher_merge(ADAPTERS, fishers, jnp.array([1.0, 0.0, 1.0]), 1e-6)

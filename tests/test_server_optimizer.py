@@ -4,14 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
+from conftest import fed_of
 from fednano_jax.federated.aggregation import fedavg, fisher_merge
 from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.server import ClientUploads, server_round
-from fednano_jax.federated.server_optimizer import (DEFAULT_LEARNING_RATES, STATE, init_state, learning_rate,
-                                                    server_optimizer)
+from fednano_jax.federated.server_optimizer import STATE, init_state, server_optimizer
+from fednano_jax.settings import DEFAULT_SERVER_LEARNING_RATES as DEFAULT_LEARNING_RATES
 
 UPLOADS = {"down": jnp.array([[[1.0, -2.0]], [[3.0, 0.5]]]), "up": jnp.array([[[0.25]], [[-1.0]]])}
 FISHER = {"down": jnp.array([[[1.0, 4.0]], [[2.0, 1.0]]]), "up": jnp.array([[[3.0]], [[1.0]]])}
@@ -22,7 +22,7 @@ COUNTS = jnp.array([10, 30])
 def fed(**settings):
     defaults = dict(fisher_floor=1e-6, num_clients=2, server_optimizer="none", server_learning_rate=1.0,
                     server_momentum=0.9)
-    return ConfigDict({**defaults, **settings})
+    return fed_of(**{**defaults, **settings})
 
 
 def one_round(name, config, state=None):
@@ -50,8 +50,8 @@ def test_one_round_of_server_adam_is_the_hand_computed_step(name, proposal):
 def test_a_zero_server_learning_rate_is_the_optimizers_own_default(name, rate):
     """Reddi et al.'s neighbourhoods: FedAdam at the shared 1.0 collapses FedNano on the tiny config."""
     assert DEFAULT_LEARNING_RATES[name] == rate
-    assert learning_rate(fed(server_optimizer=name, server_learning_rate=0.0)) == rate
-    assert learning_rate(fed(server_optimizer=name, server_learning_rate=0.5)) == 0.5  # an explicit step stays
+    assert fed(server_optimizer=name, server_learning_rate=0.0).effective_server_learning_rate == rate
+    assert fed(server_optimizer=name, server_learning_rate=0.5).effective_server_learning_rate == 0.5  # explicit
     by_default = one_round("fedavg", fed(server_optimizer=name, server_learning_rate=0.0))
     explicit = one_round("fedavg", fed(server_optimizer=name, server_learning_rate=rate))
     jax.tree.map(np.testing.assert_array_equal, by_default["adapters"], explicit["adapters"])
@@ -94,11 +94,11 @@ def test_no_server_optimizer_and_a_unit_step_without_momentum_are_the_plain_aggr
 def test_the_server_optimizer_state_resumes_exactly_from_a_checkpoint(tmp_path, name):
     config = fed(server_optimizer=name, server_learning_rate=0.1)
     first = jax.tree.map(np.asarray, one_round("fedavg", config))
-    checkpoints = RoundCheckpoints(tmp_path / name, 2, {"fed": config.to_dict()})
+    checkpoints = RoundCheckpoints(tmp_path / name, 2, {"fed": config.as_dict()})
     checkpoints.save(1, {"server": first}, [{"round": 1}])
     checkpoints.close()
     template = {"server": init_state(server_optimizer(config, get_method("fedavg", config)), {"adapters": GLOBAL})}
-    checkpoints = RoundCheckpoints(tmp_path / name, 2, {"fed": config.to_dict()})
+    checkpoints = RoundCheckpoints(tmp_path / name, 2, {"fed": config.as_dict()})
     _, restored, _ = checkpoints.restore_latest(jax.tree.map(np.asarray, template))
     checkpoints.close()
     resumed = one_round("fedavg", config, jax.tree.map(jnp.asarray, restored["server"]))
@@ -110,11 +110,11 @@ def test_a_checkpoint_remembers_the_step_its_server_optimizer_took():
     """The default step (0: the optimizer's own) is part of the resume fingerprint as the rate it resolves to, so a
     workdir written at another step is not resumed at this one."""
     from configs.easyvqa_tiny import get_config
-    from fednano_jax.config import resume_fingerprint
+    from fednano_jax.config import read, resume_fingerprint
 
     config = get_config()
-    assert "server_learning_rate" not in resume_fingerprint(config, "b")["fed"]  # no server optimizer: no step
+    assert "server_learning_rate" not in resume_fingerprint(read(config), "b")["fed"]  # no server optimizer: no step
     config.fed.server_optimizer = "adam"
-    assert resume_fingerprint(config, "b")["fed"]["server_learning_rate"] == DEFAULT_LEARNING_RATES["adam"]
+    assert resume_fingerprint(read(config), "b")["fed"]["server_learning_rate"] == DEFAULT_LEARNING_RATES["adam"]
     config.fed.server_learning_rate = 1.0
-    assert resume_fingerprint(config, "b")["fed"]["server_learning_rate"] == 1.0
+    assert resume_fingerprint(read(config), "b")["fed"]["server_learning_rate"] == 1.0

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 from flax import nnx
 
 from fednano_jax.data.batches import HostImages
+from fednano_jax.config import read
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.federated.methods import get_method
@@ -84,6 +85,7 @@ def federated_run(tiny_config, method, num_clients, cohort, mesh=None, mesh_cfg=
         config.fed[key].update(value) if isinstance(value, dict) else setattr(config.fed, key, value)
     config.mesh = mesh_cfg or mesh_config()
     config.eval.every_rounds = int(evaluate)
+    config = read(config, run=False)
     # As experiment.py does: one copy of the backbone, placed on the mesh (or committed to the one device).
     frozen = (sharding.place_backbone(frozen, mesh, config.mesh) if mesh is not None
               else jax.device_put(frozen, jax.devices()[0]))
@@ -190,7 +192,7 @@ def test_evaluation_of_mesh_trained_adapters_matches_one_device(tiny_config, met
 def test_each_device_holds_only_its_clients(tiny_config):
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=16)
     mesh = sharding.make_mesh(mesh_config())
-    fed = run_config(8, 8).fed
+    fed = read(run_config(8, 8), run=False).fed
     programs = compile_programs(get_method("fedavg", fed), graphdef, fed, 1, mesh)
     rows = np.arange(16).reshape(8, 1, 2)
     outputs = programs.local(frozen, data, {"adapters": adapters}, ClientInputs(rows, np.ones_like(rows, bool)))

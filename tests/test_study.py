@@ -157,3 +157,13 @@ def test_the_ranks_study_compares_tiers_with_everyone_at_the_smallest_rank(tmp_p
     assert tiers[6:8] == [f"{diff:+.2f} ± {half:.2f}", f"{p:.3f}"] and tiers[8:10] == ["-", "-"]
     assert table[-1].split("|")[7:9] == [" - ", " - "]  # everyone at rank 4 is the baseline itself
     assert tiers[-1] == "2.0 KiB" and (tmp_path / "accuracy_by_ranks.png").stat().st_size > 1000
+
+
+def test_tier_averages_are_each_rank_tiers_clients():
+    """The ranks study's tiers cycle over the clients: (16, 8, 4, 16, 8) -> clients {0, 3}, {1, 4}, {2}."""
+    from fednano_jax.commands.study import tier_averages
+
+    result = {"results": {"FedNano": {"accuracy": [10.0, 20.0, 30.0, 50.0, 40.0]}}}
+    assert tier_averages(result, "FedNano") == [30.0, 30.0, 30.0]
+    result = {"results": {"FedNano": {"accuracy": [10.0, 20.0, 60.0, 50.0, 80.0]}}}
+    assert tier_averages(result, "FedNano") == [30.0, 50.0, 60.0]

@@ -6,6 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch baseline needs torch==2.13.0 (requirements-test.txt)")
 
+from fednano_jax.settings import Fed
 from fednano_jax import load_pretrained
 from fednano_jax.backbone import synthetic
 from fednano_jax.commands import torch_loop  # noqa: E402
@@ -52,7 +53,7 @@ def test_a_client_round_ends_at_our_adapters(both_models, tiny_config):
     work = synthetic.Workload(clients=1, steps=3, batch=2, seq_len=synthetic.sequence_length(ours.config, 6))
     data, rows, valid = synthetic.synthetic_data(ours.config, work, seed=1)
     valid[0, 2] = False
-    fed = type("Fed", (), {"optimizer": "adamw", "learning_rate": 1e-2, "weight_decay": 0.1})
+    fed = Fed(optimizer="adamw", learning_rate=1e-2, weight_decay=0.1)
     outputs = local_update(ours.graphdef, make_optimizer(fed), FedAvg(fed), 3, ours.frozen, data,
                            {"adapters": adapters}, ClientInputs(rows[0], valid[0]))
     expected = outputs.upload["adapters"]

@@ -31,13 +31,15 @@ from fednano_jax.weights.fill import flatten, unflatten
 
 def cache_key(config) -> str:
     """Hash of everything that determines the pretrained backbone (not adapters, not fed)."""
-    model = without_derived_family(config.model.to_dict())  # naming a config's own family keeps its key
+    model = without_derived_family(config.model)  # naming a config's own family keeps its key
     model.pop("adapter")
     model.pop("remat", None)  # how the graph saves memory, not what it computes
     where = ("cache_dir", "shipped")  # where a backbone is looked for, not what it is
-    shaping = {"model": model, "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k not in where},
+    unused = () if config.data.name == "easyvqa" else ("questions_per_image",)  # easy-VQA's text-only QA alone
+    shaping = {"model": model, "pretrain": {k: v for k, v in config.pretrain.as_dict().items()
+                                            if k not in where + unused},
                "data": _pretraining_data(config.data), "version": 3}
-    if model.get("path"):  # the vision side is aligned to this very checkpoint: a replaced file is a new key
+    if config.model.path:  # the vision side is aligned to this very checkpoint: a replaced file is a new key
         from fednano_jax.backbone.pretrained import checkpoint_identity
 
         shaping["checkpoint"] = checkpoint_identity(model["path"])
@@ -46,10 +48,9 @@ def cache_key(config) -> str:
 
 def _pretraining_data(data) -> dict:
     """What in config.data shapes the pretraining set: easy-VQA keeps its original key (caches stay valid)."""
-    name = data.get("name", "easyvqa")
-    if name == "easyvqa":
+    if data.name == "easyvqa":
         return {"pretrain_images": data.pretrain_images}
-    return {"name": name, "root": os.path.realpath(os.path.expanduser(data.root)), "format": data.get("format"),
+    return {"name": data.name, "root": os.path.realpath(os.path.expanduser(data.root)), "format": data.format,
             "pretrain_examples": data.pretrain_examples}
 
 
@@ -63,7 +64,7 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")  #
 def shipped_dir(config) -> str | None:
     """The backbone shipped with the repository for these settings, if there is one and the config allows it."""
     directory = os.path.join(SHIPPED, cache_key(config))
-    return directory if config.pretrain.get("shipped", False) and os.path.isdir(directory) else None
+    return directory if config.pretrain.shipped and os.path.isdir(directory) else None
 
 
 def epoch_batches(num_rows: int, batch_size: int, steps: int, seed: int) -> np.ndarray:

@@ -14,33 +14,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from ml_collections import ConfigDict
 
 from fednano_jax.backbone import presets as model_presets
 from fednano_jax.backbone.shapes import model_shapes
 from fednano_jax.errors import ConfigError
 from fednano_jax.models.loss import answer_slots
 from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
+from fednano_jax.settings import Experiment, Model
 
 PRESETS = {"llava15_7b": model_presets.llava15_7b, "minigpt4_7b": model_presets.minigpt4_7b,
            "minigpt4_13b": model_presets.minigpt4_13b, "smollm2_135m": model_presets.smollm2_135m}
 DEFAULT_VOCAB = 256  # token ids for a config whose vocabulary its data decides, when no stored backbone says
 
 
-def with_preset(config: ConfigDict, preset: str | None) -> ConfigDict:
-    """The config with its model section replaced by a named preset's shapes (none: unchanged)."""
+def with_preset(config: Experiment, preset: str | None) -> Experiment:
+    """The config with its model section replaced by a named preset's (its adapters included), keeping its remat
+    (none: unchanged)."""
     if not preset:
         return config
     if preset not in PRESETS:
         raise ConfigError(f"Unknown --preset {preset!r}; expected one of {sorted(PRESETS)}.")
-    config = ConfigDict(config.to_dict())
-    remat = config.model.get("remat", "none")
-    config.model = PRESETS[preset]()
-    config.model.remat = remat
-    return config
+    model = Model.read(PRESETS[preset](), "model")
+    return dataclasses.replace(config, model=dataclasses.replace(model, remat=config.model.remat))
 
 
-def synthetic_model_config(config: ConfigDict) -> MllmConfig:
+def synthetic_model_config(config: Experiment) -> MllmConfig:
     """The config's shapes (backbone/shapes.py); a vocabulary only its data would decide gets DEFAULT_VOCAB ids."""
     return model_shapes(config, vocab_fallback=DEFAULT_VOCAB)
 

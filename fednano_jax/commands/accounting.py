@@ -26,6 +26,7 @@ from absl import flags
 from flax import nnx
 
 from fednano_jax.commands import cli
+from fednano_jax.config import read
 from fednano_jax.backbone.shapes import model_shapes
 from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.data.split_sizes import federated_train_rows
@@ -120,7 +121,7 @@ def mean_examples_per_client(config, override: int | None) -> tuple[int, str]:
     found = federated_train_rows(config)
     if found is None:
         raise ConfigError(f"data.train_examples is 0 (all) and no official split size of "
-                          f"{config.data.get('name', 'easyvqa')!r} is recorded, so the examples per client are "
+                          f"{config.data.name!r} is recorded, so the examples per client are "
                           "unknown here; pass --examples_per_client=N.")
     rows, source = found
     return rows // clients, f"{source} over {clients} clients"
@@ -173,7 +174,7 @@ def report(config, vocab_size=None, text_tokens: int = 128, examples_per_client:
 
 def main() -> None:
     args = flags.FLAGS
-    config = args.config
+    config = read(args.config, run=False)
     figures = report(config, args.vocab_size, args.text_tokens, args.examples_per_client)
     traffic = Traffic(**figures["traffic"])
     print(f"{config.name}: parameters by component (from abstract shapes; no weights read)\n")

@@ -38,6 +38,7 @@ from fednano_jax.backbone import synthetic
 from fednano_jax.parallel import mesh as sharding
 from fednano_jax.parallel.xla_stats import device_summary, write_json, flops_of, memory_of, planned_total
 from fednano_jax.commands import cli
+from fednano_jax.config import read
 from fednano_jax.federated.client import (ClientInputs, initial_carry, local_update, make_client_programs,
                                           make_packed_program, train_step)
 from fednano_jax.errors import ConfigError
@@ -76,7 +77,7 @@ def build_problem(config, preset, clients, steps, batch, text_tokens, seed=0) ->
     work = synthetic.Workload(clients, steps, batch or config.fed.batch_size, synthetic.sequence_length(mcfg, text_tokens))
     graphdef, frozen, adapters = synthetic.random_model(mcfg, seed)
     data, rows, valid = synthetic.synthetic_data(mcfg, work, seed)
-    mesh_config = sharding.mesh_config_of(config)
+    mesh_config = config.mesh
     return Problem(graphdef, frozen, adapters, data, rows, valid, make_optimizer(config.fed), work, mcfg.llm.dtype,
                    sharding.make_mesh(mesh_config), mesh_config, mcfg, config.fed, FedAvg(config.fed))
 
@@ -302,7 +303,7 @@ def compare_packing(p: Problem, config, repeats: int) -> tuple[dict, dict]:
     client_rows = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     rows, valid = client_schedule(client_rows, batch, 1, config.seed, 0)
     packed = packed_schedule(client_rows, batch, 1, config.seed, 0, range(len(sizes)),
-                             max_padding=config.fed.get("pack_padding", 0.1))
+                             max_padding=config.fed.pack_padding)
     broadcast = {"adapters": p.adapters}
     vmapped, _ = make_client_programs(p.graphdef, p.optimizer, p.method, rows.shape[1])
     padded_args = (p.frozen, data, broadcast, ClientInputs(rows, valid))
@@ -362,7 +363,7 @@ def comparison_report(config, args, problem: Problem) -> dict:
     if unknown:
         raise ConfigError(f"--compare={','.join(unknown)} is not a comparison; expected some of {list(COMPARISONS)}.")
     results, speedup = comparisons(problem, config, args.compare, args.repeats, args.fisher_examples)
-    return {"config": config.get("name"), "preset": args.preset, "device": device_summary(),
+    return {"config": config.name, "preset": args.preset, "device": device_summary(),
             "mesh": dict(problem.mesh.shape), "dtype": problem.dtype,
             "workload": {**dataclasses.asdict(problem.work), "answer_tokens": int(problem.data["answer_valid"].shape[1])},
             "comparisons": results, "speedup": speedup}
@@ -382,7 +383,7 @@ def comparison_summary(report: dict) -> str:
 
 def main() -> None:
     args = flags.FLAGS
-    config = args.config
+    config = read(args.config, run=False)
     problem = build_problem(config, args.preset, args.clients, args.steps, args.batch, args.text_tokens)
     if args.compare:
         report = comparison_report(config, args, problem)
@@ -390,7 +391,7 @@ def main() -> None:
         write_json(args.out, report)
         return
     modes, left_out = available_modes(args.mode, problem.mcfg)
-    report = {"config": config.get("name"), "preset": args.preset, **benchmark(problem, modes, args.repeats),
+    report = {"config": config.name, "preset": args.preset, **benchmark(problem, modes, args.repeats),
               "left_out": left_out}
     print(summary(report))
     write_json(args.out, report)

@@ -9,6 +9,7 @@ sentence instead of a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import functools
@@ -21,9 +22,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "PyTorch was not 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import ConfigDict, config_flags  # noqa: E402
 
-from fednano_jax.config import load_config_file, method_names  # noqa: E402
+from fednano_jax.config import load_config_file, read  # noqa: E402
 from fednano_jax.errors import LABELS, ConfigError, label_of  # noqa: E402
-from fednano_jax.models.adapter_ranks import parse_client_ranks  # noqa: E402
+from fednano_jax.settings import NO_SERVER_OPTIMIZER  # noqa: E402
 
 
 def define_config_flag(lock: bool = True) -> None:
@@ -47,40 +48,35 @@ def check_overrides(config: ConfigDict, argv: list[str]) -> None:
             node = node[key]
 
 
-def _client_ranks_set(config: ConfigDict) -> bool:
-    try:
-        return bool(parse_client_ranks(config.model.adapter.get("client_ranks", ())))
-    except ValueError:  # a malformed value: validation names it
-        return True
-
-
-def _methods_include(*names: str) -> Callable[[ConfigDict], bool]:
-    return lambda config: any(name in method_names(config) for name in names)
-
-
-# Keys that only matter when a condition holds: (key patterns, the keys the condition reads, the condition, what it
-# needs in words, how to meet it). A key the condition reads is never inactive itself (fed.dp.enabled).
+# Keys that only matter when a condition holds: (key patterns, the keys the condition reads, the condition on the
+# config's records, what it needs in words, how to meet it). A key the condition reads is never inactive itself
+# (fed.dp.enabled). A method's own hyperparameters matter only when fed.methods names it (method_rows).
 ACTIVE_ONLY_WHEN = (
-    (("fed.dp.*",), ("fed.dp.enabled",), lambda c: c.fed.dp.get("enabled", False),
+    (("fed.dp.*",), ("fed.dp.enabled",), lambda e: e.fed.dp.enabled,
      "fed.dp.enabled=True", "add --config.fed.dp.enabled=True"),
-    (("fed.secagg_threshold",), ("fed.secure_aggregation",), lambda c: c.fed.get("secure_aggregation", False),
+    (("fed.secagg_threshold",), ("fed.secure_aggregation",), lambda e: e.fed.secure_aggregation,
      "fed.secure_aggregation=True", "add --config.fed.secure_aggregation=True"),
-    (("fed.server_momentum",), ("fed.server_optimizer",), lambda c: c.fed.get("server_optimizer", "none") == "avgm",
+    (("fed.server_momentum",), ("fed.server_optimizer",), lambda e: e.fed.server_optimizer == "avgm",
      "fed.server_optimizer=avgm", "add --config.fed.server_optimizer=avgm"),
-    (("fed.server_learning_rate",), ("fed.server_optimizer",),
-     lambda c: c.fed.get("server_optimizer", "none") != "none",
+    (("fed.server_learning_rate",), ("fed.server_optimizer",), lambda e: e.fed.server_optimizer != NO_SERVER_OPTIMIZER,
      "fed.server_optimizer is avgm, adagrad, adam or yogi", "add e.g. --config.fed.server_optimizer=adam"),
-    (("fed.rank_aggregation",), ("model.adapter.client_ranks",), _client_ranks_set,
+    (("fed.rank_aggregation",), ("model.adapter.client_ranks",), lambda e: bool(e.model.adapter.client_ranks),
      "model.adapter.client_ranks is set", "add e.g. --config.model.adapter.client_ranks=16,8,4"),
-    (("fed.prox_mu",), ("fed.methods",), _methods_include("fedprox"),
-     "fed.methods includes fedprox", "add fedprox to --config.fed.methods"),
-    (("fed.dpa_*",), ("fed.methods",), _methods_include("feddpa_f"),
-     "fed.methods includes feddpa_f", "add feddpa_f to --config.fed.methods"),
-    (("fed.fisher_examples",), ("fed.methods",), _methods_include("fednano"),  # FedNano-EF has no Fisher pass
-     "fed.methods includes fednano", "add fednano to --config.fed.methods"),
-    (("fed.fisher_floor", "fed.fisher_example_weights"), ("fed.methods",), _methods_include("fednano", "fednano_ef"),
-     "fed.methods includes fednano or fednano_ef", "add fednano to --config.fed.methods"),
 )
+
+
+def method_rows() -> tuple:
+    """ACTIVE_ONLY_WHEN's rows for the methods' hyperparameters: each key active when fed.methods names a method
+    that declares it (`Method.Hyperparameters`)."""
+    from fednano_jax.federated.methods import METHODS
+
+    holders: dict[str, list[str]] = {}
+    for name, method in METHODS.items():
+        for field in dataclasses.fields(method.Hyperparameters):
+            holders.setdefault(field.name, []).append(name)
+    return tuple(((f"fed.{key}",), ("fed.methods",), lambda e, names=tuple(names): bool(set(names) & set(e.fed.methods)),
+                  f"fed.methods includes {' or '.join(names)}", f"add {names[0]} to --config.fed.methods")
+                 for key, names in holders.items())
 # Keys a command sets itself whatever the command line says (study's cells, memory_plan's --methods, the privacy
 # audit's FedNano): a condition that reads one cannot be judged from the command line, so it is not checked there.
 SET_BY_COMMAND = {
@@ -95,13 +91,14 @@ def check_inactive(config: ConfigDict, argv: list[str], command: str = "") -> No
     the command: `--config.fed.dp.noise_multiplier=0.5` alone would train without DP. A config file may set such
     keys freely; only the command line's are checked."""
     set_by_command = SET_BY_COMMAND.get(command, ())
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        path = arg[len("--config."):].split("=", 1)[0]
-        for patterns, reads, active, needs, remedy in ACTIVE_ONLY_WHEN:
+    overrides = [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    if not overrides:
+        return
+    experiment = read(config, run=False)
+    for path in overrides:
+        for patterns, reads, active, needs, remedy in ACTIVE_ONLY_WHEN + method_rows():
             if (any(fnmatch.fnmatchcase(path, p) for p in patterns) and path not in reads
-                    and not set(reads) & set(set_by_command) and not active(config)):
+                    and not set(reads) & set(set_by_command) and not active(experiment)):
                 raise ConfigError(f"--config.{path} has no effect unless {needs}; {remedy} or drop it.")
 
 

@@ -85,11 +85,12 @@ def partition_report(config, png: str | None = None) -> str:
 def main() -> None:
     from absl import flags
 
-    from fednano_jax.config import validate_data
+    from fednano_jax.config import check_data, read
 
-    validate_data(flags.FLAGS.config.data)
+    config = read(flags.FLAGS.config, run=False)
+    check_data(config)
     try:
-        print(partition_report(flags.FLAGS.config, flags.FLAGS.png))
+        print(partition_report(config, flags.FLAGS.png))
     except (DataError, ConfigError):
         raise
     except ValueError as error:  # a size or skew the data cannot satisfy

@@ -26,14 +26,14 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from fednano_jax.backbone.build import experiment_backbone
-from fednano_jax.config import validate
+from fednano_jax.config import read
 from fednano_jax.data import datasets, pipeline
 from fednano_jax.data.batches import device_dataset
 from fednano_jax.data.partition import Partition
 from fednano_jax.errors import ConfigError
 from fednano_jax.eval.evaluate import Evaluator
 from fednano_jax.experiment import prepare_workdir
-from fednano_jax.federated.methods import METHODS, get_method
+from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.rounds import run_method
 from fednano_jax.models.mllm import merge_model
 from fednano_jax.privacy import wire_audit
@@ -82,8 +82,7 @@ def audited_config(config: ConfigDict) -> ConfigDict:
 
 
 def audit(config: ConfigDict, workdir: str, noises: list[float], audited_rows: int, public_rows: int) -> list[dict]:
-    config = audited_config(config)
-    validate(config, METHODS)
+    config = read(audited_config(config))
     prepare_workdir(workdir)
     splits = datasets.load_splits(config)
     graphdef, frozen, adapters, tokenizer, mcfg = experiment_backbone(config, splits)
@@ -101,9 +100,9 @@ def audit(config: ConfigDict, workdir: str, noises: list[float], audited_rows: i
     untrained = _wire_embeddings(graphdef, frozen, adapters, audited)
     results = []
     for noise in noises:
-        config.fed.wire_noise = float(noise)
-        result = run_method(get_method("fednano", config.fed, config.seed), graphdef, frozen, adapters, device_data,
-                            data.client_train, config, evaluator, lambda record: None)
+        noised = config.replace(fed={"wire_noise": float(noise)})
+        result = run_method(get_method("fednano", noised.fed, config.seed), graphdef, frozen, adapters, device_data,
+                            data.client_train, noised, evaluator, lambda record: None)
         accuracy = 100 * result.history[-1]["average"]
         trained = _wire_embeddings(graphdef, frozen, result.server["adapters"], audited)
         for stage, embeds in (("untrained", untrained), ("trained", trained)):

@@ -300,9 +300,10 @@ def merge_table(results: dict, seeds: int, workdir: str) -> str:
 def tier_averages(result: dict, label: str) -> list[float]:
     """The average accuracy of each tier's clients (client k in tier TIERS[k % len]), whatever ranks the cell ran."""
     from fednano_jax.models.adapter_ranks import client_ranks
+    from fednano_jax.settings import Adapter
 
     accuracy = np.asarray(result["results"][label]["accuracy"], float)
-    tiers = client_ranks({"client_ranks": TIERS}, len(accuracy))
+    tiers = client_ranks(Adapter(rank=max(TIERS), client_ranks=TIERS), len(accuracy))
     return [float(np.nanmean(accuracy[tiers == rank])) for rank in TIERS]
 
 

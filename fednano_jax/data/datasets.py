@@ -13,9 +13,6 @@ from fednano_jax.data import iconqa, pipeline, scienceqa
 from fednano_jax.data.prompts import template_of
 from fednano_jax.errors import LABELS, ConfigError
 
-DEFAULT = "easyvqa"
-FORMATS = {"easyvqa": ("official",), "scienceqa": ("official", "parquet"), "iconqa": ("official",)}
-
 
 def _easyvqa(config, with_images: bool = True) -> pipeline.Splits:
     del with_images  # easy-VQA's images are small and part of its build
@@ -30,8 +27,8 @@ LOADERS = {"easyvqa": _easyvqa, "scienceqa": scienceqa.load_splits, "iconqa": ic
 
 
 def dataset_name(config) -> str:
-    """config.data.name; configs written before it existed are easy-VQA."""
-    return config.data.get("name", DEFAULT)
+    """config.data.name."""
+    return config.data.name
 
 
 def load_splits(config, with_images: bool = True) -> pipeline.Splits:

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fednano_jax.settings import Data
 from fednano_jax.streams import Purpose, generator
 
-PARTITIONS = ("dirichlet", "iid", "pathological", "size_skew", "natural")
+
 DIRICHLET_ATTEMPTS = 100  # draws tried for a Dirichlet partition whose every client meets the minimum size
 
 
@@ -31,21 +32,18 @@ DIRICHLET_ATTEMPTS = 100  # draws tried for a Dirichlet partition whose every cl
 class Partition:
     """How to split the examples over clients (the config's `data` section)."""
 
-    kind: str = "dirichlet"
-    alpha: float = 1.0  # dirichlet
-    min_client_size: int = 1  # dirichlet: training examples every client gets at least
-    categories_per_client: int = 2  # pathological
-    size_exponent: float = 1.0  # size_skew
-    natural_key: str = "subject"  # natural: the per-example metadata field that names a client's group
+    kind: str = Data.partition  # the defaults are settings.Data's
+    alpha: float = Data.dirichlet_alpha  # dirichlet
+    min_client_size: int = Data.min_client_size  # dirichlet: training examples every client gets at least
+    categories_per_client: int = Data.categories_per_client  # pathological
+    size_exponent: float = Data.size_exponent  # size_skew
+    natural_key: str = Data.natural_key  # natural: the per-example metadata field that names a client's group
 
     @classmethod
-    def of(cls, data) -> "Partition":
-        """From a config's `data` section (a key it lacks keeps its default)."""
-        defaults = cls()
-        return cls(data.get("partition", defaults.kind), data.get("dirichlet_alpha", defaults.alpha),
-                    data.get("min_client_size", defaults.min_client_size),
-                    data.get("categories_per_client", defaults.categories_per_client),
-                    data.get("size_exponent", defaults.size_exponent), data.get("natural_key", defaults.natural_key))
+    def of(cls, data: Data) -> "Partition":
+        """From the config's `data` section."""
+        return cls(data.partition, data.dirichlet_alpha, data.min_client_size, data.categories_per_client,
+                   data.size_exponent, data.natural_key)
 
     def describe(self) -> str:
         return {"dirichlet": f"Dirichlet alpha {self.alpha}", "iid": "IID",

@@ -23,13 +23,14 @@ from PIL import Image
 
 from fednano_jax.data import easy_vqa
 from fednano_jax.data.easy_vqa_builder import ImageRecord, load_image_records
-from fednano_jax.data.partition import (DIRICHLET_ATTEMPTS, PARTITIONS, Partition, dirichlet_proportions,
+from fednano_jax.data.partition import (DIRICHLET_ATTEMPTS, Partition, dirichlet_proportions,
                                         iid_proportions, natural_proportions, partition_by_proportions,
                                         pathological_proportions, size_skew_proportions)
 from fednano_jax.data.prompts import (DEFAULT_TEMPLATE, TokenizedSet, render_prompt, tokenize_for_training,
                                       tokenize_prompts)
 from fednano_jax.data.tokenizer import build_tokenizer
 from fednano_jax.streams import Purpose, generator
+from fednano_jax.settings import PARTITIONS
 
 CAPTION_QUESTION = "describe the image."
 

@@ -211,5 +211,5 @@ def splits_from_config(by_split: dict[str, list[Problem]], config, with_images: 
     sizes = Sizes(data.pretrain_examples, data.train_examples, data.test_examples)
     return problem_splits(by_split, sizes, seed=config.seed, pretrain_seed=config.pretrain.seed,
                           image_size=config.model.vision.image_size,
-                          caption_repeats=config.pretrain.get("caption_repeats", 1), with_images=with_images,
+                          caption_repeats=config.pretrain.caption_repeats, with_images=with_images,
                           template=template_of(config))

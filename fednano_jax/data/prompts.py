@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from fednano_jax.data.tokenizer import IMAGE
+from fednano_jax.settings import DEFAULT_TEMPLATE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +32,11 @@ class Template:
 TEMPLATES = {"llava": Template("USER: {image}{question} ASSISTANT:", f"{IMAGE}\n"),
              "minigpt4": Template("###Human: {image}{question} ###Assistant:", f"<Img>{IMAGE}</Img> ", end="###",
                                   pad_to_square=False)}
-DEFAULT_TEMPLATE = "llava"
 
 
 def template_of(config) -> str:
     """config.model.prompt: the chat template a backbone was tuned with (LLaVA-1.5's unless named)."""
-    name = config.model.get("prompt", DEFAULT_TEMPLATE)
+    name = config.model.template
     if name not in TEMPLATES:
         raise ValueError(f"model.prompt must be one of {sorted(TEMPLATES)}, got {name!r}.")
     return name

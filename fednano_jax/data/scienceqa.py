@@ -33,7 +33,7 @@ def problem_from_record(record: dict) -> Problem:
 def load_splits(config, with_images: bool = True) -> Splits:
     """ScienceQA from config.data.root (config.data.format: "official" or "parquet"), built once into data.dir."""
     root = os.path.expanduser(config.data.root)
-    data_format = config.data.get("format", "official")
+    data_format = config.data.data_format
     check_release(root, data_format)
     key_file = os.path.join(root, "problems.json") if data_format == "official" else root
     builder = prepared(ScienceQa, build_dir(config.data.dir, f"scienceqa_{data_format}", root, key_file), root,

@@ -22,12 +22,12 @@ def official_split_sizes(name: str) -> dict | None:
 def federated_train_rows(config) -> tuple[int, str] | None:
     """-> (the federated training rows a run of the config takes, where that number comes from): data.train_examples,
     or the official train split less the rows held aside for pretraining; None where neither says."""
-    if config.data.get("train_examples"):
+    if config.data.train_examples:
         return config.data.train_examples, f"data.train_examples={config.data.train_examples:,}"
-    name = config.data.get("name", "easyvqa")  # data.datasets.DEFAULT, whose import needs tfds
+    name = config.data.name
     sizes = official_split_sizes(name)
     if sizes is None:
         return None
-    held_aside = config.data.get("pretrain_examples", 0)
+    held_aside = config.data.pretrain_examples
     less = f" less {held_aside:,} held aside for pretraining" if held_aside else ""
     return sizes["train"] - held_aside, f"{name}'s official train split ({sizes['train']:,} examples{less})"

@@ -31,12 +31,13 @@ from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps
 from fednano_jax.federated.secure import secure_sums
 from fednano_jax.federated.server import (Aggregation, ClientUploads, client_contributions, finalize_round,
                                           reporting_clients, server_round)
-from fednano_jax.models.adapter_ranks import MASKED, client_ranks, rank_bytes, stacked_masks
+from fednano_jax.models.adapter_ranks import client_ranks, rank_bytes, stacked_masks
 from fednano_jax.federated.server_optimizer import init_state as init_server_optimizer, server_optimizer
 from fednano_jax.parallel import mesh as meshes
 from fednano_jax.parallel.xla_stats import compile_clock
 from fednano_jax.privacy import dp as client_dp
 from fednano_jax.privacy.secagg import majority_threshold
+from fednano_jax.settings import MASKED
 from fednano_jax.streams import Purpose
 
 OPTIMIZERS = {
@@ -48,8 +49,6 @@ OPTIMIZERS = {
 
 def make_optimizer(fed) -> optax.GradientTransformation:
     """The client optimizer, re-initialised every round (`fed.optimizer`, `fed.learning_rate`, `fed.weight_decay`)."""
-    if fed.optimizer not in OPTIMIZERS:
-        raise ValueError(f"Unknown fed.optimizer {fed.optimizer!r}; expected one of {sorted(OPTIMIZERS)}.")
     return OPTIMIZERS[fed.optimizer](fed)
 
 
@@ -83,12 +82,12 @@ def compile_programs(method, graphdef, fed, epoch_steps: int, mesh: Mesh | None 
 
     def client_program(hooks):
         vmapped, sequential = make_client_programs(graphdef, optimizer, hooks, epoch_steps,
-                                                   fed.get("client_chunk", 0), devices, fed.get("fisher_examples", 0))
+                                                   fed.client_chunk, devices, hooks.extra_pass_examples)
         if fed.mode == "sequential":
             return sequential
         return meshes.sharded_client_program(vmapped, mesh) if mesh is not None else jax.jit(vmapped)
 
-    packed = in_chunks(make_packed_program(graphdef, optimizer, method), fed.get("client_chunk", 0), devices)
+    packed = in_chunks(make_packed_program(graphdef, optimizer, method), fed.client_chunk, devices)
     packed = meshes.sharded_client_program(packed, mesh) if mesh is not None else jax.jit(packed)
     stepper = server_optimizer(fed, method)
     server = jax.jit(functools.partial(server_round, method, optimizer=stepper, aggregation=aggregation,
@@ -139,7 +138,7 @@ def _resume(checkpoints: RoundCheckpoints | None, init_state: dict, rounds: int)
         raise CheckpointMismatch(f"The checkpoint in {checkpoints.directory} is at round {done}, beyond "
                                  f"fed.rounds={rounds}; raise fed.rounds or use another --workdir.")
     print(f"Resuming from round {done} of {rounds} ({checkpoints.directory})")
-    return done, {"server": state["server"], "clients": state.get("clients")}, history
+    return done, {"server": state["server"], "clients": state["clients"] if "clients" in state else None}, history
 
 
 @dataclasses.dataclass
@@ -214,11 +213,11 @@ def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, repor
     dp, seed = run.aggregation.dp, run.config.seed
     key = client_dp.noise_key(seed, round_index) if dp is not None else None
     client_keys = client_dp.client_noise_keys(seed, round_index, cohort) if dp is not None and dp.distributed else None
-    if not run.config.fed.get("secure_aggregation", False):
+    if not run.config.fed.secure_aggregation:
         server, used = run.programs.server(server_state, uploads, jnp.asarray(reporting), key, client_keys)
         return server, meshes.to_host(used), {}
     stacked, used = run.programs.contribute(server_state, uploads, jnp.asarray(reporting), client_keys)
-    threshold = run.config.fed.get("secagg_threshold", 0) or majority_threshold(len(cohort))
+    threshold = run.config.fed.secagg_threshold or majority_threshold(len(cohort))
     sums, used, cost = secure_sums(jax.tree.map(meshes.to_host, stacked), meshes.to_host(used), cohort,
                                    threshold, seed, round_index)
     if sums is None:
@@ -227,7 +226,7 @@ def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, repor
 
 
 def packs_clients(fed) -> bool:
-    return bool(fed.get("pack_clients", False)) and fed.mode != "sequential"
+    return fed.pack_clients and fed.mode != "sequential"
 
 
 def local_updates(run: RunContext, cohort: np.ndarray, broadcast, states, round_index: int):
@@ -242,7 +241,7 @@ def local_updates(run: RunContext, cohort: np.ndarray, broadcast, states, round_
         return outputs, {"client_steps": int(valid.any(axis=2).sum()), "padded_client_steps": lanes * rows.shape[1]}
     devices = run.mesh.shape[meshes.CLIENTS] if run.mesh is not None else 1
     packed = packed_schedule([run.train_rows[k] for k in cohort], fed.batch_size, fed.local_epochs, run.config.seed,
-                             round_index, cohort, fed.get("fisher_examples", 0), devices, fed.get("pack_padding", 0.1),
+                             round_index, cohort, run.method.extra_pass_examples, devices, fed.pack_padding,
                              states, run.cohort_ranks(cohort))
     outputs = run.programs.packed(run.frozen, run.data, broadcast, packed.lanes)
     order = packed.order()
@@ -288,12 +287,12 @@ def run_context(method, graphdef, frozen, init_adapters, device_data: dict, clie
     epoch_steps = steps_per_epoch(train_rows, fed.batch_size)
     ranks = None if method.pooled else client_ranks(config.model.adapter, len(train_rows))
     weights = np.array([method.client_weight(len(r)) for r in train_rows], np.float64)
-    dp = client_dp.settings(fed, weights, fed.get("secure_aggregation", False))
-    aggregation = Aggregation(fed.get("rank_aggregation", MASKED), dp)
+    dp = client_dp.settings(fed, weights)
+    aggregation = Aggregation(fed.rank_aggregation, dp)
     programs = compile_programs(method, graphdef, fed, epoch_steps, mesh, aggregation,
                                 public_weight(dp, init_adapters, weights, ranks, aggregation.rank_aggregation))
     if mesh is not None:
-        frozen = meshes.place_backbone(frozen, mesh, meshes.mesh_config_of(config))  # a no-op once placed
+        frozen = meshes.place_backbone(frozen, mesh, config.mesh)  # a no-op once placed
         device_data = meshes.place(device_data, meshes.replicated(mesh))
     own_ranks = ranks.tolist() if ranks is not None else [None] * len(train_rows)
     upload_bytes = [len(method.uploads) * rank_bytes(init_adapters, rank) for rank in own_ranks]  # per client

@@ -22,6 +22,7 @@ from fednano_jax.federated import server_optimizer
 from fednano_jax.federated.aggregation import plain_sums, weighted
 from fednano_jax.models import adapter_ranks as ranks
 from fednano_jax.privacy import dp as client_dp
+from fednano_jax.settings import MASKED
 from fednano_jax.streams import Purpose, generator
 
 
@@ -38,7 +39,7 @@ class Aggregation:
     """How a run adds up its clients' contributions (static under jit): under rank masks or as zero-padded
     uploads (`models/adapter_ranks.py`), and with client-level DP or without."""
 
-    rank_aggregation: str = ranks.MASKED
+    rank_aggregation: str = MASKED
     dp: client_dp.DpSettings | None = None
 
 
@@ -63,7 +64,7 @@ def client_contributions(method, server_state, uploads: ClientUploads, reporting
     trees = _rows_where(keep, uploads.trees)  # 0 * NaN is NaN: unusable uploads are zeroed first
     broadcast = method.broadcast(server_state)
     masks = None
-    if uploads.ranks is not None and aggregation.rank_aggregation == ranks.MASKED:
+    if uploads.ranks is not None and aggregation.rank_aggregation == MASKED:
         masks = ranks.stacked_masks(server_state["adapters"], uploads.ranks)
     dp = aggregation.dp
 

@@ -8,7 +8,7 @@ betas and epsilon are optax's defaults). `none` takes the proposal as it is, as 
 of 1 and no momentum would. The optimizer's state is part of the server state, so it is
 checkpointed and resumed with the round.
 
-`fed.server_learning_rate = 0` (the default) is the optimizer's own step size, DEFAULT_LEARNING_RATES:
+`fed.server_learning_rate = 0` (the default) is the optimizer's own step size, settings.DEFAULT_SERVER_LEARNING_RATES:
 near where Reddi et al. tune them (FedAdam and FedYogi about 1e-2, FedAdagrad about 1e-1; FedAvgM keeps
 FedAvg's step of 1). One shared default would not do: Adam at a step of 1 moves every coordinate by
 about 1 per round, and FedNano on the tiny config fell from 75% to 37%.
@@ -20,28 +20,21 @@ from typing import Callable
 
 import optax
 
-NONE = "none"
-DEFAULT_LEARNING_RATES = {"avgm": 1.0, "adagrad": 0.1, "adam": 0.01, "yogi": 0.01}  # fed.server_learning_rate = 0
+from fednano_jax.settings import NO_SERVER_OPTIMIZER as NONE
 OPTIMIZERS: dict[str, Callable] = {
-    "avgm": lambda fed: optax.sgd(learning_rate(fed), momentum=fed.server_momentum),
-    "adagrad": lambda fed: optax.adagrad(learning_rate(fed)),
-    "adam": lambda fed: optax.adam(learning_rate(fed)),
-    "yogi": lambda fed: optax.yogi(learning_rate(fed)),
+    "avgm": lambda fed: optax.sgd(fed.effective_server_learning_rate, momentum=fed.server_momentum),
+    "adagrad": lambda fed: optax.adagrad(fed.effective_server_learning_rate),
+    "adam": lambda fed: optax.adam(fed.effective_server_learning_rate),
+    "yogi": lambda fed: optax.yogi(fed.effective_server_learning_rate),
 }
 LABELS = {"avgm": "server momentum", "adagrad": "server Adagrad", "adam": "server Adam", "yogi": "server Yogi"}
 STATE = "server_optimizer"  # its key in the server state
 
 
-def learning_rate(fed) -> float:
-    """`fed.server_learning_rate`, or the server optimizer's own default where it is 0 (or unset)."""
-    rate = fed.get("server_learning_rate", 0.0)
-    return rate if rate > 0 else DEFAULT_LEARNING_RATES[fed.server_optimizer]
-
-
 def server_optimizer(fed, method) -> optax.GradientTransformation | None:
     """The config's server optimizer for `method`, or None: `none`, or a method whose clients upload no
     global adapters (LocFT) or that pools the data (Centralized) has no pseudo-gradient to follow."""
-    name = fed.get("server_optimizer", NONE)
+    name = fed.server_optimizer
     if name == NONE or method.pooled or "adapters" not in method.uploads:
         return None
     return OPTIMIZERS[name](fed)

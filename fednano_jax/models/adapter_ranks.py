@@ -21,27 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MASKED, ZERO_PAD = "masked", "zero_pad"
-AGGREGATIONS = (MASKED, ZERO_PAD)
 RANK_AXIS_FROM_END = {"down": 1, "up": 2}  # down [..., d, R], up [..., R, d]
 
 
-def parse_client_ranks(value) -> tuple[int, ...]:
-    """The config's client_ranks as a tuple of ints: a tuple in the file, "16,8,4" or 16 on the command line."""
-    if value is None or value == "" or value == ():
-        return ()
-    if isinstance(value, (int, np.integer)):
-        return (int(value),)
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        return tuple(int(str(part).strip()) for part in parts if str(part).strip())
-    except ValueError:
-        raise ValueError(f"model.adapter.client_ranks must be ranks like 16,8,4, got {value!r}.") from None
-
-
 def client_ranks(adapter_section, num_clients: int) -> np.ndarray | None:
-    """[num_clients] each client's rank, the config's tuple cycled; None when every client has the full rank."""
-    ranks = parse_client_ranks(adapter_section.get("client_ranks", ()))
+    """[num_clients] each client's rank, model.adapter.client_ranks (settings.Adapter) cycled; None when every
+    client has the full rank."""
+    ranks = adapter_section.client_ranks
     if not ranks:
         return None
     return np.array([ranks[k % len(ranks)] for k in range(num_clients)], np.int32)

@@ -20,12 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from ml_collections import ConfigDict
 
 from fednano_jax.errors import MeshError
+from fednano_jax.settings import BACKBONE_LAYOUTS
 
 CLIENTS, MODEL = "clients", "model"
-BACKBONE_LAYOUTS = ("replicated", "fsdp")
 
 
 def mesh_shape(clients: int, model: int, device_count: int) -> tuple[int, int]:
@@ -39,15 +38,6 @@ def mesh_shape(clients: int, model: int, device_count: int) -> tuple[int, int]:
     if clients < 1 or model < 1 or clients * model != device_count:
         raise MeshError(f"mesh.clients x mesh.model must use all {device_count} devices, got {clients} x {model}.")
     return clients, model
-
-
-def default_mesh_config() -> ConfigDict:
-    """All devices on the clients axis, backbone replicated: what a config without a mesh section gets."""
-    return ConfigDict(dict(clients=-1, model=1, backbone="replicated", fsdp_min_size=2**20))
-
-
-def mesh_config_of(config: ConfigDict) -> ConfigDict:
-    return config.mesh if "mesh" in config else default_mesh_config()
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dp_accounting
 
-ACCOUNTANTS = ("rdp", "pld")
 # PLD's discretised privacy-loss distribution grows without bound as the noise vanishes: at z = 0.01 it took
 # more than 24 GB here. Below this multiplier only the RDP accountant is used.
 PLD_MIN_NOISE = 0.3

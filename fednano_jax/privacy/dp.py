@@ -55,13 +55,12 @@ from jax_privacy.noise_addition import gaussian_privatizer
 
 from fednano_jax.privacy import accountant
 from fednano_jax.privacy.secagg import majority_threshold
+from fednano_jax.settings import AUTO, CENTRAL, DISTRIBUTED
 from fednano_jax.streams import Purpose, generator
 
 STATE = "dp"  # its key in the server state
-CENTRAL, DISTRIBUTED, AUTO = "central", "distributed", "auto"
 WEIGHT = "weight"  # the contribution entry the ratio divides by (federated/aggregation.py): public under DP
 CORRECTION = "_correction"  # the ending of a correction's name (aggregation.CORRECTIONS)
-NOISE_PLACEMENTS = (AUTO, CENTRAL, DISTRIBUTED)
 WITHIN = "within_clip"  # the adaptive-clipping count's entry among the sums
 
 
@@ -100,29 +99,27 @@ class DpSettings:
                                   self.accountant)
 
 
-def settings(fed, client_weights, secure: bool = False) -> DpSettings | None:
-    """fed.dp as DpSettings (None when off); `fed.dp.target_epsilon` > 0 solves z over fed.rounds.
+def settings(fed, client_weights) -> DpSettings | None:
+    """fed.dp (settings.Fed) as DpSettings (None when off); `fed.dp.target_epsilon` > 0 solves z over fed.rounds.
     `client_weights`: every client's aggregation weight (its example count)."""
-    dp = fed.get("dp")
-    if dp is None or not dp.get("enabled", False):
+    dp = fed.dp
+    if not dp.enabled:
         return None
     weights = np.asarray(client_weights, np.float64)
-    cohort = fed.clients_per_round or fed.num_clients
+    cohort = fed.cohort_size
     q = cohort / fed.num_clients
     z = dp.noise_multiplier
-    if dp.get("target_epsilon", 0.0) > 0:
-        z = accountant.noise_for_epsilon(dp.target_epsilon, q, fed.rounds, dp.delta, dp.get("accountant", "rdp"))
-    count_stddev = dp.get("count_stddev", 0.0) or cohort / 20  # Andrew et al.'s default
-    noise = dp.get("noise", AUTO)
-    if noise == AUTO:
-        noise = DISTRIBUTED if secure else CENTRAL
-    shares = (fed.get("secagg_threshold", 0) or majority_threshold(cohort)) if secure else cohort
+    if dp.target_epsilon > 0:
+        z = accountant.noise_for_epsilon(dp.target_epsilon, q, fed.rounds, dp.delta, dp.accountant)
+    count_stddev = dp.count_stddev or cohort / 20  # Andrew et al.'s default
+    secure = fed.secure_aggregation
+    noise = dp.noise if dp.noise != AUTO else (DISTRIBUTED if secure else CENTRAL)
+    shares = (fed.secagg_threshold or majority_threshold(cohort)) if secure else cohort
     return DpSettings(noise_multiplier=float(z), sampling_probability=q, clip_norm=float(dp.clip_norm),
                       delta=float(dp.delta), expected_weight=float(q * weights.sum()), max_weight=float(weights.max()),
-                      expected_clients=float(q * fed.num_clients),
-                      adaptive=bool(dp.get("adaptive", False)), target_quantile=float(dp.get("target_quantile", 0.5)),
-                      clip_learning_rate=float(dp.get("clip_learning_rate", 0.2)), count_stddev=float(count_stddev),
-                      accountant=dp.get("accountant", "rdp"), noise=noise, noise_shares=int(shares))
+                      expected_clients=float(q * fed.num_clients), adaptive=dp.adaptive,
+                      target_quantile=float(dp.target_quantile), clip_learning_rate=float(dp.clip_learning_rate),
+                      count_stddev=float(count_stddev), accountant=dp.accountant, noise=noise, noise_shares=int(shares))
 
 
 def init_state(dp: DpSettings | None, server_state: dict) -> dict:

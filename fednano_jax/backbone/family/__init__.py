@@ -31,16 +31,16 @@ def derived_family(model) -> str:
     a Q-Former or MiniGPT-4's files -> minigpt4; a checkpoint whose shapes come from its metadata and which
     gets the config's vision tower -> llama_text; any other checkpoint or a preset's vocabulary -> llava;
     else the small backbone pretrained here -> tiny. The one place the old key ladder is read."""
-    if model.get("qformer") or model.get("minigpt4"):
+    if model.qformer or model.minigpt4:
         return "minigpt4"
-    if model.get("path"):
-        return "llama_text" if model.get("vision") and not model.get("llm") else "llava"
-    return "llava" if model.get("vocab_size") else "tiny"
+    if model.path:
+        return "llama_text" if model.vision and not model.llm else "llava"
+    return "llava" if model.vocab_size else "tiny"
 
 
 def family_name(config) -> str:
     """config.model.family, or the family its keys describe; an unknown name is one ConfigError sentence."""
-    name = config.model.get("family") or derived_family(config.model)
+    name = config.model.family or derived_family(config.model)
     if name not in FAMILIES:
         raise ConfigError(f"model.family must be one of {sorted(FAMILIES)}, got {name!r}.")
     return name
@@ -58,9 +58,10 @@ def family_of(config):
     return entry(family_name(config))
 
 
-def without_derived_family(model: dict) -> dict:
-    """A model section as a dict, without `family` where it names the family its keys describe anyway: what
-    keys the caches and resume fingerprints, so that naming a config's family changes neither."""
-    if "family" in model and model["family"] == derived_family(model):
-        return {k: v for k, v in model.items() if k != "family"}
-    return model
+def without_derived_family(model) -> dict:
+    """The model section (settings.Model) as a dict, without `family` where it names the family its keys describe
+    anyway: what keys the caches and resume fingerprints, so that naming a config's family changes neither."""
+    values = model.as_dict()
+    if model.family and model.family == derived_family(model):
+        del values["family"]
+    return values

@@ -39,17 +39,17 @@ class Family:
     def check(self, config) -> None:
         """This family's checks on config.model (one ConfigError sentence each), run by config.validate."""
         model = config.model
-        if self.prompt != DEFAULT_TEMPLATE and not model.get("prompt"):
+        if self.prompt != DEFAULT_TEMPLATE and not model.prompt:
             raise ConfigError(f"model.family={self.name!r} was tuned with the {self.prompt!r} chat template: set "
                               f"model.prompt={self.prompt!r} (or another template to prompt it otherwise).")
 
     def vision_config(self, config):
         """The vision side's config from config.model.vision: a CLIP-layout tower."""
         m = config.model
-        v = m.get("vision")
+        v = m.vision
         if not v:
             raise ConfigError(f"model.family={self.name!r} needs model.vision (the vision tower's shapes)"
-                              + (f" to align to the text-only LLM at model.path={m.path}" if m.get("path") else "")
+                              + (f" to align to the text-only LLM at model.path={m.path}" if m.path else "")
                               + ".")
         return VisionConfig(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
                             intermediate_size=v.intermediate_size, num_layers=v.num_layers, num_heads=v.num_heads,
@@ -62,7 +62,7 @@ class Family:
         return LlamaConfig(vocab_size=vocab_size, hidden_size=l.hidden_size, intermediate_size=l.intermediate_size,
                            num_layers=l.num_layers, num_heads=l.num_heads, num_kv_heads=l.num_kv_heads,
                            rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps, dtype=m.dtype,
-                           remat=m.get("remat", "none"))
+                           remat=m.remat)
 
     def model_config(self, config, vocab_size: int, image_token_id: int) -> MllmConfig:
         """The model the config's sections describe (model.vision, model.llm, model.connector, model.adapter)."""
@@ -81,9 +81,9 @@ class Family:
         model.path is set without model.llm, else from the sections. A data-decided vocabulary is taken from
         `vocab_size`, a stored backbone's tokenizer, `vocab_fallback` (where its exact size does not matter),
         or the data."""
-        if config.model.get("path") and not config.model.get("llm"):
+        if config.model.path and not config.model.llm:
             return self.checkpoint_shapes(config)
-        vocab_size = vocab_size or config.model.get("vocab_size") or _stored_vocabulary(config)
+        vocab_size = vocab_size or config.model.vocab_size or _stored_vocabulary(config)
         if not vocab_size and vocab_fallback:
             vocab_size = vocab_fallback
         if not vocab_size:
@@ -94,11 +94,11 @@ class Family:
         """The model config the checkpoint at model.path describes, from its metadata (no tensor is read)."""
         from fednano_jax.backbone.pretrained import checkpoint_config
 
-        return checkpoint_config(config.model.path, config.model.get("dtype"), adapter_config(config))
+        return checkpoint_config(config.model.path, config.model.dtype, adapter_config(config))
 
     def checkpoint_shapes(self, config) -> MllmConfig:
         mcfg = self.checkpoint_metadata(config)
-        llm = dataclasses.replace(mcfg.llm, remat=config.model.get("remat", "none"))
+        llm = dataclasses.replace(mcfg.llm, remat=config.model.remat)
         if mcfg.vision is not None:
             return dataclasses.replace(mcfg, llm=llm)
         # A text-only LLM gets the config's vision tower and one new token id, `<image>`.
@@ -116,7 +116,7 @@ class Family:
         """-> (graphdef, frozen, adapters, tokenizer, model config): the checkpoint at model.path (its vision side
         aligned here if it has none); without model.path, the backbone stored for these settings (shipped with
         the repository or cached) or pretrained here on the held-aside data and cached."""
-        if config.model.get("path"):
+        if config.model.path:
             from fednano_jax.backbone.from_checkpoint import checkpoint_backbone
 
             return checkpoint_backbone(config, splits, self)
@@ -142,7 +142,7 @@ def _stored_vocabulary(config) -> int | None:
     from fednano_jax.backbone.stored import stored_backbones
     from fednano_jax.data.tokenizer import load_tokenizer
 
-    found = [] if config.model.get("path") else stored_backbones(config)
+    found = [] if config.model.path else stored_backbones(config)
     return len(load_tokenizer(os.path.join(found[0][0], cache.TOKENIZER))) if found else None
 
 

@@ -24,7 +24,7 @@ class LlamaText(Family):
     def check(self, config) -> None:
         super().check(config)
         model = config.model
-        if not model.get("path") and not model.get("vocab_size"):
+        if not model.path and not model.vocab_size:
             raise ConfigError("model.family='llama_text' reads its LLM from model.path (or its shapes from model.llm "
                               "and model.vocab_size); set model.path to the checkpoint.")
 

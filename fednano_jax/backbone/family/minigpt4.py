@@ -279,7 +279,8 @@ def files_of(config) -> dict:
     section = config.model.minigpt4
     files = {"projection": _checked(section.projection, "model.minigpt4.projection"),
              "vision": _checked(section.vision, "model.minigpt4.vision")}
-    files["qformer"] = _checked(section.qformer, "model.minigpt4.qformer") if section.get("qformer") else None
+    qformer = section.qformer if "qformer" in section else None  # optional: the Q-Former inside the vision file
+    files["qformer"] = _checked(qformer, "model.minigpt4.qformer") if qformer else None
     return files
 
 
@@ -287,7 +288,7 @@ def config_of_files(config) -> MllmConfig:
     """The model config that config.model.path (Vicuna) and config.model.minigpt4's files describe."""
     files = files_of(config)
     return minigpt4_config(_checked(config.model.path, "model.path"), files["vision"], files["qformer"],
-                           config.model.get("dtype"))[0]
+                           config.model.dtype)[0]
 
 
 def load_minigpt4(llm, projection, vision, qformer=None, dtype=None, adapter: AdapterConfig | None = None,
@@ -317,10 +318,10 @@ class MiniGpt4(Family):
     def check(self, config) -> None:
         super().check(config)
         model = config.model
-        if not model.get("qformer") and not model.get("minigpt4"):
+        if not model.qformer and not model.minigpt4:
             raise ConfigError("model.family='minigpt4' needs model.qformer (with model.vision: the shapes of its EVA "
                               "ViT and Q-Former) or model.minigpt4 (MiniGPT-4's files beside Vicuna at model.path).")
-        if model.get("qformer"):
+        if model.qformer:
             self.vision_config(config)  # its checks
 
     def vision_config(self, config) -> MiniGpt4VisionConfig:
@@ -342,12 +343,12 @@ class MiniGpt4(Family):
     def checkpoint_metadata(self, config) -> MllmConfig:
         """With model.minigpt4: the config Vicuna (model.path) and MiniGPT-4's files describe; without, Vicuna's
         alone (a text-only LLM, to which the config's EVA ViT and Q-Former are aligned)."""
-        if not config.model.get("minigpt4"):
+        if not config.model.minigpt4:
             return super().checkpoint_metadata(config)
         return dataclasses.replace(config_of_files(config), adapter=adapter_config(config))
 
     def load(self, config) -> PretrainedModel:
-        if not config.model.get("minigpt4"):
+        if not config.model.minigpt4:
             return super().load(config)
         return load_minigpt4(config.model.path, **files_of(config), dtype=config.model.dtype,
                              adapter=adapter_config(config), seed=config.pretrain.seed)

@@ -15,7 +15,7 @@ class Tiny(Family):
 
     def check(self, config) -> None:
         super().check(config)
-        if config.model.get("path"):
+        if config.model.path:
             raise ConfigError(f"model.family='tiny' is pretrained here and reads no checkpoint, but model.path="
                               f"{config.model.path!r}; drop model.path or set model.family to the checkpoint's.")
 

@@ -25,13 +25,21 @@ A round, as the loop runs it:
 
 Server state and client state (stacked on the clients axis, one row per client) are
 checkpointed with the round and restored exactly. A method reads its settings from
-`fed` (the config's `fed` section) once, when it is built.
+`fed` (settings.Fed) and its own `Hyperparameters` once, when it is built.
 """
 
 from __future__ import annotations
 
 
+import dataclasses
+
 from fednano_jax.federated.aggregation import DELTA, apply_sums, mean_contribution, update_of
+
+
+@dataclasses.dataclass(frozen=True)
+class NoHyperparameters:
+    """A method's own settings, read from the config's `fed` section: a frozen dataclass whose fields are those
+    keys, with their defaults, checking its values in __post_init__ (settings.require)."""
 
 
 class Method:
@@ -48,9 +56,12 @@ class Method:
     unweighted: tuple[str, ...] = ()  # contribution entries summed without the client's weight
     # Why the method has no sums for DP or secure aggregation to act on (None: it has them).
     no_sums = None
+    Hyperparameters: type = NoHyperparameters  # its own settings (keys of `fed`), declared by the method
+    extra_pass_examples = 0  # examples of its first epoch the extra pass uses (0: all)
 
     def __init__(self, fed, seed: int = 0):
-        self.fed = fed
+        self.fed = fed  # settings.Fed
+        self.hyperparameters = fed.of(self.name, self.Hyperparameters)
         self.seed = seed  # the run's seed: the streams a client's own randomness comes from (streams.py)
 
     # ------------------------------------------------------------ client side

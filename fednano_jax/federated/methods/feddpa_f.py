@@ -16,6 +16,7 @@ is itself one adapter of twice the rank: down = [down_g, down_l], up = [(1 - w) 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -25,6 +26,7 @@ import numpy as np
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.federated.methods.base import Method
 from fednano_jax.models.mllm import merge_model
+from fednano_jax.settings import require
 from fednano_jax.streams import Purpose, generator
 
 
@@ -86,11 +88,25 @@ def local_weights(evaluator, local_adapters, rows: np.ndarray, references: np.nd
     return instance_weights(jnp.concatenate(features)[: len(rows)], ref, max_weight)
 
 
+@dataclasses.dataclass(frozen=True)
+class DpaHyperparameters:
+    dpa_local_epochs: int = 1  # local fine-tuning of the local adapter after the rounds
+    dpa_instances: int = 5  # local training inputs compared with each test input
+    dpa_max_weight: float = 0.5  # the largest weight the local adapter can get
+
+    def __post_init__(self):
+        require(self.dpa_local_epochs >= 1, f"fed.dpa_local_epochs must be at least 1, got {self.dpa_local_epochs}.")
+        require(self.dpa_instances >= 1, f"fed.dpa_instances must be at least 1, got {self.dpa_instances}.")
+        require(0.0 <= self.dpa_max_weight <= 1.0,
+                f"fed.dpa_max_weight must lie in [0, 1], got {self.dpa_max_weight}.")
+
+
 class FedDPAF(Method):
     """FedAvg rounds; then each client fine-tunes a local adapter from the global one
     (`fed.dpa_local_epochs`); at test time each input mixes the two (`fed.dpa_instances`, `fed.dpa_max_weight`)."""
 
     name, label = "feddpa_f", "FedDPA-F"
+    Hyperparameters = DpaHyperparameters
     no_ranks = ("each test input mixes the global and the local adapter into one adapter of twice the rank, "
                 "whose halves a client of a lower rank does not both hold")
 
@@ -107,7 +123,7 @@ class FedDPAF(Method):
                                                                       local_weights, *prompts, **decode)}
 
     def after_rounds(self, server_state, client_states, local_trainer):
-        return local_trainer(server_state["adapters"], self.fed.dpa_local_epochs)
+        return local_trainer(server_state["adapters"], self.hyperparameters.dpa_local_epochs)
 
     def evaluate(self, evaluator, server_state, client_states, last):
         if not last:
@@ -117,8 +133,8 @@ class FedDPAF(Method):
             if not len(rows):
                 continue
             local = jax.tree.map(lambda x: x[k], client_states)
-            references = reference_rows(evaluator.seed, k, evaluator.data.client_train[k], self.fed.dpa_instances)
-            weights = local_weights(evaluator, local, rows, references, self.fed.dpa_max_weight)
+            references = reference_rows(evaluator.seed, k, evaluator.data.client_train[k], self.hyperparameters.dpa_instances)
+            weights = local_weights(evaluator, local, rows, references, self.hyperparameters.dpa_max_weight)
             padded = jnp.concatenate([weights, jnp.zeros(-len(rows) % evaluator.batch_size)])
             answers = evaluator.answers(rows, lambda start, inputs: mixed_generate(
                 evaluator.graphdef, evaluator.frozen, global_adapters, local,

@@ -14,12 +14,14 @@ would mean different things on different clients.)
 import jax
 import jax.numpy as jnp
 
-from fednano_jax.federated.methods.fednano import FedNano
+from fednano_jax.federated.methods.fednano import FedNano, FisherMergeHyperparameters
 
 
 class FedNanoEF(FedNano):
     name, label = "fednano_ef", "FedNano-EF"
     extra_passes = 0
+    extra_pass_examples = 0
+    Hyperparameters = FisherMergeHyperparameters
 
     def extra_pass_init(self, adapters):
         return None
