@@ -109,7 +109,7 @@ def test_labels_on_the_client_give_the_same_loss_gradients_and_fisher(tiny_confi
 def test_wire_noise_is_added_to_what_the_server_receives_and_repeats_for_the_same_batch_and_seed():
     from fednano_jax.federated.objective import Wire
 
-    fed = {"wire_noise": 0.3}
+    fed = fed_of(wire_noise=0.3)
     rows = jnp.arange(8)
     embeds = jnp.zeros((8, 50, 64))
     sent = Wire.of(fed, rows).sent(embeds)
@@ -117,7 +117,7 @@ def test_wire_noise_is_added_to_what_the_server_receives_and_repeats_for_the_sam
     np.testing.assert_array_equal(sent, Wire.of(fed, rows).sent(embeds))  # the same batch, the same noise
     assert not np.allclose(sent, Wire.of(fed, rows[::-1]).sent(embeds))  # another batch, other noise
     assert not np.allclose(sent, Wire.of(fed, rows, seed=1).sent(embeds))  # another run seed, other noise
-    np.testing.assert_array_equal(Wire.of({}, rows).sent(embeds), embeds)  # no noise configured: as it was
+    np.testing.assert_array_equal(Wire.of(fed_of(), rows).sent(embeds), embeds)  # no noise configured: as it was
 
 
 def with_slots(data):

@@ -13,7 +13,6 @@ summed loss is its own loss's, and only the client's step is differentiated per 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -44,16 +43,15 @@ class Wire:
 
     @classmethod
     def of(cls, fed, rows: jax.Array, seed: int = 0) -> "Wire":
-        """The config's wire; the noise key comes from the run's seed (`streams.py`) and the batch's row ids
+        """The config's wire (`fed`: settings.Fed); the noise key comes from the run's seed (`streams.py`) and the batch's row ids
         (distinct for every batch of a round's shuffled schedule, the same when a run is repeated)."""
-        setting = fed.get if hasattr(fed, "get") else functools.partial(getattr, fed)  # a ConfigDict or a record
-        noise = float(setting("wire_noise", 0.0))
+        noise = float(fed.wire_noise)
         key = None
         if noise > 0:
             salt = jnp.sum((rows.astype(jnp.uint32) + 1) * jnp.arange(1, rows.size + 1, dtype=jnp.uint32))
             root = jax.random.key(int(generator(seed, Purpose.WIRE_NOISE).integers(2**31)))
             key = jax.random.fold_in(root, salt)
-        return cls(bool(setting("labels_on_client", False)), noise, key)
+        return cls(fed.labels_on_client, noise, key)
 
     def sent(self, embeds):
         if self.noise <= 0:
