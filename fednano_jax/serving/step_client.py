@@ -1,0 +1,69 @@
+"""A client's end of the split-step link: send a batch's adapted embeddings, get the loss and their gradients.
+
+Retries are bounded: a server that is down or restarting (gRPC UNAVAILABLE) is retried with exponential backoff
+up to `attempts` times; a refusal (the server's sentence) or exhausted retries is a `SplitStepError` with one
+sentence, never a silent wrong step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+
+from fednano_jax.serving.step_server import SERVICE, STEP, STEP_TENSORS
+from fednano_jax.serving.wire_format import decode, encode
+
+RETRIED = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class SplitStepError(RuntimeError):
+    """A step the server refused or could not be reached for; the message is one sentence."""
+
+
+class StepClient:
+    """Client `client` of the server at `address` ("127.0.0.1:PORT"); `token`: its secret, if the server asks
+    for one; `root_certificates`: the server's certificate (PEM) for TLS, None for a plaintext channel."""
+
+    def __init__(self, address: str, client: int, token: str = "", root_certificates: bytes | None = None,
+                 timeout_s: float = 120.0, attempts: int = 5, backoff_s: float = 0.2, max_bytes: int = 256 * 2**20):
+        options = [("grpc.max_receive_message_length", max_bytes + 2**20),
+                   ("grpc.max_send_message_length", max_bytes + 2**20)]
+        self.channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options)
+                        if root_certificates else grpc.insecure_channel(address, options))
+        self.call = self.channel.unary_unary(f"/{SERVICE}/{STEP}")
+        self.address, self.client, self.token = address, client, token
+        self.timeout_s, self.attempts, self.backoff_s, self.max_bytes = timeout_s, attempts, backoff_s, max_bytes
+        self.bytes_sent = self.bytes_received = 0
+
+    def step(self, embeds: np.ndarray, batch: dict, kind: str = "train") -> tuple[float, np.ndarray]:
+        """-> (the batch's loss, d loss / d embeds) for `embeds` [B, T, D] and the batch's rows (`STEP_TENSORS`)."""
+        tensors = {"embeds": np.asarray(embeds, np.float32),
+                   **{name: np.asarray(batch[name], dtype) for name, (dtype, _) in STEP_TENSORS.items()
+                      if name != "embeds"}}
+        request = encode(tensors, {"client": self.client, "token": self.token, "kind": kind})
+        reply = self._send(request)
+        tensors, _ = decode(reply, self.max_bytes)
+        return float(tensors["loss"]), tensors["embed_grads"]
+
+    def _send(self, request: bytes) -> bytes:
+        for attempt in range(self.attempts):
+            try:
+                reply = self.call(request, timeout=self.timeout_s)
+            except grpc.RpcError as error:
+                if error.code() not in RETRIED:
+                    raise SplitStepError(f"The split-step server refused client {self.client}'s step: "
+                                         f"{error.details()}") from None
+                last = error.details()
+                if attempt + 1 < self.attempts:
+                    time.sleep(self.backoff_s * 2**attempt)
+                continue
+            self.bytes_sent += len(request)
+            self.bytes_received += len(reply)
+            return reply
+        raise SplitStepError(f"The split-step server at {self.address} did not answer client {self.client} after "
+                             f"{self.attempts} attempts ({last}).")
+
+    def close(self) -> None:
+        self.channel.close()

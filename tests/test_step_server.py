@@ -1,0 +1,247 @@
+"""The split-step server over gRPC on 127.0.0.1: each client's loss and embedding gradients are what the
+simulation's wire computes, concurrent clients' steps are batched into shared calls, and every bad request is
+refused with its sentence while other clients' steps go on."""
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import make_batch
+from fednano_jax.federated.objective import embed_grads_of
+from fednano_jax.models.loss import answer_slots, mean_answer_nll, summed_answer_nll
+from fednano_jax.models.mllm import MultimodalModel, merge_model, split_model
+from fednano_jax.serving.step_client import SplitStepError, StepClient
+from fednano_jax.serving.step_server import STEP_TENSORS, Limits, StepServer, grpc_server, merge_requests
+from fednano_jax.serving.wire_format import encode
+
+TOKENS = {0: "zero", 1: "one", 2: "two"}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    graphdef, frozen, adapters = split_model(MultimodalModel(tiny_config, nnx.Rngs(0)))
+    return merge_model(graphdef, frozen, jax.tree.map(lambda x: x + 0.01, adapters))
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    """A server for 3 clients with tokens, its port; stopped (and its batcher joined) after the module."""
+    steps = StepServer(model.server, num_clients=3, tokens=TOKENS, limits=Limits(max_rows=16, max_wait_ms=200,
+                                                                                 max_bytes=2**20))
+    server, port = grpc_server(steps, "127.0.0.1:0")
+    yield steps, port
+    server.stop(grace=None)
+    steps.close()
+
+
+@nnx.jit
+def edge_embeds(model, input_ids, images):
+    return model.edge(input_ids, images)
+
+
+@nnx.jit(static_argnums=3)
+def wire_step(model, embeds, batch, loss_fn):
+    return embed_grads_of(model.server, embeds, batch, loss_fn, False)
+
+
+def client_batch(model, seed, rows=3, length=12):
+    """A batch with answer slots and its NanoEdge embeddings, as a client computes them."""
+    batch = make_batch(seed, batch=rows, length=length)
+    positions, valid = answer_slots(batch["loss_mask"])
+    batch = {**batch, "answer_positions": positions, "answer_valid": valid}
+    return np.asarray(edge_embeds(model, batch["input_ids"], batch["images"])), batch
+
+
+def expected(model, embeds, batch, loss_fn=mean_answer_nll):
+    """The simulation's wire (labels on the server) on the same embeddings."""
+    loss, grads = wire_step(model, embeds, {k: v for k, v in batch.items() if k != "images"}, loss_fn)
+    return float(loss), np.asarray(grads)
+
+
+def test_concurrent_clients_get_their_own_steps_from_shared_calls(model, served):
+    steps, port = served
+    before = dict(steps.stats)
+    requests = {k: client_batch(model, seed=k, rows=2 + k, length=10 + 2 * k) for k in range(3)}
+    answers, errors = {}, []
+
+    def run(k):
+        client = StepClient(f"127.0.0.1:{port}", k, TOKENS[k])
+        try:
+            answers[k] = client.step(*requests[k], kind="fisher" if k == 2 else "train")
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and sorted(answers) == [0, 1, 2]
+    for k, (loss, grads) in answers.items():
+        want_loss, want_grads = expected(model, *requests[k], summed_answer_nll if k == 2 else mean_answer_nll)
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        np.testing.assert_allclose(grads, want_grads, rtol=1e-4, atol=1e-5 * np.abs(want_grads).max())
+    calls = steps.stats["calls"] - before["calls"]
+    assert steps.stats["requests"] - before["requests"] == 3 and calls < 3  # batched: fewer calls than requests
+
+
+def test_merged_rows_are_padded_to_buckets_and_padding_counts_for_nothing(model):
+    (e1, b1), (e2, b2) = client_batch(model, 0, rows=3, length=10), client_batch(model, 1, rows=2, length=13)
+    tensors = [{"embeds": e, **{k: b[k] for k in ("attention_mask", "input_ids", "loss_mask", "answer_positions",
+                                                  "answer_valid")}} for e, b in ((e1, b1), (e2, b2))]
+    merged, segments, per_token, sizes = merge_requests(tensors, ["train", "fisher"], max_rows=16)
+    assert merged["embeds"].shape[:2] == (8, 16) and sizes == [3, 2]  # 5 rows -> 8, 13 positions -> 16
+    assert segments.tolist() == [0, 0, 0, 1, 1, 2, 2, 2] and per_token.tolist() == [True, False, False]
+    assert not merged["answer_valid"][5:].any()
+
+
+def test_every_bad_request_is_refused_with_its_sentence_while_others_go_on(model, served):
+    steps, port = served
+    embeds, batch = client_batch(model, 5)
+    good = {name: np.asarray(embeds if name == "embeds" else batch[name], dtype)
+            for name, (dtype, _) in STEP_TENSORS.items()}
+    cases = {
+        "client": ({"client": "7", "token": "x", "kind": "train"}, good, "client must be a client id between 0 and 2"),
+        "token": ({"client": "1", "token": "zero", "kind": "train"}, good, "The token of client 1 is not the one"),
+        "kind": ({"client": "1", "token": "one", "kind": "eval"}, good, "kind must be one of ['train', 'fisher']"),
+        "name": ({"client": "1", "token": "one", "kind": "train"}, {**good, "labels": good["input_ids"]},
+                 "A step holds the tensors"),
+        "dtype": ({"client": "1", "token": "one", "kind": "train"},
+                  {**good, "embeds": good["embeds"].astype(np.float64)}, "embeds must be float32 of rank 3"),
+        "width": ({"client": "1", "token": "one", "kind": "train"}, {**good, "embeds": good["embeds"][..., :5]},
+                  "embeds must have 32 features"),
+        "positions": ({"client": "1", "token": "one", "kind": "train"},
+                      {**good, "answer_positions": good["answer_positions"] + 100}, "answer_positions must lie in"),
+    }
+    client = StepClient(f"127.0.0.1:{port}", 1, "one")
+    try:
+        for name, (header, tensors, sentence) in cases.items():
+            with pytest.raises(Exception) as refused:
+                client._send(encode(tensors, header))
+            assert sentence in str(refused.value), name
+            assert isinstance(refused.value, SplitStepError)
+            loss, _ = client.step(embeds, batch)  # the server still serves
+            assert loss == pytest.approx(expected(model, embeds, batch)[0], rel=1e-5)
+        with pytest.raises(SplitStepError, match="not a safetensors blob"):
+            client._send(b"not a tensor")
+    finally:
+        client.close()
+    oversized = StepClient(f"127.0.0.1:{port}", 1, "one")
+    try:
+        with pytest.raises(SplitStepError, match="over the server's limit"):
+            oversized._send(b"\0" * (steps.limits.max_bytes + 1))
+    finally:
+        oversized.close()
+
+
+def test_a_client_retries_a_server_that_is_not_there_and_fails_with_one_sentence():
+    client = StepClient("127.0.0.1:9", 0, attempts=3, backoff_s=0.01, timeout_s=2)  # nothing listens on port 9
+    try:
+        with pytest.raises(SplitStepError, match="did not answer client 0 after 3 attempts"):
+            client._send(b"")
+    finally:
+        client.close()
+
+
+def test_the_serve_command_serves_once_listening_and_stops_on_sigterm(easy_vqa_dir, tmp_path):
+    """`python -m fednano_jax.serve` on the default config: it says it is plaintext, serves a step of the tiny
+    backbone's width once it prints its address, and exits on SIGTERM; the process is stopped whatever happens."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    with socket.socket() as probe:  # a free port on this machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "tokens.json").write_text('{"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"}')
+    command = [sys.executable, "-m", "fednano_jax.serve", "--config=configs/easyvqa_tiny.py",
+               f"--config.data.dir={easy_vqa_dir}", f"--port={port}", f"--tokens={tmp_path / 'tokens.json'}"]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, deadline = [], time.monotonic() + 300
+        while time.monotonic() < deadline and not any("Serving split steps" in line for line in lines):
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        assert any("Serving split steps" in line for line in lines), "".join(lines)[-3000:]
+        assert any("No TLS: the split-step link is plaintext" in line for line in lines)
+        batch = make_batch(0, batch=2, length=12)
+        positions, valid = answer_slots(batch["loss_mask"])
+        batch = {**batch, "answer_positions": positions, "answer_valid": valid}
+        embeds = np.random.default_rng(0).normal(size=(2, 12, 128)).astype(np.float32)  # the tiny LLM's width
+        client = StepClient(f"127.0.0.1:{port}", 3, "d")
+        try:
+            loss, grads = client.step(embeds, batch)
+            assert np.isfinite(loss) and loss > 0 and grads.shape == embeds.shape and np.abs(grads).sum() > 0
+            with pytest.raises(SplitStepError, match="The token of client 3 is not the one"):
+                StepClient(f"127.0.0.1:{port}", 3, "a").step(embeds, batch)
+        finally:
+            client.close()
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0 and "Stopped after 1 steps in 1 batched calls (1 refused)." in out, out
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def self_signed(tmp_path):
+    """A certificate and key for 127.0.0.1 (PEM files), made with `cryptography`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+    return str(tmp_path / "server.pem"), str(tmp_path / "server.key")
+
+
+def test_a_tls_server_serves_a_client_that_trusts_its_certificate_and_no_plaintext_one(model, tmp_path):
+    from fednano_jax.commands.serve import credentials
+
+    cert, key = self_signed(tmp_path)
+    steps = StepServer(model.server, num_clients=1, limits=Limits(max_rows=8, max_wait_ms=1, max_bytes=2**20))
+    server, port = grpc_server(steps, "127.0.0.1:0", credentials(cert, key))
+    embeds, batch = client_batch(model, 9, rows=2)
+    trusted = StepClient(f"127.0.0.1:{port}", 0, root_certificates=open(cert, "rb").read())
+    plaintext = StepClient(f"127.0.0.1:{port}", 0, attempts=2, backoff_s=0.01, timeout_s=5)
+    try:
+        loss, _ = trusted.step(embeds, batch)
+        assert loss == pytest.approx(expected(model, embeds, batch)[0], rel=1e-5)
+        with pytest.raises(SplitStepError, match="did not answer client 0 after 2 attempts"):
+            plaintext.step(embeds, batch)
+    finally:
+        trusted.close()
+        plaintext.close()
+        server.stop(grace=None)
+        steps.close()
