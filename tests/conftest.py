@@ -69,6 +69,7 @@ SLOW = {
     "test_accounting.py::test_llava15_7b_adapters_are_the_papers_1_05m_and_components_match_transformers",  # LLaVA
     "test_accounting.py::test_minigpt4_7b_client_side_matches_transformers_blip2_modules",  # transformers' BLIP-2
     "test_pretrained.py::test_smollm2_answers_a_chat_prompt_as_transformers_does",  # SmolLM2 in JAX and transformers
+    "test_step_server.py::test_the_serve_command_serves_once_listening_and_stops_on_sigterm",  # loads the backbone
 }
 
 

@@ -18,10 +18,10 @@ LAYERS = (
     ("eval",),
     ("backbone", "parallel"),
     ("privacy",),
-    ("federated",),
+    ("federated", "serving"),  # serving: the split-step server and client over gRPC
     ("config",),  # the edge: validates fed, DP and secure aggregation, so it may import federated and privacy
     ("experiment", "preflight", "metrics"),
-    ("commands", "main", "accounting", "benchmark", "convert_pth", "memory_plan", "privacy_audit", "study",
+    ("commands", "main", "accounting", "benchmark", "convert_pth", "memory_plan", "privacy_audit", "serve", "study",
      "data.partition_stats", ""),
 )
 
