@@ -96,7 +96,7 @@ def test_merged_rows_are_padded_to_buckets_and_padding_counts_for_nothing(model)
                                                   "answer_valid")}} for e, b in ((e1, b1), (e2, b2))]
     merged, segments, per_token, sizes = merge_requests(tensors, ["train", "fisher"], max_rows=16)
     assert merged["embeds"].shape[:2] == (8, 16) and sizes == [3, 2]  # 5 rows -> 8, 13 positions -> 16
-    assert segments.tolist() == [0, 0, 0, 1, 1, 2, 2, 2] and per_token.tolist() == [True, False, False]
+    assert segments.tolist() == [0, 0, 0, 1, 1, 16, 16, 16] and per_token.tolist() == [True] + [False] * 16
     assert not merged["answer_valid"][5:].any()
 
 
@@ -245,3 +245,16 @@ def test_a_tls_server_serves_a_client_that_trusts_its_certificate_and_no_plainte
         plaintext.close()
         server.stop(grace=None)
         steps.close()
+
+
+def test_the_batching_benchmark_shares_calls_only_when_batching(model):
+    """benchmark --compare=split_batching's runs: with batching, concurrent clients' steps share calls; without,
+    every step is its own call (the throughput figures themselves are the benchmark's, not a test's)."""
+    from fednano_jax.commands.benchmark import split_steps
+
+    embeds, batch = client_batch(model, 3, rows=2)
+    batch = {name: np.asarray(batch[name], dtype) for name, (dtype, _) in STEP_TENSORS.items() if name != "embeds"}
+    alone = split_steps(model.server, batch, embeds, clients=4, steps=3, batched=False)
+    shared = split_steps(model.server, batch, embeds, clients=4, steps=3, batched=True)
+    assert alone["calls_per_step"] == 1.0 and shared["calls_per_step"] < 1.0
+    assert alone["client_steps_per_second"] > 0 and shared["latency_ms_p95"] >= shared["latency_ms_p50"] > 0

@@ -326,7 +326,104 @@ def compare_packing(p: Problem, config, repeats: int) -> tuple[dict, dict]:
     return result, {"packed_over_padded": result["over_packed"]["padded"]}
 
 
-COMPARISONS = ("logits", "fisher", "packing")
+def split_steps(server, batch: dict, embeds: np.ndarray, clients: int, steps: int, batched: bool) -> dict:
+    """`clients` threads, each a client of an in-process split-step server on 127.0.0.1 sending `steps` train steps
+    of `embeds` one after another -> client-steps per second and per-step latency (ms, p50 and p95). Batched: the
+    server merges concurrent steps (up to 5 ms of waiting); not: each step is its own call of the LLM."""
+    import threading
+
+    from fednano_jax.serving.step_client import StepClient
+    from fednano_jax.serving.step_server import Limits, StepServer, grpc_server
+
+    rows = len(embeds)
+    limits = Limits(max_rows=rows * clients if batched else rows, max_wait_ms=5.0 if batched else 0.0)
+    steps_server = StepServer(server, clients, limits=limits)
+    steps_server.warm({"embeds": embeds, **batch})
+    grpc, port = grpc_server(steps_server, "127.0.0.1:0")
+    latencies: list[float] = []
+    errors: list[Exception] = []
+
+    def client(k: int, count: int, record: bool) -> None:
+        stub = StepClient(f"127.0.0.1:{port}", k)
+        try:
+            for _ in range(count):
+                start = time.perf_counter()
+                stub.step(embeds, batch)
+                if record:
+                    latencies.append(time.perf_counter() - start)
+        except Exception as error:  # noqa: BLE001 (reported after the threads are joined)
+            errors.append(error)
+        finally:
+            stub.close()
+
+    def run(count: int, record: bool) -> float:
+        threads = [threading.Thread(target=client, args=(k, count, record)) for k in range(clients)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        return time.perf_counter() - start
+
+    try:
+        run(2, False)  # every batch shape is compiled (warm); this warms the channels
+        seconds = run(steps, True)
+    finally:
+        grpc.stop(grace=None)
+        steps_server.close()
+    if errors:
+        raise errors[0]
+    ms = np.array(latencies) * 1000
+    return {"client_steps_per_second": clients * steps / seconds, "latency_ms_p50": float(np.percentile(ms, 50)),
+            "latency_ms_p95": float(np.percentile(ms, 95)),
+            "calls_per_step": steps_server.stats["calls"] / max(steps_server.stats["requests"], 1)}
+
+
+def llm_call_ms(server, example: dict, copies: tuple[int, ...], repeats: int) -> dict:
+    """Median ms of one call of the server's program on `example`'s rows repeated 1x and 8x: how its cost grows
+    with the rows a batch merges (no gRPC, no serialization)."""
+    from fednano_jax.serving.step_server import StepServer, merge_requests, served_step
+
+    rows = len(example["embeds"])
+    steps = StepServer(server, 1)
+    try:
+        out = {}
+        for count in copies:
+            args = merge_requests([example] * count, ["train"] * count, rows * max(copies))[:3]
+            jax.block_until_ready(served_step(steps.graph, steps.state, *args))
+            times = []
+            for _ in range(max(repeats, 3)):
+                start = time.perf_counter()
+                jax.block_until_ready(served_step(steps.graph, steps.state, *args))
+                times.append(time.perf_counter() - start)
+            out[str(rows * count)] = 1000 * statistics.median(times)
+        return out
+    finally:
+        steps.close()
+
+
+def compare_split_batching(p: Problem, repeats: int) -> tuple[dict, dict]:
+    """The split-step server (`serving/step_server.py`) with 1, 2, 4 and 8 concurrent clients, each sending its
+    batch's embeddings (`repeats` x 4 steps each): dynamic batching on against off."""
+    from fednano_jax.models.mllm import merge_model
+
+    model = merge_model(p.graphdef, p.frozen, p.adapters)
+    rows = p.rows[0, 0]
+    batch = {name: np.asarray(p.data[name])[rows] for name in ("attention_mask", "input_ids", "loss_mask",
+                                                                "answer_positions", "answer_valid")}
+    images = jax.numpy.asarray(p.data["images"])[jax.numpy.asarray(p.data["image_index"])[rows]]
+    embeds = np.asarray(model.edge(jax.numpy.asarray(batch["input_ids"]), images), np.float32)
+    result, ratios = {"llm_call_ms_by_rows": llm_call_ms(model.server, {"embeds": embeds, **batch}, (1, 8), repeats)}, {}
+    for clients in (1, 2, 4, 8):
+        runs = {mode: split_steps(model.server, batch, embeds, clients, 4 * repeats, mode == "batched")
+                for mode in ("unbatched", "batched")}
+        result[f"{clients}_clients"] = runs
+        ratios[f"split_batching_{clients}_clients"] = (runs["batched"]["client_steps_per_second"]
+                                                       / runs["unbatched"]["client_steps_per_second"])
+    return result, ratios
+
+
+COMPARISONS = ("logits", "fisher", "packing", "split_batching")
 
 
 def comparisons(p: Problem, config, which: list[str], repeats: int, fisher_cap: int) -> tuple[dict, dict]:
@@ -336,6 +433,8 @@ def comparisons(p: Problem, config, which: list[str], repeats: int, fisher_cap: 
             result, ratios = compare_logits(p, repeats)
         elif name == "fisher":
             result, ratios = compare_fisher(p, repeats, fisher_cap)
+        elif name == "split_batching":
+            result, ratios = compare_split_batching(p, repeats)
         else:
             result, ratios = compare_packing(p, config, repeats)
         results[name] = result
@@ -372,6 +471,16 @@ def comparison_report(config, args, problem: Problem) -> dict:
 def comparison_summary(report: dict) -> str:
     lines = [f"{report['device']['kind']} x{report['device']['count']}, {report['dtype']}, {report['workload']}"]
     for name, result in report["comparisons"].items():
+        if name == "split_batching":
+            lines.append("  split steps, one LLM call: " + ", ".join(
+                f"{rows} rows {ms:.1f} ms" for rows, ms in result["llm_call_ms_by_rows"].items()))
+            for clients, runs in result.items():
+                if clients == "llm_call_ms_by_rows":
+                    continue
+                lines.append(f"  split steps, {clients.replace('_', ' ')}: " + ", ".join(
+                    f"{mode} {r['client_steps_per_second']:.1f} client-steps/s (p50 {r['latency_ms_p50']:.1f} ms, "
+                    f"p95 {r['latency_ms_p95']:.1f} ms)" for mode, r in runs.items()))
+            continue
         rounds = ", ".join(f"{variant} {seconds:.4f} s" for variant, seconds in result["round_seconds"].items())
         lines.append(f"  {name}: vmap rounds {rounds}")
         if "padding_share" in result:
@@ -410,5 +519,7 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Write the results here as JSON.")
     flags.DEFINE_list("compare", [], "Instead of the modes, time vmap rounds against each other: `logits` (answer-"
                                      "only against full-sequence logits), `fisher` (FedNano, capped and not, against "
-                                     "FedAvg), `packing` (the config's partition, padded against packed).")
+                                     "FedAvg), `packing` (the config's partition, padded against packed), `split_batching` "
+                                     "(the split-step server with 1-8 clients, batching on against off; "
+                                     "docs/deployment.md).")
     flags.DEFINE_integer("fisher_examples", 128, "The cap on the Fisher pass's examples per client in --compare=fisher.")

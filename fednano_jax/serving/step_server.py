@@ -8,8 +8,8 @@ gradients are the rows' own: FedNano's Fisher pass).
 
 Concurrent requests are batched: the first waits up to `Limits.max_wait_ms` for others, up to
 `Limits.max_rows` rows, and all run as one call. Rows never interact, so the sum over clients of each client's
-loss has, at each client's embeddings, that client's own gradient. Shapes are bucketed (rows to a power of two,
-sequence length and answer slots to multiples of 8) so the server compiles a bounded number of programs.
+loss has, at each client's embeddings, that client's own gradient. Shapes are bucketed (rows, sequence length
+and answer slots to multiples of 8) so the server compiles a bounded number of programs.
 
 A bad request (unknown client, bad token, a wrong name, dtype or shape, a size over the limit) is refused with
 one sentence and never reaches the batch; every other client's steps go on.
@@ -55,7 +55,8 @@ def bucket(n: int, multiple: int = 8) -> int:
 
 
 def row_bucket(n: int, limit: int) -> int:
-    return min(1 << max(n - 1, 0).bit_length(), max(limit, n))
+    """Rows of a merged batch: a multiple of 8 (at most limit / 8 programs, under 8 padding rows each)."""
+    return min(bucket(n), max(limit, n))
 
 
 @dataclasses.dataclass
@@ -160,7 +161,7 @@ class StepServer:
         try:
             merged, segments, per_token, sizes = merge_requests([r.tensors for r in batch], [r.kind for r in batch],
                                                                self.limits.max_rows)
-            losses, grads = served_step(self.graph, self.state, merged, segments, per_token, len(batch))
+            losses, grads = served_step(self.graph, self.state, merged, segments, per_token)
             losses, grads = np.asarray(losses), np.asarray(grads)
         except Exception as error:  # noqa: BLE001 (the batch's clients are told; the server keeps serving)
             for request in batch:
@@ -173,6 +174,19 @@ class StepServer:
             request.done.set_result((losses[index], grads[start:start + size, :length]))
             start += size
 
+    def warm(self, example: dict) -> int:
+        """Compile the program of every row bucket that batches of requests shaped like `example` can fill (so no
+        compilation lands in a timed step) -> how many programs."""
+        rows, seen = len(example["embeds"]), set()
+        for copies in range(1, self.limits.max_rows // rows + 1):
+            size = row_bucket(copies * rows, self.limits.max_rows)
+            if size not in seen:
+                seen.add(size)
+                merged, segments, per_token, _ = merge_requests([example] * copies, ["train"] * copies,
+                                                                self.limits.max_rows)
+                jax.block_until_ready(served_step(self.graph, self.state, merged, segments, per_token))
+        return len(seen)
+
     def count(self, **amounts) -> None:
         with self.stats_lock:
             for name, amount in amounts.items():
@@ -184,9 +198,10 @@ class StepServer:
 
 
 def merge_requests(requests: list[dict], kinds: list[str], max_rows: int):
-    """Requests -> (one bucketed batch, each row's request index (padding: len(requests)), per request whether its
-    loss is a mean over answer tokens, each request's rows). Rows are right-padded to the batch's length bucket
-    (causal attention: a row's real positions do not see them) and answer slots with invalid ones."""
+    """Requests -> (one bucketed batch, each row's request index (padding rows: `max_rows`, a segment of their
+    own), per segment whether its loss is a mean over answer tokens [max_rows + 1], each request's rows). Rows
+    are right-padded to the batch's length bucket (causal attention: a row's real positions do not see them) and
+    answer slots with invalid ones. Only the buckets shape the compiled program, not the number of requests."""
     sizes = [len(r["embeds"]) for r in requests]
     length = bucket(max(r["embeds"].shape[1] for r in requests))
     slots = bucket(max(r["answer_positions"].shape[1] for r in requests))
@@ -200,22 +215,24 @@ def merge_requests(requests: list[dict], kinds: list[str], max_rows: int):
     filler = total - sum(sizes)  # copies of the first row that count for nothing
     merged = {name: np.concatenate([value, np.repeat(value[:1], filler, axis=0)]) for name, value in merged.items()}
     merged["answer_valid"][sum(sizes):] = False
-    segments = np.concatenate([np.repeat(np.arange(len(requests)), sizes), np.full(filler, len(requests))])
-    per_token = np.array([kind == "train" for kind in kinds] + [False])
+    segments = np.concatenate([np.repeat(np.arange(len(requests)), sizes), np.full(filler, max_rows)])
+    per_token = np.zeros(max_rows + 1, bool)
+    per_token[:len(kinds)] = [kind == "train" for kind in kinds]
     return merged, segments.astype(np.int32), per_token, sizes
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def served_step(graph, state, batch: dict, segments, per_token, count: int):
-    """-> (each request's loss [count + 1], d (sum of the losses) / d embeds): a request's loss is its rows' mean
-    answer NLL (train) or summed NLL (fisher); the last segment holds the padding rows."""
+@functools.partial(jax.jit, static_argnums=0)
+def served_step(graph, state, batch: dict, segments, per_token):
+    """-> (each segment's loss [len(per_token)], d (sum of the losses) / d embeds): a request's loss is its rows'
+    mean answer NLL (train) or summed NLL (fisher); the last segment holds the padding rows (no valid answer
+    slot: its loss and gradients are zero)."""
     def total(embeds):
         server = nnx.merge(graph, state)
         log_probs, mask = answer_token_log_probs(model_logits(server, embeds, batch), batch)
-        nll = jax.ops.segment_sum(-log_probs.sum(axis=1), segments, count + 1)
-        tokens = jax.ops.segment_sum(mask.sum(axis=1), segments, count + 1)
+        nll = jax.ops.segment_sum(-log_probs.sum(axis=1), segments, len(per_token))
+        tokens = jax.ops.segment_sum(mask.sum(axis=1), segments, len(per_token))
         losses = jnp.where(per_token, nll / jnp.maximum(tokens, 1.0), nll)
-        return losses[:count].sum(), losses
+        return losses.sum(), losses
 
     (_, losses), grads = jax.value_and_grad(total, has_aux=True)(batch["embeds"])
     return losses, grads
