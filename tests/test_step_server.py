@@ -70,7 +70,7 @@ def test_concurrent_clients_get_their_own_steps_from_shared_calls(model, served)
     def run(k):
         client = StepClient(f"127.0.0.1:{port}", k, TOKENS[k])
         try:
-            answers[k] = client.step(*requests[k], kind="fisher" if k == 2 else "train")
+            answers[k] = client.step(*requests[k], kind="sum" if k == 2 else "mean")
         except Exception as error:  # noqa: BLE001 (reported below)
             errors.append(error)
         finally:
@@ -94,7 +94,7 @@ def test_merged_rows_are_padded_to_buckets_and_padding_counts_for_nothing(model)
     (e1, b1), (e2, b2) = client_batch(model, 0, rows=3, length=10), client_batch(model, 1, rows=2, length=13)
     tensors = [{"embeds": e, **{k: b[k] for k in ("attention_mask", "input_ids", "loss_mask", "answer_positions",
                                                   "answer_valid")}} for e, b in ((e1, b1), (e2, b2))]
-    merged, segments, per_token, sizes = merge_requests(tensors, ["train", "fisher"], max_rows=16)
+    merged, segments, per_token, sizes = merge_requests(tensors, ["mean", "sum"], max_rows=16)
     assert merged["embeds"].shape[:2] == (8, 16) and sizes == [3, 2]  # 5 rows -> 8, 13 positions -> 16
     assert segments.tolist() == [0, 0, 0, 1, 1, 16, 16, 16] and per_token.tolist() == [True] + [False] * 16
     assert not merged["answer_valid"][5:].any()
@@ -106,16 +106,16 @@ def test_every_bad_request_is_refused_with_its_sentence_while_others_go_on(model
     good = {name: np.asarray(embeds if name == "embeds" else batch[name], dtype)
             for name, (dtype, _) in STEP_TENSORS.items()}
     cases = {
-        "client": ({"client": "7", "token": "x", "kind": "train"}, good, "client must be a client id between 0 and 2"),
-        "token": ({"client": "1", "token": "zero", "kind": "train"}, good, "The token of client 1 is not the one"),
-        "kind": ({"client": "1", "token": "one", "kind": "eval"}, good, "kind must be one of ['train', 'fisher']"),
-        "name": ({"client": "1", "token": "one", "kind": "train"}, {**good, "labels": good["input_ids"]},
+        "client": ({"client": "7", "token": "x", "kind": "mean"}, good, "client must be a client id between 0 and 2"),
+        "token": ({"client": "1", "token": "zero", "kind": "mean"}, good, "The token of client 1 is not the one"),
+        "kind": ({"client": "1", "token": "one", "kind": "eval"}, good, "kind must be one of ['mean', 'sum']"),
+        "name": ({"client": "1", "token": "one", "kind": "mean"}, {**good, "labels": good["input_ids"]},
                  "A step holds the tensors"),
-        "dtype": ({"client": "1", "token": "one", "kind": "train"},
+        "dtype": ({"client": "1", "token": "one", "kind": "mean"},
                   {**good, "embeds": good["embeds"].astype(np.float64)}, "embeds must be float32 of rank 3"),
-        "width": ({"client": "1", "token": "one", "kind": "train"}, {**good, "embeds": good["embeds"][..., :5]},
+        "width": ({"client": "1", "token": "one", "kind": "mean"}, {**good, "embeds": good["embeds"][..., :5]},
                   "embeds must have 32 features"),
-        "positions": ({"client": "1", "token": "one", "kind": "train"},
+        "positions": ({"client": "1", "token": "one", "kind": "mean"},
                       {**good, "answer_positions": good["answer_positions"] + 100}, "answer_positions must lie in"),
     }
     client = StepClient(f"127.0.0.1:{port}", 1, "one")
@@ -258,3 +258,39 @@ def test_the_batching_benchmark_shares_calls_only_when_batching(model):
     shared = split_steps(model.server, batch, embeds, clients=4, steps=3, batched=True)
     assert alone["calls_per_step"] == 1.0 and shared["calls_per_step"] < 1.0
     assert alone["client_steps_per_second"] > 0 and shared["latency_ms_p95"] >= shared["latency_ms_p50"] > 0
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fednano"])
+def test_a_clients_local_update_over_the_link_is_the_simulations(tiny_config, name):
+    """The simulation's client program with its wire sent to a split-step server (a host callback inside the
+    scanned step, `Method.remote`): the same upload (adapters, and FedNano's Fisher from its extra pass)."""
+    from conftest import fed_of
+    from fednano_jax.federated.client import ClientInputs, local_update
+    from fednano_jax.federated.methods import get_method
+    from fednano_jax.federated.rounds import make_optimizer
+    from test_federated import tiny_setup
+
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=6)
+    positions, valid = answer_slots(np.asarray(data["loss_mask"]))
+    data = {**data, "answer_positions": jax.numpy.asarray(positions), "answer_valid": jax.numpy.asarray(valid)}
+    rows = np.arange(6, dtype=np.int32).reshape(3, 2)
+    steps = ClientInputs(rows, np.ones_like(rows, bool), None)
+    fed = fed_of(num_clients=1, learning_rate=1e-2)
+    simulated = get_method(name, fed)
+    served = StepServer(merge_model(graphdef, frozen, adapters).server, num_clients=1,
+                        limits=Limits(max_rows=8, max_wait_ms=0, max_bytes=2**20))
+    server, port = grpc_server(served, "127.0.0.1:0")
+    client = StepClient(f"127.0.0.1:{port}", 0)
+    try:
+        remote = get_method(name, fed)
+        remote.remote = client.wire
+        want = local_update(graphdef, make_optimizer(fed), simulated, 3, frozen, data, {"adapters": adapters}, steps)
+        got = local_update(graphdef, make_optimizer(fed), remote, 3, frozen, data, {"adapters": adapters}, steps)
+    finally:
+        client.close()
+        server.stop(grace=None)
+        served.close()
+    assert served.stats["requests"] == (6 if name == "fednano" else 3)  # 3 steps (and FedNano's 3-batch Fisher pass)
+    assert client.bytes_sent > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got.upload, want.upload)
+    np.testing.assert_allclose(got.loss, want.loss, rtol=1e-5)

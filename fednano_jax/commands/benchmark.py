@@ -327,7 +327,7 @@ def compare_packing(p: Problem, config, repeats: int) -> tuple[dict, dict]:
 
 
 def split_steps(server, batch: dict, embeds: np.ndarray, clients: int, steps: int, batched: bool) -> dict:
-    """`clients` threads, each a client of an in-process split-step server on 127.0.0.1 sending `steps` train steps
+    """`clients` threads, each a client of an in-process split-step server on 127.0.0.1 sending `steps` steps
     of `embeds` one after another -> client-steps per second and per-step latency (ms, p50 and p95). Batched: the
     server merges concurrent steps (up to 5 ms of waiting); not: each step is its own call of the LLM."""
     import threading
@@ -389,7 +389,7 @@ def llm_call_ms(server, example: dict, copies: tuple[int, ...], repeats: int) ->
     try:
         out = {}
         for count in copies:
-            args = merge_requests([example] * count, ["train"] * count, rows * max(copies))[:3]
+            args = merge_requests([example] * count, ["mean"] * count, rows * max(copies))[:3]
             jax.block_until_ready(served_step(steps.graph, steps.state, *args))
             times = []
             for _ in range(max(repeats, 3)):

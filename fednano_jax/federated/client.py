@@ -102,7 +102,8 @@ def train_step(graphdef, optimizer: optax.GradientTransformation, method, frozen
     `mask`: the client's rank mask (None: full rank); the components it zeroes never move."""
     adapters, opt_state, sums = carry
     batch = gather_batch(data, step_rows, step_valid)
-    loss, grads = step_gradients(graphdef, frozen, adapters, batch, step_valid, Wire.of(method.fed, step_rows, method.seed))
+    wire = Wire.of(method.fed, step_rows, method.seed, method.remote)
+    loss, grads = step_gradients(graphdef, frozen, adapters, batch, step_valid, wire)
     direction = method.local_gradient(grads.mean, adapters, start, broadcast, client_state)
     sums = method.accumulate(sums, grads)
     if mask is not None:

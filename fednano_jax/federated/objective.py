@@ -13,17 +13,23 @@ summed loss is its own loss's, and only the client's step is differentiated per 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import io_callback
 
-from fednano_jax.models.loss import Batch, mean_answer_nll, model_logits
+from fednano_jax.models.loss import Batch, mean_answer_nll, model_logits, summed_answer_nll
 from fednano_jax.models.mllm import merge_model
 from fednano_jax.streams import Purpose, generator
 
 LossFn = Callable[[jax.Array, Batch], jax.Array]
 WIRE_KEYS = ("attention_mask", "answer_positions")  # what the server needs besides the embeddings
+# What a remote server needs with the embeddings when it computes the loss (labels on the server), and the loss
+# each of the client's loss functions asks it for.
+REMOTE_KEYS = ("attention_mask", "input_ids", "loss_mask", "answer_positions", "answer_valid")
+REMOTE_KINDS = {mean_answer_nll: "mean", summed_answer_nll: "sum"}
 
 
 def wire_batch(batch: Batch) -> Batch:
@@ -35,23 +41,30 @@ def wire_batch(batch: Batch) -> Batch:
 @dataclasses.dataclass(frozen=True)
 class Wire:
     """How the client <-> server wire is protected: labels kept on the client; Gaussian noise of std `noise`
-    on the embeddings sent up (as FL-LLaMA does), drawn from `key`."""
+    on the embeddings sent up (as FL-LLaMA does), drawn from `key`. `remote`: a host function that has a server
+    elsewhere compute (loss, d loss / d embeddings), `(embeds, *REMOTE_KEYS tensors, kind=...)` (a split-step
+    client, `serving/step_client.py`); None: the server LLM in this program."""
 
     labels_on_client: bool = False
     noise: float = 0.0
     key: jax.Array | None = None
+    remote: Callable | None = None
 
     @classmethod
-    def of(cls, fed, rows: jax.Array, seed: int = 0) -> "Wire":
-        """The config's wire (`fed`: settings.Fed); the noise key comes from the run's seed (`streams.py`) and the batch's row ids
-        (distinct for every batch of a round's shuffled schedule, the same when a run is repeated)."""
+    def of(cls, fed, rows: jax.Array, seed: int = 0, remote: Callable | None = None) -> "Wire":
+        """The config's wire (`fed`: settings.Fed); the noise key comes from the run's seed (`streams.py`) and
+        the batch's row ids (distinct for every batch of a round's shuffled schedule, the same when a run is
+        repeated)."""
+        if remote is not None and fed.labels_on_client:
+            raise ValueError("fed.labels_on_client is not served over the split-step link yet; run the client "
+                             "with labels on the server.")
         noise = float(fed.wire_noise)
         key = None
         if noise > 0:
             salt = jnp.sum((rows.astype(jnp.uint32) + 1) * jnp.arange(1, rows.size + 1, dtype=jnp.uint32))
             root = jax.random.key(int(generator(seed, Purpose.WIRE_NOISE).integers(2**31)))
             key = jax.random.fold_in(root, salt)
-        return cls(fed.labels_on_client, noise, key)
+        return cls(fed.labels_on_client, noise, key, remote)
 
     def sent(self, embeds):
         if self.noise <= 0:
@@ -73,16 +86,35 @@ def embed_grads_of(server, embeds, batch: Batch, loss_fn: LossFn, labels_on_clie
     return loss, embed_grads
 
 
+def remote_embed_grads(remote: Callable, embeds, batch: Batch, loss_fn: LossFn):
+    """-> (loss, d loss / d embeddings) from a server elsewhere: the embeddings and the rows the loss needs leave
+    the program through a host callback, in order, inside the scanned step; the same numbers as
+    `embed_grads_of` with labels on the server."""
+    if loss_fn not in REMOTE_KINDS:
+        raise ValueError(f"A remote server computes {sorted(REMOTE_KINDS.values())} answer NLLs, not {loss_fn}.")
+    shapes = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct(embeds.shape, jnp.float32))
+    loss, grads = io_callback(functools.partial(remote, kind=REMOTE_KINDS[loss_fn]), shapes,
+                              embeds.astype(jnp.float32), *(batch[key] for key in REMOTE_KEYS), ordered=True)
+    return loss, grads.astype(embeds.dtype)
+
+
+def wire_embed_grads(graphdef, frozen, adapters, embeds, batch: Batch, loss_fn: LossFn, wire: "Wire"):
+    """(loss, d loss / d embeddings) across the wire: the server LLM here, or a remote one."""
+    if wire.remote is not None:
+        return remote_embed_grads(wire.remote, wire.sent(embeds), batch, loss_fn)
+    server = merge_model(graphdef, frozen, adapters).server
+    return embed_grads_of(server, wire.sent(embeds), batch, loss_fn, wire.labels_on_client)
+
+
 def adapter_value_and_grad(graphdef, frozen, adapters, batch: Batch, loss_fn: LossFn = mean_answer_nll,
                            wire: Wire = Wire()):
     def client_embed(adapter_state):
         return merge_model(graphdef, frozen, adapter_state).edge(batch["input_ids"], batch["images"])
 
-    server = merge_model(graphdef, frozen, adapters).server
     embeds, client_backward = jax.vjp(client_embed, adapters)
     # Additive noise: d(embeds + noise)/d embeds is the identity, so the server's gradient at the noised
     # embeddings flows back unchanged.
-    loss, embed_grads = embed_grads_of(server, wire.sent(embeds), batch, loss_fn, wire.labels_on_client)
+    loss, embed_grads = wire_embed_grads(graphdef, frozen, adapters, embeds, batch, loss_fn, wire)
     (adapter_grads,) = client_backward(embed_grads)
     return loss, adapter_grads
 
@@ -103,8 +135,7 @@ def per_example_adapter_grads(graphdef, frozen, adapters, batch: Batch, loss_fn:
     def client_embed(adapter_copies):
         return jax.vmap(embed_row)(adapter_copies, batch["input_ids"], batch["images"])
 
-    server = merge_model(graphdef, frozen, adapters).server
     embeds, client_backward = jax.vjp(client_embed, copies)
-    _, embed_grads = embed_grads_of(server, wire.sent(embeds), batch, loss_fn, wire.labels_on_client)
+    _, embed_grads = wire_embed_grads(graphdef, frozen, adapters, embeds, batch, loss_fn, wire)
     (grads,) = client_backward(embed_grads)
     return grads

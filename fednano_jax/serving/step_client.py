@@ -37,7 +37,7 @@ class StepClient:
         self.timeout_s, self.attempts, self.backoff_s, self.max_bytes = timeout_s, attempts, backoff_s, max_bytes
         self.bytes_sent = self.bytes_received = 0
 
-    def step(self, embeds: np.ndarray, batch: dict, kind: str = "train") -> tuple[float, np.ndarray]:
+    def step(self, embeds: np.ndarray, batch: dict, kind: str = "mean") -> tuple[float, np.ndarray]:
         """-> (the batch's loss, d loss / d embeds) for `embeds` [B, T, D] and the batch's rows (`STEP_TENSORS`)."""
         tensors = {"embeds": np.asarray(embeds, np.float32),
                    **{name: np.asarray(batch[name], dtype) for name, (dtype, _) in STEP_TENSORS.items()
@@ -46,6 +46,14 @@ class StepClient:
         reply = self._send(request)
         tensors, _ = decode(reply, self.max_bytes)
         return float(tensors["loss"]), tensors["embed_grads"]
+
+    def wire(self, embeds, attention_mask, input_ids, loss_mask, answer_positions, answer_valid, kind: str):
+        """The host function of a remote wire (`federated/objective.Wire.remote`, `Method.remote`): one step of the
+        client program's batch -> (loss, d loss / d embeds) as float32 arrays."""
+        batch = {"attention_mask": attention_mask, "input_ids": input_ids, "loss_mask": loss_mask,
+                 "answer_positions": answer_positions, "answer_valid": answer_valid}
+        loss, grads = self.step(np.asarray(embeds), batch, kind)
+        return np.float32(loss), grads.astype(np.float32)
 
     def _send(self, request: bytes) -> bytes:
         for attempt in range(self.attempts):

@@ -2,9 +2,9 @@
 
 A client sends its adapted embeddings and the rows the loss needs (`STEP_TENSORS`); the server runs the frozen
 decoder and LM head and returns the client's loss and d loss / d embeddings (`embed_grads`), as the
-simulation's wire does (`federated/objective.py`, labels on the server). Two kinds of step: `train` (the mean
-answer NLL of the client's batch, its local step) and `fisher` (the summed NLL, whose per-row embedding
-gradients are the rows' own: FedNano's Fisher pass).
+simulation's wire does (`federated/objective.py`, labels on the server). Two kinds of step: `mean` (the mean
+answer NLL of the client's batch) and `sum` (the summed NLL: the client's local step divides its gradients by
+its answer tokens, and FedNano's Fisher pass takes each row's own, as the simulation does).
 
 Concurrent requests are batched: the first waits up to `Limits.max_wait_ms` for others, up to
 `Limits.max_rows` rows, and all run as one call. Rows never interact, so the sum over clients of each client's
@@ -35,7 +35,7 @@ from fednano_jax.models.loss import answer_token_log_probs, model_logits
 from fednano_jax.serving.wire_format import WireError, decode, encode
 
 SERVICE, STEP = "fednano.SplitStep", "Step"
-KINDS = ("train", "fisher")  # train: the batch's mean answer NLL; fisher: its summed NLL
+KINDS = ("mean", "sum")  # the batch's answer NLL: its mean over the answer tokens, or its sum
 # name -> (dtype, rank): what a step request holds besides the header.
 STEP_TENSORS = {"embeds": (np.float32, 3), "attention_mask": (np.bool_, 2), "input_ids": (np.int32, 2),
                 "loss_mask": (np.bool_, 2), "answer_positions": (np.int32, 2), "answer_valid": (np.bool_, 2)}
@@ -182,7 +182,7 @@ class StepServer:
             size = row_bucket(copies * rows, self.limits.max_rows)
             if size not in seen:
                 seen.add(size)
-                merged, segments, per_token, _ = merge_requests([example] * copies, ["train"] * copies,
+                merged, segments, per_token, _ = merge_requests([example] * copies, ["mean"] * copies,
                                                                 self.limits.max_rows)
                 jax.block_until_ready(served_step(self.graph, self.state, merged, segments, per_token))
         return len(seen)
@@ -217,14 +217,14 @@ def merge_requests(requests: list[dict], kinds: list[str], max_rows: int):
     merged["answer_valid"][sum(sizes):] = False
     segments = np.concatenate([np.repeat(np.arange(len(requests)), sizes), np.full(filler, max_rows)])
     per_token = np.zeros(max_rows + 1, bool)
-    per_token[:len(kinds)] = [kind == "train" for kind in kinds]
+    per_token[:len(kinds)] = [kind == "mean" for kind in kinds]
     return merged, segments.astype(np.int32), per_token, sizes
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def served_step(graph, state, batch: dict, segments, per_token):
     """-> (each segment's loss [len(per_token)], d (sum of the losses) / d embeds): a request's loss is its rows'
-    mean answer NLL (train) or summed NLL (fisher); the last segment holds the padding rows (no valid answer
+    mean answer NLL (mean) or summed NLL (sum); the last segment holds the padding rows (no valid answer
     slot: its loss and gradients are zero)."""
     def total(embeds):
         server = nnx.merge(graph, state)

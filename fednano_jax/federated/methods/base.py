@@ -58,6 +58,7 @@ class Method:
     no_sums = None
     Hyperparameters: type = NoHyperparameters  # its own settings (keys of `fed`), declared by the method
     extra_pass_examples = 0  # examples of its first epoch the extra pass uses (0: all)
+    remote = None  # a host function serving its wire from a split-step server (objective.Wire.remote); None: local
 
     def __init__(self, fed, seed: int = 0):
         self.fed = fed  # settings.Fed

@@ -52,7 +52,7 @@ class FedNano(Method):
 
     def extra_pass_step(self, total, shared, adapters, rows, valid):
         squares = add_squared_example_grads(shared.graphdef, adapters, shared.frozen, shared.data, total["squares"],
-                                            rows, valid, Wire.of(self.fed, rows, self.seed))
+                                            rows, valid, Wire.of(self.fed, rows, self.seed, self.remote))
         return {"squares": squares, "examples": total["examples"] + valid.sum()}
 
     def client_final(self, result, broadcast, client_state):
