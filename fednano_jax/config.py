@@ -99,7 +99,7 @@ ADDED_LATER = {"fed": ("fisher_examples", "server_optimizer", "server_learning_r
                        "labels_on_client", "wire_noise"),
                "adapter": ("client_ranks",),
                "data": ("name", "partition", "min_client_size", "categories_per_client", "size_exponent", "natural_key")}
-METHOD_KEYS_LEFT_OUT = ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding")
+HOW_TO_RUN = ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding")  # fed keys left out
 
 
 def _defaults(record_class) -> dict:
@@ -113,7 +113,7 @@ def _fed_fingerprint(fed) -> dict:
 
     defaults = {**_defaults(Fed), **{k: v for m in METHODS.values() for k, v in _defaults(m.Hyperparameters).items()}}
     out = {k: v for k, v in fed.as_dict().items()
-           if k not in METHOD_KEYS_LEFT_OUT and not (k in ADDED_LATER["fed"] and v == defaults[k])}
+           if k not in HOW_TO_RUN and not (k in ADDED_LATER["fed"] and v == defaults[k])}
     if fed.server_optimizer != NO_SERVER_OPTIMIZER:  # the step it really takes (0: the optimizer's own)
         out["server_learning_rate"] = fed.effective_server_learning_rate
     return out
@@ -131,7 +131,7 @@ def resume_fingerprint(experiment: Experiment, backbone_key: str) -> dict:
     data = {k: v for k, v in experiment.data.as_dict().items() if k not in ("dir", "root", "stream_images", unused)
             and not (k in ADDED_LATER["data"] and v == data_defaults[k])}
     model = without_derived_family(experiment.model)  # naming a config's own family keeps its fingerprint
-    model["adapter"] = {k: v for k, v in model["adapter"].items() if not (k == "client_ranks" and not v)}
+    model["adapter"] = {k: v for k, v in model["adapter"].items() if not (k in ADDED_LATER["adapter"] and not v)}
     return {"seed": experiment.seed, "model": model, "data": data, "fed": _fed_fingerprint(experiment.fed),
             "backbone": backbone_key}
 
