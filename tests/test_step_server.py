@@ -3,6 +3,7 @@ simulation's wire computes, concurrent clients' steps are batched into shared ca
 refused with its sentence while other clients' steps go on."""
 
 import threading
+import time
 
 import jax
 import numpy as np
@@ -294,3 +295,57 @@ def test_a_clients_local_update_over_the_link_is_the_simulations(tiny_config, na
     assert client.bytes_sent > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got.upload, want.upload)
     np.testing.assert_allclose(got.loss, want.loss, rtol=1e-5)
+
+
+def test_a_server_restarted_in_the_middle_of_an_epoch_costs_the_client_nothing(tiny_config):
+    """The server goes down after the client's first step and comes back on the same port 0.5 s later: the
+    client's retries (bounded backoff) carry the epoch through, to the same upload as an uninterrupted one."""
+    from conftest import fed_of
+    from fednano_jax.federated.client import ClientInputs, local_update
+    from fednano_jax.federated.methods import get_method
+    from fednano_jax.federated.rounds import make_optimizer
+    from test_federated import tiny_setup
+
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=6)
+    positions, valid = answer_slots(np.asarray(data["loss_mask"]))
+    data = {**data, "answer_positions": jax.numpy.asarray(positions), "answer_valid": jax.numpy.asarray(valid)}
+    rows = np.arange(6, dtype=np.int32).reshape(3, 2)
+    steps = ClientInputs(rows, np.ones_like(rows, bool), None)
+    fed = fed_of(num_clients=1, learning_rate=1e-2)
+    decoder = merge_model(graphdef, frozen, adapters).server
+    limits = Limits(max_rows=8, max_wait_ms=0, max_bytes=2**20)
+    first = StepServer(decoder, 1, limits=limits)
+    server, port = grpc_server(first, "127.0.0.1:0")
+    running = {"server": server, "steps": first}
+    client = StepClient(f"127.0.0.1:{port}", 0, attempts=8, backoff_s=0.05, timeout_s=60)
+    restarts = []
+
+    def restart():
+        time.sleep(0.5)
+        steps = StepServer(decoder, 1, limits=limits)
+        running["server"], _ = grpc_server(steps, f"127.0.0.1:{port}")
+        running["steps"] = steps
+
+    def flaky_wire(*args, kind):
+        answer = client.wire(*args, kind=kind)
+        if not restarts:  # after the first step: the server goes down and comes back
+            running["server"].stop(grace=None).wait(10)
+            running["steps"].close()
+            restarts.append(threading.Thread(target=restart))
+            restarts[0].start()
+        return answer
+
+    try:
+        method = get_method("fedavg", fed)
+        method.remote = flaky_wire
+        got = local_update(graphdef, make_optimizer(fed), method, 3, frozen, data, {"adapters": adapters}, steps)
+    finally:
+        for thread in restarts:
+            thread.join(timeout=30)
+        client.close()
+        running["server"].stop(grace=None)
+        running["steps"].close()
+    want = local_update(graphdef, make_optimizer(fed), get_method("fedavg", fed), 3, frozen, data,
+                        {"adapters": adapters}, steps)
+    assert len(restarts) == 1 and running["steps"] is not first and running["steps"].stats["requests"] == 2
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got.upload, want.upload)

@@ -71,7 +71,7 @@ class StepClient:
             self.bytes_received += len(reply)
             return reply
         raise SplitStepError(f"The split-step server at {self.address} did not answer client {self.client} after "
-                             f"{self.attempts} attempts ({last}).")
+                             f"{self.attempts} attempt{'s' if self.attempts != 1 else ''} ({last}).")
 
     def close(self) -> None:
         self.channel.close()
