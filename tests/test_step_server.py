@@ -261,22 +261,34 @@ def test_the_batching_benchmark_shares_calls_only_when_batching(model):
     assert alone["client_steps_per_second"] > 0 and shared["latency_ms_p95"] >= shared["latency_ms_p50"] > 0
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fednano"])
-def test_a_clients_local_update_over_the_link_is_the_simulations(tiny_config, name):
-    """The simulation's client program with its wire sent to a split-step server (a host callback inside the
-    scanned step, `Method.remote`): the same upload (adapters, and FedNano's Fisher from its extra pass)."""
+def one_client(tiny_config):
+    """One client's tiny model and six rows with answer slots, and its federation's settings."""
     from conftest import fed_of
-    from fednano_jax.federated.client import ClientInputs, local_update
-    from fednano_jax.federated.methods import get_method
-    from fednano_jax.federated.rounds import make_optimizer
     from test_federated import tiny_setup
 
     graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=6)
     positions, valid = answer_slots(np.asarray(data["loss_mask"]))
     data = {**data, "answer_positions": jax.numpy.asarray(positions), "answer_valid": jax.numpy.asarray(valid)}
+    return graphdef, frozen, adapters, data, fed_of(num_clients=1, learning_rate=1e-2)
+
+
+def local_update_of(method, graphdef, frozen, adapters, data, fed):
+    """Three steps of two rows: the simulation's client program."""
+    from fednano_jax.federated.client import ClientInputs, local_update
+    from fednano_jax.federated.rounds import make_optimizer
+
     rows = np.arange(6, dtype=np.int32).reshape(3, 2)
-    steps = ClientInputs(rows, np.ones_like(rows, bool), None)
-    fed = fed_of(num_clients=1, learning_rate=1e-2)
+    return local_update(graphdef, make_optimizer(fed), method, 3, frozen, data, {"adapters": adapters},
+                        ClientInputs(rows, np.ones_like(rows, bool), None))
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fednano"])
+def test_a_clients_local_update_over_the_link_is_the_simulations(tiny_config, name):
+    """The simulation's client program with its wire sent to a split-step server (a host callback inside the
+    scanned step, `Method.remote`): the same upload (adapters, and FedNano's Fisher from its extra pass)."""
+    from fednano_jax.federated.methods import get_method
+
+    graphdef, frozen, adapters, data, fed = one_client(tiny_config)
     simulated = get_method(name, fed)
     served = StepServer(merge_model(graphdef, frozen, adapters).server, num_clients=1,
                         limits=Limits(max_rows=8, max_wait_ms=0, max_bytes=2**20))
@@ -285,8 +297,8 @@ def test_a_clients_local_update_over_the_link_is_the_simulations(tiny_config, na
     try:
         remote = get_method(name, fed)
         remote.remote = client.wire
-        want = local_update(graphdef, make_optimizer(fed), simulated, 3, frozen, data, {"adapters": adapters}, steps)
-        got = local_update(graphdef, make_optimizer(fed), remote, 3, frozen, data, {"adapters": adapters}, steps)
+        want = local_update_of(simulated, graphdef, frozen, adapters, data, fed)
+        got = local_update_of(remote, graphdef, frozen, adapters, data, fed)
     finally:
         client.close()
         server.stop(grace=None)
@@ -300,18 +312,9 @@ def test_a_clients_local_update_over_the_link_is_the_simulations(tiny_config, na
 def test_a_server_restarted_in_the_middle_of_an_epoch_costs_the_client_nothing(tiny_config):
     """The server goes down after the client's first step and comes back on the same port 0.5 s later: the
     client's retries (bounded backoff) carry the epoch through, to the same upload as an uninterrupted one."""
-    from conftest import fed_of
-    from fednano_jax.federated.client import ClientInputs, local_update
     from fednano_jax.federated.methods import get_method
-    from fednano_jax.federated.rounds import make_optimizer
-    from test_federated import tiny_setup
 
-    graphdef, frozen, adapters, data = tiny_setup(tiny_config, rows=6)
-    positions, valid = answer_slots(np.asarray(data["loss_mask"]))
-    data = {**data, "answer_positions": jax.numpy.asarray(positions), "answer_valid": jax.numpy.asarray(valid)}
-    rows = np.arange(6, dtype=np.int32).reshape(3, 2)
-    steps = ClientInputs(rows, np.ones_like(rows, bool), None)
-    fed = fed_of(num_clients=1, learning_rate=1e-2)
+    graphdef, frozen, adapters, data, fed = one_client(tiny_config)
     decoder = merge_model(graphdef, frozen, adapters).server
     limits = Limits(max_rows=8, max_wait_ms=0, max_bytes=2**20)
     first = StepServer(decoder, 1, limits=limits)
@@ -338,14 +341,13 @@ def test_a_server_restarted_in_the_middle_of_an_epoch_costs_the_client_nothing(t
     try:
         method = get_method("fedavg", fed)
         method.remote = flaky_wire
-        got = local_update(graphdef, make_optimizer(fed), method, 3, frozen, data, {"adapters": adapters}, steps)
+        got = local_update_of(method, graphdef, frozen, adapters, data, fed)
     finally:
         for thread in restarts:
             thread.join(timeout=30)
         client.close()
         running["server"].stop(grace=None)
         running["steps"].close()
-    want = local_update(graphdef, make_optimizer(fed), get_method("fedavg", fed), 3, frozen, data,
-                        {"adapters": adapters}, steps)
+    want = local_update_of(get_method("fedavg", fed), graphdef, frozen, adapters, data, fed)
     assert len(restarts) == 1 and running["steps"] is not first and running["steps"].stats["requests"] == 2
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got.upload, want.upload)
