@@ -109,6 +109,7 @@ def test_every_bad_request_is_refused_with_its_sentence_while_others_go_on(model
     cases = {
         "client": ({"client": "7", "token": "x", "kind": "mean"}, good, "client must be a client id between 0 and 2"),
         "token": ({"client": "1", "token": "zero", "kind": "mean"}, good, "The token of client 1 is not the one"),
+        "non-ascii token": ({"client": "1", "token": "zéro", "kind": "mean"}, good, "The token of client 1 is not"),
         "kind": ({"client": "1", "token": "one", "kind": "eval"}, good, "kind must be one of ['mean', 'sum']"),
         "name": ({"client": "1", "token": "one", "kind": "mean"}, {**good, "labels": good["input_ids"]},
                  "A step holds the tensors"),

@@ -102,7 +102,8 @@ class StepServer:
         if not raw.isdigit() or not int(raw) < self.num_clients:
             raise WireError(f"client must be a client id between 0 and {self.num_clients - 1}, got {raw!r}.")
         client = int(raw)
-        if self.tokens is not None and not hmac.compare_digest(self.tokens.get(client, ""), header.get("token", "")):
+        held, given = self.tokens.get(client, "") if self.tokens else "", header.get("token", "")
+        if self.tokens is not None and not hmac.compare_digest(held.encode(), given.encode()):  # any characters
             raise WireError(f"The token of client {client} is not the one this server holds for it.")
         return client
 
