@@ -382,24 +382,22 @@ def split_steps(server, batch: dict, embeds: np.ndarray, clients: int, steps: in
 def llm_call_ms(server, example: dict, copies: tuple[int, ...], repeats: int) -> dict:
     """Median ms of one call of the server's program on `example`'s rows repeated 1x and 8x: how its cost grows
     with the rows a batch merges (no gRPC, no serialization)."""
-    from fednano_jax.serving.step_server import StepServer, merge_requests, served_step
+    from flax import nnx
 
-    rows = len(example["embeds"])
-    steps = StepServer(server, 1)
-    try:
-        out = {}
-        for count in copies:
-            args = merge_requests([example] * count, ["mean"] * count, rows * max(copies))[:3]
-            jax.block_until_ready(served_step(steps.graph, steps.state, *args))
-            times = []
-            for _ in range(max(repeats, 3)):
-                start = time.perf_counter()
-                jax.block_until_ready(served_step(steps.graph, steps.state, *args))
-                times.append(time.perf_counter() - start)
-            out[str(rows * count)] = 1000 * statistics.median(times)
-        return out
-    finally:
-        steps.close()
+    from fednano_jax.serving.step_server import merge_requests, served_step
+
+    rows, (graph, state) = len(example["embeds"]), nnx.split(server)
+    out = {}
+    for count in copies:
+        args = merge_requests([example] * count, ["mean"] * count, rows * max(copies))[:3]
+        jax.block_until_ready(served_step(graph, state, *args))
+        times = []
+        for _ in range(max(repeats, 3)):
+            start = time.perf_counter()
+            jax.block_until_ready(served_step(graph, state, *args))
+            times.append(time.perf_counter() - start)
+        out[str(rows * count)] = 1000 * statistics.median(times)
+    return out
 
 
 def compare_split_batching(p: Problem, repeats: int) -> tuple[dict, dict]:

@@ -94,9 +94,9 @@ def check_inactive(config: ConfigDict, argv: list[str], command: str = "") -> No
     overrides = [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
     if not overrides:
         return
-    experiment = read(config, run=False)
+    experiment, rows = read(config, run=False), ACTIVE_ONLY_WHEN + method_rows()
     for path in overrides:
-        for patterns, reads, active, needs, remedy in ACTIVE_ONLY_WHEN + method_rows():
+        for patterns, reads, active, needs, remedy in rows:
             if (any(fnmatch.fnmatchcase(path, p) for p in patterns) and path not in reads
                     and not set(reads) & set(set_by_command) and not active(experiment)):
                 raise ConfigError(f"--config.{path} has no effect unless {needs}; {remedy} or drop it.")
