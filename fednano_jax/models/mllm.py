@@ -113,6 +113,15 @@ class MultimodalModel(nnx.Module):
         return self.server(self.edge(input_ids, images), attention_mask)
 
 
+class EdgeModel(nnx.Module):
+    """A client's half alone: NanoEdge, under the same paths as in MultimodalModel (`edge/...`), so its frozen state
+    and adapters are the full model's `edge/` entries. It has no server: its wire goes to a split-step server."""
+
+    def __init__(self, config: MllmConfig, rngs: nnx.Rngs):
+        self.edge = NanoEdge(config, rngs)
+        self.config = config
+
+
 def split_model(model: nnx.Module):
     """-> (graphdef, frozen, adapters): the backbone state and the NanoAdapter state."""
     graphdef, adapters, frozen = nnx.split(model, AdapterParam, ...)

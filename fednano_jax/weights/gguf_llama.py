@@ -9,7 +9,7 @@ Hugging Face's rotate-half layout.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 
@@ -105,11 +105,12 @@ def _dequantize(tensor) -> np.ndarray:
                            "Q4_1, Q5_0, Q5_1 and the K-quants.") from error
 
 
-def iter_tensors(reader, hparams: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """(Hugging Face name, float32 array in torch layout [out, in]) one tensor at a time."""
+def iter_tensors(reader, hparams: dict, keep: Collection[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(Hugging Face name, float32 array in torch layout [out, in]) one tensor at a time; with `keep`, only the
+    tensors it names (by their Hugging Face names) are dequantized."""
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
-        if name is None:
+        if name is None or (keep is not None and name not in keep):
             continue
         weight = np.asarray(_dequantize(tensor), np.float32)
         if name.endswith("q_proj.weight"):

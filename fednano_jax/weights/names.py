@@ -88,6 +88,19 @@ def linear(dst: str, src: str) -> dict[str, tuple[str, str]]:
     return {f"{dst}/kernel": (f"{src}.weight", LINEAR), f"{dst}/bias": (f"{src}.bias", COPY)}
 
 
+EDGE = "edge/"  # our names under NanoEdge (the client); the rest is the server's decoder
+
+
+def edge_entries(table: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """The entries of a name table that fill NanoEdge (vision side, connector, token embeddings): a client's."""
+    return {ours: entry for ours, entry in table.items() if ours.startswith(EDGE)}
+
+
+def sources(table: dict[str, tuple[str, str]]) -> set[str]:
+    """The checkpoint names a table reads: what a loader streams (`keep`), and nothing else."""
+    return {source for source, _ in table.values()}
+
+
 def by_source(table: dict[str, tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
     """checkpoint name -> [(our name, transform)]: a tied embedding feeds two of our parameters."""
     inverse: dict[str, list[tuple[str, str]]] = {}

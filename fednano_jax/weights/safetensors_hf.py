@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Collection, Iterator
 
 import numpy as np
@@ -41,12 +42,21 @@ def checkpoint_keys(path: str) -> set[str]:
 
 
 def tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """name -> shape of a directory's (or one file's) tensors, read from the headers only."""
+    """name -> shape of a directory's (or one file's) tensors, read from the headers only (no tensor is opened)."""
     shapes = {}
     for shard in _files(path):
-        with safe_open(shard, framework="numpy") as f:
-            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        shapes.update({name: tuple(entry["shape"]) for name, entry in _header(shard).items() if name != "__metadata__"})
     return shapes
+
+
+def _header(file: str) -> dict:
+    """A safetensors file's JSON header (its first 8 bytes give the header's length, little-endian)."""
+    with open(file, "rb") as f:
+        try:
+            (length,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(length))
+        except (struct.error, ValueError) as error:
+            raise WeightsError(f"{file} is not a safetensors file (its header is unreadable: {error}).") from error
 
 
 def iter_tensors(path: str, keep: Collection[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:

@@ -105,12 +105,13 @@ class Family:
         return self.with_vision_tower(config, llm, llm.vocab_size, llm.vocab_size + 1)
 
     # ------------------------------------------------------------------------------------------ the weights
-    def load(self, config):
-        """The checkpoint at model.path as a PretrainedModel (backbone/pretrained.py)."""
+    def load(self, config, edge: bool = False):
+        """The checkpoint at model.path as a PretrainedModel (backbone/pretrained.py); with `edge`, NanoEdge alone
+        (no decoder tensor is read)."""
         from fednano_jax.backbone.pretrained import load_pretrained
 
         return load_pretrained(config.model.path, dtype=config.model.dtype, adapter=adapter_config(config),
-                               seed=config.pretrain.seed)
+                               seed=config.pretrain.seed, edge=edge)
 
     def backbone(self, config, splits):
         """-> (graphdef, frozen, adapters, tokenizer, model config): the checkpoint at model.path (its vision side
@@ -123,6 +124,19 @@ class Family:
         from fednano_jax.backbone import stored
 
         return stored.stored_or_pretrained(config, splits, lambda vocab, image: self.model_config(config, vocab, image))
+
+    def edge(self, config):
+        """-> (graphdef, frozen, adapters, tokenizer, model config) of an `EdgeModel` (models/mllm.py): what a
+        split-step client holds, NanoEdge alone, read from the same files as `backbone` without opening a
+        decoder tensor: the checkpoint's NanoEdge (its vision side aligned here and cached, if it has none), or
+        without model.path the backbone stored for these settings."""
+        if config.model.path:
+            from fednano_jax.backbone.from_checkpoint import checkpoint_edge
+
+            return checkpoint_edge(config, self)
+        from fednano_jax.backbone import stored
+
+        return stored.stored_edge(config, lambda vocab, image: self.model_config(config, vocab, image))
 
     def hf_layout(self, hf, directory: str, dtype, adapter: AdapterConfig):
         """-> (MllmConfig, name table) of a Hugging Face directory whose config.json has `hf_model_type`."""

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fednano_jax.backbone.family.base import Family, adapter_config
-from fednano_jax.backbone.pretrained import PretrainedModel, default_dtype, llama_config
+from fednano_jax.backbone.pretrained import PretrainedModel, default_dtype, llama_config, model_part
 from fednano_jax.data.images import minigpt4_image
 from fednano_jax.data.tokenizer import add_image_token
 from fednano_jax.errors import ConfigError, WeightsError
@@ -44,7 +44,7 @@ from fednano_jax.models.qformer import QFormerConfig
 from fednano_jax.weights import safetensors_hf, torch_pth
 from fednano_jax.weights.fill import fill_state, flatten, unflatten
 from fednano_jax.weights.names import CONV, COPY, LINEAR, LLAMA, QKV_Q, QKV_V, find_prefix, layer_norm, linear, \
-    llama_table
+    llama_table, sources
 
 EVA_HEAD_DIM, BERT_HEAD_DIM = 88, 64
 VISION, QFORMER, PROJECTION = "edge/vision/visual_encoder/", "edge/vision/qformer/", "edge/connector/linear"
@@ -233,19 +233,20 @@ def vision_layout(vision: str, qformer: str | None, dtype):
     return MiniGpt4VisionConfig(eva, q), table, list(dict.fromkeys([vision, qformer]))
 
 
-def _with_grown_embeddings(mcfg: MllmConfig, table, tensors, dtype, source: str, seed: int):
-    """-> (graphdef, frozen, adapters): the checkpoints' weights, the embedding table grown by a zero row for
-    `<image>` (replaced by image embeddings wherever it stands), NanoAdapters at identity."""
+def _with_grown_embeddings(mcfg: MllmConfig, table, tensors, dtype, source: str, seed: int, model=MultimodalModel):
+    """-> (graphdef, frozen, adapters) of `model` (the whole model, or NanoEdge alone): the checkpoints' weights,
+    the embedding table grown by a zero row for `<image>` (replaced by image embeddings wherever it stands),
+    NanoAdapters at identity."""
     plain = dataclasses.replace(mcfg, embed_vocab_size=None)
-    _, abstract_plain, _ = split_model(nnx.eval_shape(lambda: MultimodalModel(plain, nnx.Rngs(seed))))
+    _, abstract_plain, _ = split_model(nnx.eval_shape(lambda: model(plain, nnx.Rngs(seed))))
     params = flatten(nnx.to_pure_dict(fill_state(abstract_plain, table, tensors, dtype, source)))
     embedding = params["edge/embed_tokens/embedding"]
     params["edge/embed_tokens/embedding"] = jnp.pad(embedding, ((0, mcfg.embed_vocab_size - embedding.shape[0]), (0, 0)))
-    graphdef, abstract, _ = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(seed))))
+    graphdef, abstract, _ = split_model(nnx.eval_shape(lambda: model(mcfg, nnx.Rngs(seed))))
     frozen = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(frozen, unflatten(params, nnx.to_pure_dict(abstract)))
     # Under jit only the adapter initialisers survive dead-code elimination: no backbone is allocated twice.
-    adapters = jax.jit(lambda: split_model(MultimodalModel(mcfg, nnx.Rngs(seed)))[2])()
+    adapters = jax.jit(lambda: split_model(model(mcfg, nnx.Rngs(seed)))[2])()
     return graphdef, frozen, adapters
 
 
@@ -266,11 +267,11 @@ def minigpt4_config(llm: str, vision: str, qformer: str | None = None, dtype=Non
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     hf = _hf_config(llm)
     text = llama_config(hf, dtype)
-    vcfg, table, sources = vision_layout(vision, qformer, dtype)
+    vcfg, table, files = vision_layout(vision, qformer, dtype)
     table.update(llama_table(LLAMA, text.num_layers, hf.tie_word_embeddings))
     mcfg = MllmConfig(vcfg, text, adapter or AdapterConfig(), image_token_id=text.vocab_size, connector="linear",
                       embed_vocab_size=text.vocab_size + 1, decoder=MiniGpt4.decoder)
-    return mcfg, table, [llm, *sources]
+    return mcfg, table, [llm, *files]
 
 
 def files_of(config) -> dict:
@@ -292,20 +293,22 @@ def config_of_files(config) -> MllmConfig:
 
 
 def load_minigpt4(llm, projection, vision, qformer=None, dtype=None, adapter: AdapterConfig | None = None,
-                  seed: int = 0) -> PretrainedModel:
+                  seed: int = 0, edge: bool = False) -> PretrainedModel:
     """MiniGPT-4 as our split model: EVA ViT, Q-Former and `llama_proj` with A_I on the projected queries,
-    Vicuna's embeddings with A_T, and Vicuna on the server. `dtype` defaults to bf16 on GPU/TPU, fp32 on CPU."""
+    Vicuna's embeddings with A_T, and Vicuna on the server. `dtype` defaults to bf16 on GPU/TPU, fp32 on CPU.
+    With `edge`, NanoEdge alone (as load_pretrained's `edge`): of Vicuna only its embeddings are read."""
     llm = _checked(llm, "llm")
     projection, vision = _checked(projection, "projection"), _checked(vision, "vision")
     qformer = None if qformer is None else _checked(qformer, "qformer")
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
-    mcfg, table, sources = minigpt4_config(llm, vision, qformer, dtype, adapter)
+    mcfg, table, files = minigpt4_config(llm, vision, qformer, dtype, adapter)
     table.update({f"{PROJECTION}/kernel": ("llama_proj.weight", LINEAR),
                   f"{PROJECTION}/bias": ("llama_proj.bias", COPY)})
-    files = list(dict.fromkeys([*sources, projection]))
-    keep = {source for source, _ in table.values()}
+    model, table = model_part(table, edge)
+    files = list(dict.fromkeys([*files, projection]))
+    keep = sources(table)
     tensors = (item for path in files for item in iter_tensors(path, keep))
-    graphdef, frozen, adapters = _with_grown_embeddings(mcfg, table, tensors, dtype, " + ".join(files), seed)
+    graphdef, frozen, adapters = _with_grown_embeddings(mcfg, table, tensors, dtype, " + ".join(files), seed, model)
     return PretrainedModel(mcfg, graphdef, frozen, adapters, llm,
                            functools.partial(_tokenizer, llm, mcfg.image_token_id), MiniGpt4.name)
 
@@ -347,11 +350,11 @@ class MiniGpt4(Family):
             return super().checkpoint_metadata(config)
         return dataclasses.replace(config_of_files(config), adapter=adapter_config(config))
 
-    def load(self, config) -> PretrainedModel:
+    def load(self, config, edge: bool = False) -> PretrainedModel:
         if not config.model.minigpt4:
-            return super().load(config)
+            return super().load(config, edge)
         return load_minigpt4(config.model.path, **files_of(config), dtype=config.model.dtype,
-                             adapter=adapter_config(config), seed=config.pretrain.seed)
+                             adapter=adapter_config(config), seed=config.pretrain.seed, edge=edge)
 
     def prepare_image(self, image, vision):
         """MiniGPT-4's eval processor: bicubic-resized, no padding."""
