@@ -24,8 +24,13 @@ class CheckpointMismatch(ValueError):
     """A round checkpoint was written by a run with other settings."""
 
 
+class ClientProcessError(RuntimeError):
+    """A client process (`main --split_server`) that could not start, or a round that no client finished."""
+
+
 LABELS = {ConfigError: "Config error", MeshError: "Config error", DataError: "Data error",
-          WeightsError: "Checkpoint error", CheckpointMismatch: "Checkpoint error"}
+          WeightsError: "Checkpoint error", CheckpointMismatch: "Checkpoint error",
+          ClientProcessError: "Client error"}
 
 
 def label_of(error: Exception) -> str:

@@ -6,7 +6,9 @@ study runner runs once per grid cell.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 
 from fednano_jax.backbone import pretrain
@@ -23,6 +25,7 @@ from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.rounds import run_method
 from fednano_jax.metrics import MetricsLog
 from fednano_jax.models.mllm import count_params
+from fednano_jax.serving.client_processes import ClientProcesses, SplitLink
 from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_description, place_backbone
 
 
@@ -39,7 +42,7 @@ def prepare_workdir(workdir: str) -> str:
 def check_resumable(config, workdir: str, methods: list[str], fingerprint: dict) -> None:
     """A workdir's checkpoints written with other settings stop the run before any work, not after the data,
     backbone and untuned evaluation."""
-    for name in methods:
+    for name in config.fed.methods:
         directory = os.path.join(workdir, "checkpoints", name)
         if config.checkpoint.every_rounds and os.path.isdir(directory):
             checkpoints = RoundCheckpoints(directory, config.checkpoint.keep, fingerprint)
@@ -49,11 +52,40 @@ def check_resumable(config, workdir: str, methods: list[str], fingerprint: dict)
                 checkpoints.close()
 
 
-def run_experiment(config, workdir: str) -> None:
+def check_split(config) -> None:
+    """What a run with each client in its own process (`--split_server`) cannot do, one sentence each. (How the
+    simulation lays clients out, fed.pack_clients, fed.mode and fed.client_chunk, does not change its numbers; with
+    client processes there is nothing to lay out.)"""
+    if config.fed.labels_on_client:
+        raise ConfigError("fed.labels_on_client is not served over the split-step link yet; run --split_server with "
+                          "labels on the server.")
+
+
+def start_client_processes(config, workdir: str, link: SplitLink) -> ClientProcesses:
+    """A process per client, each told the experiment's settings (written to workdir/split/experiment.json), its id,
+    the split server's address, its token and the server's certificate; their logs go to workdir/split/."""
+    directory = os.path.join(workdir, "split")
+    os.makedirs(directory, exist_ok=True)
+    settings = os.path.join(directory, "experiment.json")
+    with open(settings, "w") as file:
+        json.dump(config.as_dict(), file, indent=1)
+    certificate = link.root_certificates.decode() if link.root_certificates else ""
+    tokens = link.tokens or {}
+    print(f"Starting {config.fed.num_clients} client processes (NanoEdge alone; wires to {link.address}; "
+          f"logs in {directory})", flush=True)
+    return ClientProcesses(config.fed.num_clients, lambda k: [sys.executable, "-m", "fednano_jax.commands.split_client"],
+                           directory, lambda k: {"experiment": settings, "client": str(k), "address": link.address,
+                                                 "token": tokens.get(k, ""), "root_certificates": certificate})
+
+
+def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None:
     """Everything one config (a ConfigDict, or the Experiment `config.read` made of one) describes; results land
-    in `workdir` (results.json is written last)."""
+    in `workdir` (results.json is written last). `split`: each client in its own process, its wire going to that
+    split-step server (`serving/client_processes.py`); None: the clients are this program's."""
     # -------------------------------------------------------------- Config
     config = read(config)
+    if split is not None:
+        check_split(config)
     prepare_workdir(workdir)
     started = time.perf_counter()
     log = MetricsLog(workdir, time.strftime("%Y-%m-%dT%H:%M:%S"), is_main_process())  # each record flushed
@@ -88,28 +120,13 @@ def run_experiment(config, workdir: str) -> None:
     device_data = device_dataset(data.train, data.images, config.data.stream_images)
     evaluator = Evaluator(graphdef, frozen, data, tokenizer, config)
 
-    # ------------------------------------------------------------- Methods
-    rows = {"Untuned": evaluator.shared(adapters)}
-    log({"method": "untuned", "round": 0, **rows["Untuned"]})
-    seconds, histories = {}, {}
-    for name in methods:
-        method = get_method(name, config.fed, config.seed)
-        checkpoints = None
-        if config.checkpoint.every_rounds:
-            checkpoints = RoundCheckpoints(os.path.join(workdir, "checkpoints", name), config.checkpoint.keep,
-                                           fingerprint)
-        method_start = time.perf_counter()
-        try:
-            result = run_method(method, graphdef, frozen, adapters, device_data, data.client_train, config,
-                                evaluator, log, checkpoints, mesh)
-        finally:
-            if checkpoints:
-                checkpoints.close()
-        seconds[method.label] = time.perf_counter() - method_start
-        histories[method.label] = result.history
-        final = result.history[-1]
-        rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown", "rank_average")
-                              if key in final}
+    remote = start_client_processes(config, workdir, split) if split is not None else None
+    try:
+        rows, seconds, histories = run_methods(config, workdir, fingerprint, graphdef, frozen, adapters, device_data,
+                                               data, evaluator, log, mesh, remote)
+    finally:
+        if remote is not None:
+            remote.close()
     log.close()
 
     # -------------------------------------------------------------- Report
@@ -122,3 +139,30 @@ def run_experiment(config, workdir: str) -> None:
     print(f"\nPer-client test accuracy (%), {config.fed.num_clients} clients, {config.fed.rounds} rounds:\n{table}")
     print(f"\nWritten to {workdir}/results.md, results.json, metrics.jsonl and tensorboard/ "
           f"({time.perf_counter() - started:.0f} s in all)")
+
+
+def run_methods(config, workdir, fingerprint, graphdef, frozen, adapters, device_data, data, evaluator, log, mesh,
+                remote):
+    """The untuned row, then every method's rounds -> (report rows, seconds per method, histories)."""
+    rows = {"Untuned": evaluator.shared(adapters)}
+    log({"method": "untuned", "round": 0, **rows["Untuned"]})
+    seconds, histories = {}, {}
+    for name in config.fed.methods:
+        method = get_method(name, config.fed, config.seed)
+        checkpoints = None
+        if config.checkpoint.every_rounds:
+            checkpoints = RoundCheckpoints(os.path.join(workdir, "checkpoints", name), config.checkpoint.keep,
+                                           fingerprint)
+        method_start = time.perf_counter()
+        try:
+            result = run_method(method, graphdef, frozen, adapters, device_data, data.client_train, config,
+                                evaluator, log, checkpoints, mesh, remote)
+        finally:
+            if checkpoints:
+                checkpoints.close()
+        seconds[method.label] = time.perf_counter() - method_start
+        histories[method.label] = result.history
+        final = result.history[-1]
+        rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown", "rank_average")
+                              if key in final}
+    return rows, seconds, histories

@@ -70,6 +70,9 @@ SLOW = {
     "test_accounting.py::test_minigpt4_7b_client_side_matches_transformers_blip2_modules",  # transformers' BLIP-2
     "test_pretrained.py::test_smollm2_answers_a_chat_prompt_as_transformers_does",  # SmolLM2 in JAX and transformers
     "test_step_server.py::test_the_serve_command_serves_once_listening_and_stops_on_sigterm",  # loads the backbone
+    # a split-step server, a run with a process per client, and the simulated run (~2 min)
+    "test_client_processes.py::test_main_with_a_split_server_runs_each_client_as_a_process_and_gives_the_simulations_results",
+    "test_client_processes.py::test_a_round_no_client_can_finish_stops_the_run_with_one_sentence_and_no_process_left",
 }
 
 
@@ -82,6 +85,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW or f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in SLOW:
             item.add_marker(pytest.mark.slow)
+
+
+def wait_for_line(process, text: str, timeout_s: float = 300) -> list[str]:
+    """The lines a text-mode process prints until one holds `text` (or it ends, or `timeout_s` passes)."""
+    import time
+
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not any(text in line for line in lines):
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+    assert any(text in line for line in lines), "".join(lines)[-3000:]
+    return lines
 
 
 def run_main(*flags, config="configs/easyvqa_tiny.py", timeout=900):

@@ -158,9 +158,7 @@ def test_the_serve_command_serves_once_listening_and_stops_on_sigterm(easy_vqa_d
     import socket
     import subprocess
     import sys
-    import time
-
-    from conftest import ROOT
+    from conftest import ROOT, wait_for_line
 
     with socket.socket() as probe:  # a free port on this machine
         probe.bind(("127.0.0.1", 0))
@@ -171,13 +169,7 @@ def test_the_serve_command_serves_once_listening_and_stops_on_sigterm(easy_vqa_d
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
-        lines, deadline = [], time.monotonic() + 300
-        while time.monotonic() < deadline and not any("Serving split steps" in line for line in lines):
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        assert any("Serving split steps" in line for line in lines), "".join(lines)[-3000:]
+        lines = wait_for_line(process, "Serving split steps")
         assert any("No TLS: the split-step link is plaintext" in line for line in lines)
         batch = make_batch(0, batch=2, length=12)
         positions, valid = answer_slots(batch["loss_mask"])

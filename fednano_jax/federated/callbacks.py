@@ -29,6 +29,8 @@ def dp_accounting(dp: client_dp.DpSettings | None) -> Callable:
 
 def fault_report(run, state, record, last) -> None:
     """Say which clients' updates were left out, and when no client reported at all."""
+    for client, reason in zip(record.get("failed", []), record.get("failures", [])):
+        tqdm.write(f"Round {record['round']}: client {client}'s update failed and is left out: {reason}")
     if record["non_finite"]:
         tqdm.write(f"Round {record['round']}: left out clients {record['non_finite']}, whose update was not finite.")
     if not record["used"]:

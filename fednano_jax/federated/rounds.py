@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from fednano_jax.errors import CheckpointMismatch
+from fednano_jax.errors import CheckpointMismatch, ClientProcessError
 from fednano_jax.federated import callbacks
 from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs, make_packed_program
@@ -157,6 +157,9 @@ class RunContext:
     ranks: np.ndarray | None = None  # [N] each client's adapter rank (model.adapter.client_ranks), or None
     aggregation: Aggregation = Aggregation()
     upload_bytes: list | None = None  # [N] bytes each client uploads per round
+    # Each client in its own process, its wire to a split-step server (serving/client_processes.ClientProcesses);
+    # None: the clients are this program's.
+    remote: Any = None
 
     def cohort_ranks(self, cohort: np.ndarray):
         return None if self.ranks is None else self.ranks[cohort]
@@ -173,6 +176,11 @@ class RunContext:
         """Every client's plain local training from `start` -> their adapters [N, ...] on the host."""
         ids = np.arange(len(self.train_rows))
         rows, valid = self.schedule(ids, epochs, 0, Purpose.LOCAL_PHASE)
+        if self.remote is not None:
+            outputs, failures, _ = self.remote.local_updates(self.method.name, True, self.epoch_steps,
+                                                             {"adapters": start}, ids, ClientInputs(rows, valid, None))
+            _raise_failures(failures, ids)
+            return outputs.upload["adapters"]
         outputs = self.programs.plain_local(self.frozen, self.data, {"adapters": self.place_replicated(start)},
                                             ClientInputs(rows, valid, None))
         return jax.tree.map(meshes.to_host, outputs.upload["adapters"])
@@ -184,10 +192,17 @@ def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int
     method, fed, config = run.method, run.config.fed, run.config
     started = time.perf_counter()
     broadcast = run.place_replicated(method.broadcast(state["server"]))
-    outputs, steps = local_updates(run, cohort, broadcast, _rows(state["clients"], cohort), round_index)
+    try:
+        outputs, steps, failures = local_updates(run, cohort, broadcast, _rows(state["clients"], cohort), round_index)
+    except ClientProcessError as error:
+        raise ClientProcessError(f"Round {round_index + 1} failed: {error}; the rounds before it stand (with "
+                                 "checkpoint.every_rounds set, rerunning the same command resumes after the last "
+                                 "checkpoint).") from None
     # A method that sends nothing (LocFT, Centralized) has nothing to lose to a dropped connection.
     reporting = (reporting_clients(cohort, fed.dropout, config.seed, round_index) if method.uploads
                  else np.ones(len(cohort), bool))
+    failed = np.array([reason is not None for reason in failures.get("reasons", [None] * len(cohort))], bool)
+    reporting &= ~failed
     server, used, cost = aggregate(run, state["server"], outputs.upload, cohort, reporting, round_index)
     new_client_states = jax.tree.map(meshes.to_host, outputs.state)
     used = used & _finite_rows(new_client_states, len(cohort))
@@ -200,8 +215,17 @@ def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int
               "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
               "used": cohort[used].tolist(), "train_loss": meshes.to_host(outputs.loss).tolist(), **steps, **cost,
               "uploaded_bytes": int(sum(run.upload_bytes[k] for k in cohort[reporting])),
-              "round_seconds": time.perf_counter() - started}
+              "round_seconds": time.perf_counter() - started, **_process_record(cohort, failed, failures)}
     return state, record
+
+
+def _process_record(cohort: np.ndarray, failed: np.ndarray, failures: dict) -> dict:
+    """With client processes: who failed and why, and each client's bytes on the split link and upload."""
+    if not failures:
+        return {}
+    traffic = failures["traffic"]
+    return {"failed": cohort[failed].tolist(), "failures": [r for r in failures["reasons"] if r is not None],
+            **{f"{key}_bytes": [t.get(key, 0) for t in traffic] for key in ("split_sent", "split_received", "upload")}}
 
 
 def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, reporting: np.ndarray, round_index: int):
@@ -230,15 +254,24 @@ def packs_clients(fed) -> bool:
 
 
 def local_updates(run: RunContext, cohort: np.ndarray, broadcast, states, round_index: int):
-    """The cohort's local training -> (ClientOutputs [K] in cohort order, {client_steps, padded_client_steps}):
-    steps the clients really take, and the steps the round's programs run, padding included."""
+    """The cohort's local training -> (ClientOutputs [K] in cohort order, {client_steps, padded_client_steps}:
+    steps the clients really take, and the steps the round's programs run, padding included, and with client
+    processes {reasons: why each client failed, or None, and each one's traffic})."""
     fed = run.config.fed
+    if run.remote is not None:
+        rows, valid = run.schedule(cohort, fed.local_epochs, round_index)
+        outputs, reasons, traffic = run.remote.local_updates(
+            run.method.name, False, run.epoch_steps, broadcast, cohort,
+            ClientInputs(rows, valid, states, run.cohort_ranks(cohort)))
+        steps = int(valid.any(axis=2).sum())
+        return outputs, {"client_steps": steps, "padded_client_steps": len(cohort) * rows.shape[1]}, \
+            {"reasons": reasons, "traffic": traffic}
     if not packs_clients(fed):
         rows, valid = run.schedule(cohort, fed.local_epochs, round_index)
         outputs = run.programs.local(run.frozen, run.data, broadcast,
                                      ClientInputs(rows, valid, states, run.cohort_ranks(cohort)))
         lanes = meshes.padded_cohort(len(cohort), run.mesh) if run.mesh is not None else len(cohort)
-        return outputs, {"client_steps": int(valid.any(axis=2).sum()), "padded_client_steps": lanes * rows.shape[1]}
+        return outputs, {"client_steps": int(valid.any(axis=2).sum()), "padded_client_steps": lanes * rows.shape[1]}, {}
     devices = run.mesh.shape[meshes.CLIENTS] if run.mesh is not None else 1
     packed = packed_schedule([run.train_rows[k] for k in cohort], fed.batch_size, fed.local_epochs, run.config.seed,
                              round_index, cohort, run.method.extra_pass_examples, devices, fed.pack_padding,
@@ -246,15 +279,23 @@ def local_updates(run: RunContext, cohort: np.ndarray, broadcast, states, round_
     outputs = run.programs.packed(run.frozen, run.data, broadcast, packed.lanes)
     order = packed.order()
     outputs = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[order], outputs)
-    return outputs, {"client_steps": packed.client_steps, "padded_client_steps": packed.padded_client_steps}
+    return outputs, {"client_steps": packed.client_steps, "padded_client_steps": packed.padded_client_steps}, {}
+
+
+def _raise_failures(reasons: list, ids: np.ndarray) -> None:
+    failed = [f"{reason}" for reason in reasons if reason is not None]
+    if failed:
+        raise ClientProcessError(f"the local phase needs every client, and {len(failed)} failed ({'; '.join(failed)})")
 
 
 def run_method(method, graphdef, frozen, init_adapters, device_data: dict, client_rows: list[np.ndarray],
                config, evaluator, log: Callable, checkpoints: RoundCheckpoints | None = None,
-               mesh: Mesh | None = None) -> RunResult:
-    """The method's rounds: `state, record = run_round(run, state, cohort)`, then the callbacks."""
+               mesh: Mesh | None = None, remote=None) -> RunResult:
+    """The method's rounds: `state, record = run_round(run, state, cohort)`, then the callbacks. `remote`: the
+    clients' processes (`RunContext.remote`), or None."""
     init_adapters = nnx.to_pure_dict(init_adapters) if isinstance(init_adapters, nnx.State) else init_adapters
     run = run_context(method, graphdef, frozen, init_adapters, device_data, client_rows, config, mesh)
+    run.remote = remote
     fed = config.fed
     init_state = {"server": jax.tree.map(np.asarray, initial_server_state(method, fed, init_adapters,
                                                                           run.aggregation.dp)),

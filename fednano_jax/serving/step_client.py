@@ -35,7 +35,7 @@ class StepClient:
         self.call = self.channel.unary_unary(f"/{SERVICE}/{STEP}")
         self.address, self.client, self.token = address, client, token
         self.timeout_s, self.attempts, self.backoff_s, self.max_bytes = timeout_s, attempts, backoff_s, max_bytes
-        self.bytes_sent = self.bytes_received = 0
+        self.bytes_sent = self.bytes_received = 0  # payloads (safetensors messages), without gRPC's framing
 
     def step(self, embeds: np.ndarray, batch: dict, kind: str = "mean") -> tuple[float, np.ndarray]:
         """-> (the batch's loss, d loss / d embeds) for `embeds` [B, T, D] and the batch's rows (`STEP_TENSORS`)."""
@@ -50,9 +50,14 @@ class StepClient:
     def wire(self, embeds, attention_mask, input_ids, loss_mask, answer_positions, answer_valid, kind: str):
         """The host function of a remote wire (`federated/objective.Wire.remote`, `Method.remote`): one step of the
         client program's batch -> (loss, d loss / d embeds) as float32 arrays."""
+        embeds = np.asarray(embeds)
+        if not np.asarray(answer_valid).any():
+            # A step the simulation pads with (a client with fewer batches than the largest): no answer token, so
+            # its loss and gradients are zero, and nothing needs to cross the link.
+            return np.float32(0.0), np.zeros(embeds.shape, np.float32)
         batch = {"attention_mask": attention_mask, "input_ids": input_ids, "loss_mask": loss_mask,
                  "answer_positions": answer_positions, "answer_valid": answer_valid}
-        loss, grads = self.step(np.asarray(embeds), batch, kind)
+        loss, grads = self.step(embeds, batch, kind)
         return np.float32(loss), grads.astype(np.float32)
 
     def _send(self, request: bytes) -> bytes:

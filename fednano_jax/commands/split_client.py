@@ -1,0 +1,72 @@
+"""One client as its own process, started by `python -m fednano_jax.main --split_server=HOST:PORT` (not typed by
+users): `python -m fednano_jax.commands.split_client`.
+
+It is told who it is by the driver's first message (the experiment's settings file, its client id, the split
+server's address, its token and the server's certificate: never on the command line, where other users could read
+a token), loads NanoEdge alone (`Family.edge`: no decoder tensor is read) and the experiment's dataset, says it is
+ready, then trains each round it is handed (`serving/client_processes.py`), its wire going to the split-step server,
+until the driver closes its stdin.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def client_of(hello: dict):
+    """-> (RemoteClient, StepClient) for the driver's hello: the experiment it names, NanoEdge and the data."""
+    import ml_collections
+
+    from fednano_jax.backbone.family import family_of
+    from fednano_jax.config import read
+    from fednano_jax.data import datasets, pipeline
+    from fednano_jax.data.batches import device_dataset
+    from fednano_jax.data.partition import Partition
+    from fednano_jax.federated.methods import get_method
+    from fednano_jax.federated.rounds import make_optimizer
+    from fednano_jax.serving.client_processes import RemoteClient
+    from fednano_jax.serving.step_client import StepClient
+
+    with open(hello["experiment"]) as file:
+        config = read(ml_collections.ConfigDict(json.load(file)))
+    graphdef, frozen, _, tokenizer, mcfg = family_of(config).edge(config)
+    splits = datasets.load_splits(config)
+    data = pipeline.federated_data(splits, tokenizer, mcfg.vision.num_image_tokens, config.fed.num_clients,
+                                   Partition.of(config.data), config.seed)
+    device_data = device_dataset(data.train, data.images, config.data.stream_images)
+    certificate = hello.get("root_certificates", "").encode() or None
+    link = StepClient(hello["address"], int(hello["client"]), hello.get("token", ""), certificate)
+    return RemoteClient(graphdef, frozen, device_data, lambda name: get_method(name, config.fed, config.seed),
+                        make_optimizer, link.wire), link
+
+
+def main() -> int:
+    import traceback
+
+    from fednano_jax.serving.client_processes import (pack, protocol_streams, read_message, serve_rounds, unpack,
+                                                      write_message)
+    from fednano_jax.serving.step_client import SplitStepError
+
+    incoming, outgoing = protocol_streams()
+    blob = read_message(incoming)
+    if blob is None:
+        return 0
+    try:
+        client, link = client_of(unpack(blob)[1])
+    except Exception as error:  # noqa: BLE001 - the driver prints the sentence; the traceback goes to the log
+        traceback.print_exc()
+        write_message(outgoing, pack({}, {"error": f"could not load NanoEdge and its data ({type(error).__name__}: "
+                                                   f"{error})"}))
+        return 1
+    write_message(outgoing, pack({}, {"kind": "ready"}))
+    try:
+        serve_rounds(incoming, outgoing, client.train,
+                     lambda: {"split_sent": link.bytes_sent, "split_received": link.bytes_received}, (SplitStepError,))
+    finally:
+        link.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
