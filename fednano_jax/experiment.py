@@ -132,9 +132,10 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None
     # -------------------------------------------------------------- Report
     if not is_main_process():
         return
+    extras = {"client_processes": remote.ready} if remote is not None else {}
     table = write_report(workdir, rows, {"config": config.as_dict(), "client_train_examples": sizes,
                                          "method_seconds": seconds, "history": histories,
-                                         "total_seconds": time.perf_counter() - started},
+                                         "total_seconds": time.perf_counter() - started, **extras},
                          evaluator.ranks.tolist() if evaluator.ranks is not None else None)
     print(f"\nPer-client test accuracy (%), {config.fed.num_clients} clients, {config.fed.rounds} rounds:\n{table}")
     print(f"\nWritten to {workdir}/results.md, results.json, metrics.jsonl and tensorboard/ "

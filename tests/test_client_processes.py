@@ -125,6 +125,18 @@ def test_a_client_that_cannot_start_stops_every_process_with_one_sentence(tmp_pa
     assert "cannot load" in (tmp_path / "logs" / "client_1.log").read_text()
 
 
+def test_accounting_observed_needs_a_finished_split_run(tmp_path):
+    import json
+
+    from fednano_jax.commands.accounting import observed
+
+    with pytest.raises(ValueError, match="holds no results.json; pass the --workdir of a finished run"):
+        observed(None, str(tmp_path))
+    (tmp_path / "results.json").write_text(json.dumps({"config": {}, "history": {}}))
+    with pytest.raises(ValueError, match="is not a run with --split_server"):
+        observed(None, str(tmp_path))
+
+
 # ------------------------------------------------------------------- main --split_server, end to end (slow)
 def free_port() -> int:
     import socket
@@ -170,6 +182,10 @@ def test_main_with_a_split_server_runs_each_client_as_a_process_and_gives_the_si
     import uuid
 
     import jax
+    from ml_collections import ConfigDict
+
+    from fednano_jax.commands.accounting import observed
+    from fednano_jax.config import read
 
     tag = uuid.uuid4().hex
     env = {**os.environ, "PYTHONPATH": ROOT, "FEDNANO_SPLIT_TEST": tag}
@@ -206,6 +222,12 @@ def test_main_with_a_split_server_runs_each_client_as_a_process_and_gives_the_si
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
                      restored_adapters(tmp_path / "split", method, 1),
                      restored_adapters(tmp_path / "simulated", method, 1))
+    # The bytes each client sent and received, against `accounting`'s prediction for the run (issue 27: within 10%).
+    figures = observed(read(ConfigDict(got["config"]), run=False), str(tmp_path / "split"))
+    for row in figures["per_client_per_round"].values():
+        assert 1.0 < row["split_ratio"] < 1.05 and 1.0 < row["upload_ratio"] < 1.05, row
+    assert all(held["weights_bytes"] > 0 and held["positions"] > held["image_tokens"]
+               for held in figures["client_processes"])
     # The accuracy table: the same within one test example of a client (a near-tie answer flipped by rounding).
     test_examples = json.loads(re.search(r"test examples (\[[0-9, ]+\])", simulated.stdout).group(1))
     for row in ("Untuned", "FedAvg", "FedNano"):

@@ -181,10 +181,19 @@ def test_a_client_of_a_text_only_llm_reads_its_embeddings_and_the_cached_aligned
     assert_edge_of(edge, family.backbone(exp, None))
 
 
-def test_a_client_of_the_tiny_config_reads_the_stored_backbones_edge():
+def test_a_client_of_the_tiny_config_reads_the_stored_backbones_edge_and_the_server_its_decoder():
+    from flax import nnx
+
+    from fednano_jax.models.mllm import merge_model
+
     exp = read(load_config_file("configs/easyvqa_tiny.py"), run=False)
     family = family_of(exp)
-    assert_edge_of(family.edge(exp), family.backbone(exp, None))
+    full = family.backbone(exp, None)
+    assert_edge_of(family.edge(exp), full)
+    server = nnx.to_pure_dict(nnx.state(family.server_half(exp, None)))
+    want = nnx.to_pure_dict(nnx.state(merge_model(*full[:3]).server))
+    assert jax.tree.structure(server) == jax.tree.structure(want)
+    jax.tree.map(np.testing.assert_array_equal, server, want)
 
 
 def test_a_gguf_llms_nanoedge_dequantizes_only_its_embeddings(tmp_path, monkeypatch):

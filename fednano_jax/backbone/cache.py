@@ -64,8 +64,11 @@ def load_part(directory: str, abstract_part: nnx.State) -> nnx.State:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     path = os.path.join(os.path.abspath(directory), PARAMS)
     with ocp.PyTreeCheckpointer() as checkpointer:
+        as_saved = _as_saved(target, checkpointer.metadata(path).item_metadata.tree)
         restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), target), partial_restore=True))
+            item=as_saved, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), as_saved),
+            partial_restore=True))
+    restored = _stacked(restored, target)
     state = jax.tree.map(lambda x: x, abstract_part)
     nnx.replace_by_pure_dict(state, restored)
     return state

@@ -58,17 +58,18 @@ def stored_or_pretrained(config, splits, model_config: ModelConfigOf):
     return graphdef, frozen, adapters, tokenizer, mcfg
 
 
-def stored_edge(config, model_config: ModelConfigOf):
-    """-> (graphdef, frozen, adapters, tokenizer, model config) of an `EdgeModel`: a client's NanoEdge alone, read
-    from the backbone stored for these settings; the decoder's arrays are never read."""
+def stored_part(config, model_config: ModelConfigOf, model=EdgeModel):
+    """-> (graphdef, frozen, adapters, tokenizer, model config) of `model`, a part of the whole (`EdgeModel`: a
+    client's NanoEdge alone; `ServerModel`: the server's decoder alone), read from the backbone stored for these
+    settings; the other part's arrays are never read."""
     found = stored_backbones(config)
     if not found:
         raise WeightsError("No pretrained backbone is stored for these settings; run python -m fednano_jax.main "
-                              "with this config once (it pretrains and caches one) before starting a client alone.")
+                           "with this config once (it pretrains and caches one) before starting a part alone.")
     directory = found[0][0]
     tokenizer = load_tokenizer(os.path.join(directory, cache.TOKENIZER))
     mcfg = model_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE))
-    graphdef, frozen, adapters = split_model(nnx.eval_shape(lambda: EdgeModel(mcfg, nnx.Rngs(config.pretrain.seed))))
-    # Under jit only the adapter initialisers survive dead-code elimination: NanoEdge is not initialised twice.
-    adapters = jax.jit(lambda: split_model(EdgeModel(mcfg, nnx.Rngs(config.pretrain.seed)))[2])()
+    graphdef, frozen, adapters = split_model(nnx.eval_shape(lambda: model(mcfg, nnx.Rngs(config.pretrain.seed))))
+    # Under jit only the adapter initialisers survive dead-code elimination: the part is not initialised twice.
+    adapters = jax.jit(lambda: split_model(model(mcfg, nnx.Rngs(config.pretrain.seed)))[2])()
     return graphdef, cache.load_part(directory, frozen), adapters, tokenizer, mcfg

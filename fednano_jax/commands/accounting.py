@@ -172,8 +172,79 @@ def report(config, vocab_size=None, text_tokens: int = 128, examples_per_client:
             "traffic": dataclasses.asdict(traffic), "examples_per_client_source": source, "per_client_per_round": communication(adapter_count(counts), traffic)}
 
 
+def observed(config, workdir: str, vocab_size=None) -> dict:
+    """A run with --split_server (its results.json) against the prediction for its settings (`config`), each client's
+    examples and its data's sequence positions -> per method, the mean per client per round of the bytes observed
+    on the split link (both ways) and in the upload, and the predicted bytes; and what each client process held."""
+    import ml_collections
+
+    path = os.path.join(workdir, "results.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--observed={workdir!r} holds no results.json; pass the --workdir of a finished run.")
+    with open(path) as file:
+        run = json.load(file)
+    held = run.get("client_processes")
+    if not held:
+        raise ConfigError(f"--observed={workdir!r} is not a run with --split_server (its results.json names no "
+                          "client processes).")
+    given = json.loads(json.dumps(config.as_dict()))  # as results.json holds it (lists for tuples)
+    ran = json.loads(json.dumps(read(ml_collections.ConfigDict(run["config"]), run=False).as_dict()))
+    if given != ran:
+        differs = sorted(key for key, value in given.items() if ran.get(key) != value)
+        raise ConfigError(f"--config differs from the settings of the run in {workdir!r} (in {', '.join(differs)}); "
+                          "pass the config and overrides that run was started with.")
+    mcfg = shapes_from_config(config, vocab_size)
+    adapters = adapter_count(parameter_counts(mcfg))
+    labels = {method.label: method.name for method in METHODS.values()}
+    methods = {}
+    for label, history in run["history"].items():
+        sums = {key: 0 for key in ("split_observed", "split_predicted", "upload_observed", "upload_predicted")}
+        count = 0
+        for record in history:
+            for i, k in enumerate(record["clients"]):
+                traffic = traffic_for(config, mcfg, held[k]["positions"] - held[k]["image_tokens"],
+                                      run["client_train_examples"][k])
+                predicted = communication(adapters, traffic)[label]
+                sums["split_observed"] += record["split_sent_bytes"][i] + record["split_received_bytes"][i]
+                sums["split_predicted"] += predicted["embeddings_up_bytes"] + predicted["gradients_down_bytes"]
+                sums["upload_observed"] += record["upload_bytes"][i]
+                sums["upload_predicted"] += predicted["upload_bytes"]
+                count += 1
+        mean = {key: value / count for key, value in sums.items()}
+        methods[label] = {**mean, "method": labels.get(label, label), "client_rounds": count,
+                          "split_ratio": mean["split_observed"] / mean["split_predicted"],
+                          "upload_ratio": mean["upload_observed"] / mean["upload_predicted"],
+                          "client_peak_rss_bytes": max(max(r["peak_rss_bytes"]) for r in history)}
+    return {"workdir": workdir, "per_client_per_round": methods, "client_processes": held}
+
+
+def observed_table(figures: dict) -> str:
+    lines = ["| Method | Split link, observed | predicted | ratio | Upload, observed | predicted | ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, r in figures["per_client_per_round"].items():
+        lines.append(f"| {label} | {human(r['split_observed'])} | {human(r['split_predicted'])} | "
+                     f"{r['split_ratio']:.3f} | {human(r['upload_observed'])} | {human(r['upload_predicted'])} | "
+                     f"{r['upload_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def write_json(figures: dict, out: str | None) -> None:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(figures, f, indent=2)
+        print(f"\nWritten to {out}")
+
+
 def main() -> None:
     args = flags.FLAGS
+    if args.observed:
+        figures = observed(read(args.config, run=False), args.observed, args.vocab_size)
+        print(f"Bytes per client per round of the run in {args.observed} (observed: the messages' bytes; predicted: "
+              "this command's figures for the run's settings, each client's examples and its data's positions)\n")
+        print(observed_table(figures))
+        write_json(figures, args.out)
+        return
     config = read(args.config, run=False)
     figures = report(config, args.vocab_size, args.text_tokens, args.examples_per_client)
     traffic = Traffic(**figures["traffic"])
@@ -184,11 +255,7 @@ def main() -> None:
           f"x {traffic.hidden_size} x {traffic.activation_bytes} bytes ({traffic.examples_per_client:,} local "
           f"examples per client: {figures['examples_per_client_source']}), plus FedNano's Fisher pass over them once.\n")
     print(traffic_table(figures["per_client_per_round"], traffic))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(figures, f, indent=2)
-        print(f"\nWritten to {args.out}")
+    write_json(figures, args.out)
 
 
 def define_flags() -> None:
@@ -201,3 +268,6 @@ def define_flags() -> None:
                          "data.train_examples / fed.num_clients, or the dataset's official train split over the "
                          "clients when data.train_examples is 0).")
     flags.DEFINE_string("out", None, "Also write the figures to this JSON file.")
+    flags.DEFINE_string("observed", None, "The --workdir of a finished run with --split_server: its clients' bytes on "
+                        "the split link and in the upload against this command's prediction for the run's own "
+                        "settings (--config, with the overrides that run was given).")

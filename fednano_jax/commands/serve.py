@@ -54,18 +54,20 @@ def credentials(cert: str | None, key: str | None):
 
 
 def server_half(config):
-    """The config's frozen decoder and LM head (the backbone loaded as a run loads it, the rest dropped)."""
-    from fednano_jax.backbone.build import experiment_backbone
+    """The config's frozen decoder and LM head (`Family.server_half`): the server's part of the backbone alone."""
+    from fednano_jax.backbone.family import family_of
     from fednano_jax.data import datasets
-    from fednano_jax.models.mllm import merge_model
 
-    splits = datasets.load_splits(config, with_images=False)
-    graphdef, frozen, adapters, _, _ = experiment_backbone(config, splits)
-    return merge_model(graphdef, frozen, adapters).server
+    splits = datasets.load_splits(config, with_images=False) if config.model.path else None
+    return family_of(config).server_half(config, splits)
 
 
 def main() -> None:
+    import jax
+    from flax import nnx
+
     from fednano_jax.config import read
+    from fednano_jax.serving.client_processes import peak_rss_bytes
     from fednano_jax.serving.step_server import Limits, StepServer, grpc_server
 
     config = read(FLAGS.config)
@@ -73,7 +75,10 @@ def main() -> None:
     tls = credentials(FLAGS.tls_cert, FLAGS.tls_key)
     if not 0 <= FLAGS.port < 65536:
         raise ConfigError(f"--port must be a TCP port (0 for any free one), got {FLAGS.port}.")
-    steps = StepServer(server_half(config), config.fed.num_clients, tokens,
+    server = server_half(config)
+    held = sum(x.nbytes for x in jax.tree.leaves(nnx.state(server)))
+    print(f"Holding the frozen decoder and LM head alone: {held / 2**20:.2f} MiB of weights", flush=True)
+    steps = StepServer(server, config.fed.num_clients, tokens,
                        Limits(max_rows=FLAGS.max_rows, max_wait_ms=FLAGS.max_wait_ms))
     try:
         server, port = grpc_server(steps, f"{FLAGS.host}:{FLAGS.port}", tls)
@@ -91,7 +96,7 @@ def main() -> None:
     server.stop(grace=5).wait(10)
     steps.close()
     print(f"Stopped after {steps.stats['requests']} steps in {steps.stats['calls']} batched calls "
-          f"({steps.stats['refused']} refused).", flush=True)
+          f"({steps.stats['refused']} refused); peak memory {peak_rss_bytes() / 2**20:.0f} MiB.", flush=True)
 
 
 def define_flags() -> None:

@@ -15,7 +15,9 @@ import sys
 
 
 def client_of(hello: dict):
-    """-> (RemoteClient, StepClient) for the driver's hello: the experiment it names, NanoEdge and the data."""
+    """-> (RemoteClient, StepClient, what it holds: weight bytes, sequence positions, image tokens) for the driver's
+    hello: the experiment it names, NanoEdge and the data."""
+    import jax
     import ml_collections
 
     from fednano_jax.backbone.family import family_of
@@ -37,8 +39,11 @@ def client_of(hello: dict):
     device_data = device_dataset(data.train, data.images, config.data.stream_images)
     certificate = hello.get("root_certificates", "").encode() or None
     link = StepClient(hello["address"], int(hello["client"]), hello.get("token", ""), certificate)
-    return RemoteClient(graphdef, frozen, device_data, lambda name: get_method(name, config.fed, config.seed),
-                        make_optimizer, link.wire), link
+    client = RemoteClient(graphdef, frozen, device_data, lambda name: get_method(name, config.fed, config.seed),
+                          make_optimizer, link.wire)
+    held = {"weights_bytes": sum(x.nbytes for x in jax.tree.leaves(frozen)), "positions": data.train.input_ids.shape[1],
+            "image_tokens": mcfg.vision.num_image_tokens}
+    return client, link, held
 
 
 def main() -> int:
@@ -53,13 +58,13 @@ def main() -> int:
     if blob is None:
         return 0
     try:
-        client, link = client_of(unpack(blob)[1])
+        client, link, held = client_of(unpack(blob)[1])
     except Exception as error:  # noqa: BLE001 - the driver prints the sentence; the traceback goes to the log
         traceback.print_exc()
         write_message(outgoing, pack({}, {"error": f"could not load NanoEdge and its data ({type(error).__name__}: "
                                                    f"{error})"}))
         return 1
-    write_message(outgoing, pack({}, {"kind": "ready"}))
+    write_message(outgoing, pack({}, {"kind": "ready", **held}))
     try:
         serve_rounds(incoming, outgoing, client.train,
                      lambda: {"split_sent": link.bytes_sent, "split_received": link.bytes_received}, (SplitStepError,))

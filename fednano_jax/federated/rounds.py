@@ -225,7 +225,8 @@ def _process_record(cohort: np.ndarray, failed: np.ndarray, failures: dict) -> d
         return {}
     traffic = failures["traffic"]
     return {"failed": cohort[failed].tolist(), "failures": [r for r in failures["reasons"] if r is not None],
-            **{f"{key}_bytes": [t.get(key, 0) for t in traffic] for key in ("split_sent", "split_received", "upload")}}
+            **{f"{key}_bytes": [t.get(key, 0) for t in traffic]
+               for key in ("split_sent", "split_received", "upload", "peak_rss")}}
 
 
 def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, reporting: np.ndarray, round_index: int):

@@ -122,6 +122,15 @@ class EdgeModel(nnx.Module):
         self.config = config
 
 
+class ServerModel(nnx.Module):
+    """The server's half alone: the decoder (layers, final norm, LM head), under the same paths as in
+    MultimodalModel (`server/...`)."""
+
+    def __init__(self, config: MllmConfig, rngs: nnx.Rngs):
+        self.server = config.decoder(config.llm, rngs)
+        self.config = config
+
+
 def split_model(model: nnx.Module):
     """-> (graphdef, frozen, adapters): the backbone state and the NanoAdapter state."""
     graphdef, adapters, frozen = nnx.split(model, AdapterParam, ...)

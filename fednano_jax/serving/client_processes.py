@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import queue
+import resource
 import struct
 import subprocess
 import sys
@@ -162,6 +163,7 @@ class ClientProcesses:
         os.makedirs(log_dir, exist_ok=True)
         self.round_timeout_s = round_timeout_s
         self.processes: list[ClientProcess] = []
+        self.ready: list[dict] = []  # what each client said when ready (the weights it holds, its data's shape)
         try:
             for k in range(num_clients):
                 self.processes.append(ClientProcess(k, command(k), os.path.join(log_dir, f"client_{k}.log")))
@@ -173,13 +175,13 @@ class ClientProcesses:
             self.close()
             raise
 
-    @staticmethod
-    def _wait_ready(process: ClientProcess, deadline: float) -> None:
+    def _wait_ready(self, process: ClientProcess, deadline: float) -> None:
         """Its "ready": NanoEdge and the data loaded, its split link set up."""
         try:
-            process.reply(deadline)
+            _, header = process.reply(deadline)
         except ClientProcessError as error:
             raise ClientProcessError(f"Client {process.client}'s process did not start: {error}") from None
+        self.ready.append({key: int(value) for key, value in header.items() if value.isdigit()})
 
     def __enter__(self) -> "ClientProcesses":
         return self
@@ -212,7 +214,7 @@ class ClientProcesses:
                 results.append(None), failures.append(str(error)), traffic.append({})
                 continue
             results.append(trees), failures.append(None)
-            traffic.append({"split_sent": int(reply["split_sent"]), "split_received": int(reply["split_received"]),
+            traffic.append({**{key: int(reply[key]) for key in ("split_sent", "split_received", "peak_rss")},
                             "upload": len(pack({"upload": trees["upload"]}))})
         finished = [r for r in results if r is not None]
         if not finished:
@@ -283,7 +285,13 @@ def serve_rounds(incoming: BinaryIO, outgoing: BinaryIO, train: Callable[[dict, 
             write_message(outgoing, pack({}, {"error": str(error)}))
             continue
         after = traffic()
-        write_message(outgoing, pack(result, {key: str(after[key] - before[key]) for key in after}))
+        counts = {key: after[key] - before[key] for key in after} | {"peak_rss": peak_rss_bytes()}
+        write_message(outgoing, pack(result, {key: str(value) for key, value in counts.items()}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def protocol_streams() -> tuple[BinaryIO, BinaryIO]:

@@ -136,7 +136,22 @@ class Family:
             return checkpoint_edge(config, self)
         from fednano_jax.backbone import stored
 
-        return stored.stored_edge(config, lambda vocab, image: self.model_config(config, vocab, image))
+        return stored.stored_part(config, lambda vocab, image: self.model_config(config, vocab, image))
+
+    def server_half(self, config, splits):
+        """The frozen decoder (an nnx module: layers, final norm, LM head) the split-step server holds: without
+        model.path, read alone from the backbone stored for these settings (NanoEdge's arrays are never read); from a
+        checkpoint, the backbone loaded as a run loads it with NanoEdge dropped after."""
+        from fednano_jax.models.mllm import ServerModel, merge_model
+
+        if config.model.path:
+            graphdef, frozen, adapters, _, _ = self.backbone(config, splits)
+            return merge_model(graphdef, frozen, adapters).server
+        from fednano_jax.backbone import stored
+
+        graphdef, frozen, adapters, _, _ = stored.stored_part(
+            config, lambda vocab, image: self.model_config(config, vocab, image), ServerModel)
+        return merge_model(graphdef, frozen, adapters).server
 
     def hf_layout(self, hf, directory: str, dtype, adapter: AdapterConfig):
         """-> (MllmConfig, name table) of a Hugging Face directory whose config.json has `hf_model_type`."""
