@@ -13,6 +13,7 @@ import time
 
 from fednano_jax.backbone import pretrain
 from fednano_jax.backbone.build import experiment_backbone, with_remat
+from fednano_jax.backbone.family import family_of
 from fednano_jax.config import read, resume_fingerprint
 from fednano_jax.data import datasets, pipeline
 from fednano_jax.data.batches import device_dataset
@@ -25,7 +26,7 @@ from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.rounds import run_method
 from fednano_jax.metrics import MetricsLog
 from fednano_jax.models.mllm import count_params
-from fednano_jax.serving.client_processes import ClientProcesses, SplitLink
+from fednano_jax.serving.client_processes import ClientProcesses, LinkedDecoders, SplitLink
 from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_description, place_backbone
 
 
@@ -59,6 +60,9 @@ def check_split(config) -> None:
     if config.fed.labels_on_client:
         raise ConfigError("fed.labels_on_client is not served over the split-step link yet; run --split_server with "
                           "labels on the server.")
+    if "feddpa_f" in config.fed.methods:
+        raise ConfigError("FedDPA-F's evaluation mixes its global and local adapters inside the decoder's pass, which "
+                          "the split-step server does not serve; leave feddpa_f out of fed.methods with --split_server.")
 
 
 def start_client_processes(config, workdir: str, link: SplitLink) -> ClientProcesses:
@@ -102,12 +106,15 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None
     splits = datasets.load_splits(config)
 
     # ------------------------------------------------- Pretrained backbone
-    graphdef, frozen, adapters, tokenizer, mcfg = experiment_backbone(config, splits)
-    graphdef, mcfg = with_remat(graphdef, mcfg, config.model.remat)
+    if split is None:
+        graphdef, frozen, adapters, tokenizer, mcfg = experiment_backbone(config, splits)
+        graphdef, mcfg = with_remat(graphdef, mcfg, config.model.remat)
+    else:  # the decoder stays on the split-step server: NanoEdge alone here, for evaluation over the link
+        graphdef, frozen, adapters, tokenizer, mcfg = family_of(config).edge(config)
     # Placed once: training and the evaluator share this one copy of the backbone.
     frozen = place_backbone(frozen, mesh, config.mesh)
-    print(f"Backbone: {count_params(frozen):,} frozen parameters; NanoAdapters: {count_params(adapters):,} "
-          f"trainable parameters per client")
+    print(f"{'NanoEdge' if split else 'Backbone'}: {count_params(frozen):,} frozen parameters; NanoAdapters: "
+          f"{count_params(adapters):,} trainable parameters per client")
 
     # ------------------------------------------------------ Federated data
     try:
@@ -118,15 +125,16 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None
     sizes = [len(r) for r in data.client_train]
     print(f"{config.fed.num_clients} clients, train examples {sizes}, test examples {[len(r) for r in data.client_test]}")
     device_data = device_dataset(data.train, data.images, config.data.stream_images)
-    evaluator = Evaluator(graphdef, frozen, data, tokenizer, config)
-
+    links = LinkedDecoders(split) if split is not None else None
+    evaluator = Evaluator(graphdef, frozen, data, tokenizer, config, links)
     remote = start_client_processes(config, workdir, split) if split is not None else None
     try:
         rows, seconds, histories = run_methods(config, workdir, fingerprint, graphdef, frozen, adapters, device_data,
                                                data, evaluator, log, mesh, remote)
     finally:
-        if remote is not None:
-            remote.close()
+        for opened in (remote, links):
+            if opened is not None:
+                opened.close()
     log.close()
 
     # -------------------------------------------------------------- Report

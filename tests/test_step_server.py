@@ -110,7 +110,9 @@ def test_every_bad_request_is_refused_with_its_sentence_while_others_go_on(model
         "client": ({"client": "7", "token": "x", "kind": "mean"}, good, "client must be a client id between 0 and 2"),
         "token": ({"client": "1", "token": "zero", "kind": "mean"}, good, "The token of client 1 is not the one"),
         "non-ascii token": ({"client": "1", "token": "zéro", "kind": "mean"}, good, "The token of client 1 is not"),
-        "kind": ({"client": "1", "token": "one", "kind": "eval"}, good, "kind must be one of ['mean', 'sum']"),
+        "kind": ({"client": "1", "token": "one", "kind": "eval"}, good, "kind must be one of ['mean', 'sum', 'next']"),
+        "decoding": ({"client": "1", "token": "one", "kind": "next"}, good,
+                     "A decoding request holds the tensors ['attention_mask', 'embeds']"),
         "name": ({"client": "1", "token": "one", "kind": "mean"}, {**good, "labels": good["input_ids"]},
                  "A step holds the tensors"),
         "dtype": ({"client": "1", "token": "one", "kind": "mean"},
@@ -139,6 +141,28 @@ def test_every_bad_request_is_refused_with_its_sentence_while_others_go_on(model
             oversized._send(b"\0" * (steps.limits.max_bytes + 1))
     finally:
         oversized.close()
+
+
+def test_decoding_over_the_link_gives_the_kv_cache_decoders_tokens(model, served):
+    """Evaluation decoding with the decoder across the link (one round trip per token, no cache there) gives the
+    tokens the KV-cache decoder gives with the whole model in one program; rows beyond one request are split."""
+    from fednano_jax.eval.generate import greedy_generate, linked_generate
+
+    _, port = served
+    graphdef, frozen, adapters = split_model(model)
+    batch = make_batch(3, batch=20, length=12)  # more rows than the server's max_rows (16)
+    mask = np.ones(batch["input_ids"].shape, bool)
+    inputs = (batch["input_ids"], mask, batch["images"])
+    decode = dict(max_new_tokens=5, pad_id=0, eos_id=2)
+    want = np.asarray(greedy_generate(graphdef, frozen, adapters, *inputs, **decode))
+    client = StepClient(f"127.0.0.1:{port}", 2, "two")
+    try:
+        got = linked_generate(lambda e, m: client.next_tokens(e, m, max_rows=16), graphdef, frozen, adapters,
+                              *inputs, **decode)
+    finally:
+        client.close()
+    np.testing.assert_array_equal(got, want)
+    assert len(set(want.ravel().tolist())) > 1  # not one token everywhere
 
 
 def test_a_client_retries_a_server_that_is_not_there_and_fails_with_one_sentence():

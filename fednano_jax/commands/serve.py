@@ -56,10 +56,14 @@ def credentials(cert: str | None, key: str | None):
 def server_half(config):
     """The config's frozen decoder and LM head (`Family.server_half`): the server's part of the backbone alone."""
     from fednano_jax.backbone.family import family_of
+    from fednano_jax.backbone.stored import stored_backbones
     from fednano_jax.data import datasets
 
-    splits = datasets.load_splits(config, with_images=False) if config.model.path else None
-    return family_of(config).server_half(config, splits)
+    family = family_of(config)
+    splits = None
+    if config.model.path or not stored_backbones(config):  # a checkpoint's tokenizer, or pretraining, needs the data
+        splits = datasets.load_splits(config, with_images=not config.model.path)
+    return family.server_half(config, splits)
 
 
 def main() -> None:

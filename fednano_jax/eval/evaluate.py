@@ -13,6 +13,8 @@ average accuracy of each rank's clients (`rank_average`).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import numpy as np
 
@@ -20,7 +22,7 @@ from fednano_jax.data.pipeline import FederatedData
 from fednano_jax.data.datasets import dataset_name
 from fednano_jax.data.prompts import DEFAULT_TEMPLATE, cut_at_end, template_of
 from fednano_jax.eval.accuracy import per_client_accuracy
-from fednano_jax.eval.generate import greedy_generate
+from fednano_jax.eval.generate import greedy_generate, linked_generate
 from fednano_jax.eval.official_accuracy import SCORERS, breakdown
 from fednano_jax.models.adapter_ranks import client_ranks, truncate
 
@@ -40,8 +42,13 @@ def _client(tree, k):
 
 
 class Evaluator:
-    def __init__(self, graphdef, frozen, data: FederatedData, tokenizer, config):
+    """Test accuracy per client. `linked`: `linked(client) -> next_tokens` decodes with the decoder across the split
+    link (`generate.linked_generate`), each client's test rows as that client (NanoEdge alone here); None: the whole
+    model here."""
+
+    def __init__(self, graphdef, frozen, data: FederatedData, tokenizer, config, linked: Callable | None = None):
         self.graphdef, self.frozen, self.data, self.tokenizer = graphdef, frozen, data, tokenizer
+        self.linked = linked
         self.batch_size = config.eval.batch_size
         self.decode = dict(max_new_tokens=config.eval.max_new_tokens, pad_id=tokenizer.pad_token_id,
                            eos_id=tokenizer.eos_token_id)
@@ -75,12 +82,21 @@ class Evaluator:
         return {**result, "breakdown": breakdown(correct, groups)} if groups else result
 
     def shared(self, adapters) -> dict:
+        if self.linked is not None:  # each client's rows as that client, at its rank
+            return self.score({row: answer for k, rows in enumerate(self.data.client_test)
+                               for row, answer in zip(rows.tolist(), self._generate(rows, self._at_rank(adapters, k), k))})
         if self.ranks is not None:
             return self._shared_by_rank(adapters)
         rows = np.arange(len(self.data.test))
         return self.score(dict(zip(rows.tolist(), self._generate(rows, adapters))))
 
-    def _generate(self, rows: np.ndarray, adapters) -> list[str]:
+    def _at_rank(self, adapters, k: int):
+        return adapters if self.ranks is None else truncate(adapters, int(self.ranks[k]))
+
+    def _generate(self, rows: np.ndarray, adapters, client: int = 0) -> list[str]:
+        if self.linked is not None:
+            return self.answers(rows, lambda _, inputs: linked_generate(
+                self.linked(client), self.graphdef, self.frozen, adapters, *inputs, **self.decode))
         return self.answers(rows, lambda _, inputs: greedy_generate(
             self.graphdef, self.frozen, adapters, *inputs, **self.decode))
 
@@ -96,5 +112,5 @@ class Evaluator:
     def personal(self, stacked_adapters) -> dict:
         predictions = {}
         for k, rows in enumerate(self.data.client_test):
-            predictions.update(zip(rows.tolist(), self._generate(rows, _client(stacked_adapters, k))))
+            predictions.update(zip(rows.tolist(), self._generate(rows, _client(stacked_adapters, k), k)))
         return self.score(predictions)

@@ -1,11 +1,13 @@
-"""Greedy generation with the KV cache, on left-padded prompts."""
+"""Greedy generation with the KV cache, on left-padded prompts; or with the decoder across the split link."""
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fednano_jax.models.llama import KVCache, positions_from_mask
 from fednano_jax.models.mllm import merge_model
@@ -49,3 +51,34 @@ def full_recompute_generate(model, input_ids, attention_mask, images, max_new_to
         embeds = jnp.concatenate([embeds, model.edge.embed_text(token[:, None])], axis=1)
         mask = jnp.concatenate([mask, jnp.ones_like(token[:, None], bool)], axis=1)
     return jnp.stack(out, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prompt_embeds(graphdef, frozen, adapters, input_ids, images):
+    return merge_model(graphdef, frozen, adapters).edge(input_ids, images)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _token_embeds(graphdef, frozen, adapters, tokens):
+    return merge_model(graphdef, frozen, adapters).edge.embed_text(tokens[:, None])
+
+
+def linked_generate(next_tokens: Callable, graphdef, frozen, adapters, input_ids, attention_mask, images, *,
+                    max_new_tokens: int, pad_id: int, eos_id: int) -> np.ndarray:
+    """`greedy_generate` with the decoder elsewhere (NanoEdge alone here: `graphdef` may be an EdgeModel's): the
+    prompt is embedded here, and each new token costs one round trip, `next_tokens(embeds, attention_mask)` -> the
+    greedy next ids [B]; the grown sequence is sent whole each time (no cache is kept across the link). The same
+    tokens as `greedy_generate` where no two logits tie."""
+    embeds = np.asarray(_prompt_embeds(graphdef, frozen, adapters, input_ids, images))
+    mask = np.asarray(attention_mask, bool)
+    token = np.asarray(next_tokens(embeds, mask))
+    done, out = np.zeros(len(token), bool), []
+    for step in range(max_new_tokens):
+        out.append(token)
+        done |= token == eos_id
+        if step + 1 == max_new_tokens:
+            break
+        new = np.asarray(_token_embeds(graphdef, frozen, adapters, jnp.asarray(token)))
+        embeds, mask = np.concatenate([embeds, new], axis=1), np.concatenate([mask, np.ones((len(token), 1), bool)], 1)
+        token = np.where(done, pad_id, np.asarray(next_tokens(embeds, mask)))
+    return np.stack(out, axis=1)

@@ -29,6 +29,7 @@ import numpy as np
 
 from fednano_jax.errors import ClientProcessError
 from fednano_jax.federated.client import ClientInputs, ClientOutputs, local_update
+from fednano_jax.serving.step_client import StepClient
 from fednano_jax.serving.wire_format import decode, encode
 
 LENGTH = struct.Struct("<Q")
@@ -44,6 +45,24 @@ class SplitLink:
     address: str
     tokens: dict[int, str] | None = None
     root_certificates: bytes | None = None
+
+
+class LinkedDecoders:
+    """The round driver's evaluation over the split link: `decoders(k)` -> client k's `next_tokens` (a StepClient with
+    its id and token), so each client's test rows are decoded as that client."""
+
+    def __init__(self, link: SplitLink):
+        self.link, self.clients = link, {}
+
+    def __call__(self, client: int) -> Callable:
+        if client not in self.clients:
+            token = (self.link.tokens or {}).get(client, "")
+            self.clients[client] = StepClient(self.link.address, client, token, self.link.root_certificates)
+        return self.clients[client].next_tokens
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
 
 
 # ------------------------------------------------------------------------------------------ the messages

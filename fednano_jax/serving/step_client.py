@@ -47,6 +47,17 @@ class StepClient:
         tensors, _ = decode(reply, self.max_bytes)
         return float(tensors["loss"]), tensors["embed_grads"]
 
+    def next_tokens(self, embeds, attention_mask, max_rows: int = 64) -> np.ndarray:
+        """Evaluation decoding: each row's greedy next token id [B] after its last position, from the server's LLM
+        (`embeds` [B, T, D]: the client's embeddings of the prompt and the tokens so far), `max_rows` rows a request."""
+        embeds, mask = np.asarray(embeds, np.float32), np.asarray(attention_mask, bool)
+        ids = []
+        for start in range(0, len(embeds), max_rows):
+            request = encode({"embeds": embeds[start:start + max_rows], "attention_mask": mask[start:start + max_rows]},
+                             {"client": self.client, "token": self.token, "kind": "next"})
+            ids.append(decode(self._send(request), self.max_bytes)[0]["next_ids"])
+        return np.concatenate(ids)
+
     def wire(self, embeds, attention_mask, input_ids, loss_mask, answer_positions, answer_valid, kind: str):
         """The host function of a remote wire (`federated/objective.Wire.remote`, `Method.remote`): one step of the
         client program's batch -> (loss, d loss / d embeds) as float32 arrays."""

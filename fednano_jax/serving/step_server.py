@@ -36,6 +36,11 @@ from fednano_jax.serving.wire_format import WireError, decode, encode
 
 SERVICE, STEP = "fednano.SplitStep", "Step"
 KINDS = ("mean", "sum")  # the batch's answer NLL: its mean over the answer tokens, or its sum
+# Evaluation decoding, one round trip per new token: each row's greedy next token after its last position. The
+# client embeds the new token with its own text adapter and sends the grown sequence (no cache is kept here), so the
+# server learns the generated tokens (which its logits give it anyway) and never an adapter.
+NEXT = "next"
+NEXT_TENSORS = {"embeds": (np.float32, 3), "attention_mask": (np.bool_, 2)}
 # name -> (dtype, rank): what a step request holds besides the header.
 STEP_TENSORS = {"embeds": (np.float32, 3), "attention_mask": (np.bool_, 2), "input_ids": (np.int32, 2),
                 "loss_mask": (np.bool_, 2), "answer_positions": (np.int32, 2), "answer_valid": (np.bool_, 2)}
@@ -89,8 +94,10 @@ class StepServer:
         tensors, header = decode(blob, self.limits.max_bytes)
         client = self.authenticate(header)
         kind = header.get("kind", "")
+        if kind == NEXT:
+            return self.next_tokens(tensors)
         if kind not in KINDS:
-            raise WireError(f"kind must be one of {list(KINDS)}, got {kind!r}.")
+            raise WireError(f"kind must be one of {[*KINDS, NEXT]}, got {kind!r}.")
         self.check_step(tensors)
         request = Request(client, kind, tensors)
         self.queue.put(request)
@@ -107,11 +114,24 @@ class StepServer:
             raise WireError(f"The token of client {client} is not the one this server holds for it.")
         return client
 
-    def check_step(self, tensors: dict) -> None:
-        """The names, dtypes and shapes a step needs, in one sentence where they are not."""
-        if set(tensors) != set(STEP_TENSORS):
-            raise WireError(f"A step holds the tensors {sorted(STEP_TENSORS)}, got {sorted(tensors)}.")
-        for name, (dtype, rank) in STEP_TENSORS.items():
+    def next_tokens(self, tensors: dict) -> bytes:
+        """An evaluation decoding request -> each row's greedy next token id (`next_ids` int32 [B]). Served as it
+        comes (rows of one client's batch; sequence lengths grow by one per token, so a prompt length compiles
+        one program per new token)."""
+        self.check_tensors(tensors, NEXT_TENSORS, ("attention_mask",))
+        if not np.isfinite(tensors["embeds"]).all():
+            raise WireError("embeds must be finite.")
+        ids = served_next(self.graph, self.state, tensors["embeds"], tensors["attention_mask"])
+        self.count(calls=1, requests=1, rows=len(tensors["embeds"]), padded_rows=len(tensors["embeds"]))
+        return encode({"next_ids": np.asarray(ids, np.int32)})
+
+    def check_tensors(self, tensors: dict, expected: dict, like_embeds: tuple[str, ...]) -> tuple[int, int]:
+        """The names, dtypes and ranks of `expected`, embeds within the limits and of the LLM's width, and the
+        `like_embeds` tensors [rows, length] as embeds -> (rows, length); one sentence where they are not."""
+        if set(tensors) != set(expected):
+            raise WireError(f"A {'step' if expected is STEP_TENSORS else 'decoding request'} holds the tensors "
+                            f"{sorted(expected)}, got {sorted(tensors)}.")
+        for name, (dtype, rank) in expected.items():
             value = tensors[name]
             if value.dtype != dtype or value.ndim != rank:
                 raise WireError(f"{name} must be {np.dtype(dtype).name} of rank {rank}, "
@@ -122,9 +142,14 @@ class StepServer:
         if not 1 <= rows <= self.limits.max_rows or not 2 <= length <= self.limits.max_length:
             raise WireError(f"embeds must have 1 to {self.limits.max_rows} rows of 2 to {self.limits.max_length} "
                             f"positions, got {rows} x {length}.")
-        for name in ("attention_mask", "input_ids", "loss_mask"):
+        for name in like_embeds:
             if tensors[name].shape != (rows, length):
                 raise WireError(f"{name} must be [{rows}, {length}] as embeds, got {list(tensors[name].shape)}.")
+        return rows, length
+
+    def check_step(self, tensors: dict) -> None:
+        """The names, dtypes and shapes a step needs, in one sentence where they are not."""
+        rows, length = self.check_tensors(tensors, STEP_TENSORS, ("attention_mask", "input_ids", "loss_mask"))
         slots = tensors["answer_positions"].shape
         if slots[0] != rows or tensors["answer_valid"].shape != slots:
             raise WireError(f"answer_positions and answer_valid must both be [{rows}, S], got "
@@ -237,6 +262,14 @@ def served_step(graph, state, batch: dict, segments, per_token):
 
     (_, losses), grads = jax.value_and_grad(total, has_aux=True)(batch["embeds"])
     return losses, grads
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def served_next(graph, state, embeds, attention_mask):
+    """Each row's greedy next token after its last position (prompts are left-padded, so that is its newest)."""
+    server = nnx.merge(graph, state)
+    last = jnp.full((embeds.shape[0], 1), embeds.shape[1] - 1)
+    return jnp.argmax(server.logits_at(embeds, attention_mask, last)[:, 0], axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------- gRPC

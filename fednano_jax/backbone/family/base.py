@@ -141,13 +141,14 @@ class Family:
     def server_half(self, config, splits):
         """The frozen decoder (an nnx module: layers, final norm, LM head) the split-step server holds: without
         model.path, read alone from the backbone stored for these settings (NanoEdge's arrays are never read); from a
-        checkpoint, the backbone loaded as a run loads it with NanoEdge dropped after."""
+        checkpoint, or where none is stored yet (it is pretrained here and cached, as a run would), the backbone
+        loaded as a run loads it with NanoEdge dropped after."""
+        from fednano_jax.backbone import stored
         from fednano_jax.models.mllm import ServerModel, merge_model
 
-        if config.model.path:
+        if config.model.path or not stored.stored_backbones(config):  # from a checkpoint, or pretrained here first
             graphdef, frozen, adapters, _, _ = self.backbone(config, splits)
             return merge_model(graphdef, frozen, adapters).server
-        from fednano_jax.backbone import stored
 
         graphdef, frozen, adapters, _, _ = stored.stored_part(
             config, lambda vocab, image: self.model_config(config, vocab, image), ServerModel)
