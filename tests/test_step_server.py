@@ -165,6 +165,33 @@ def test_decoding_over_the_link_gives_the_kv_cache_decoders_tokens(model, served
     assert len(set(want.ravel().tolist())) > 1  # not one token everywhere
 
 
+def test_a_step_over_grpcs_default_message_size_is_streamed_both_ways(model):
+    """gRPC refuses messages over 4 MiB by default: a 5 MB message goes as a stream of chunks and reaches the server
+    whole (it is read, and refused for its tensors, not for its size); a stream over the server's limit is refused
+    with its sentence; and a streamed step and its streamed gradients carry the simulation's numbers."""
+    steps = StepServer(model.server, num_clients=3, tokens=TOKENS, limits=Limits(max_rows=16, max_bytes=8 * 2**20))
+    server, port = grpc_server(steps, "127.0.0.1:0")
+    client = StepClient(f"127.0.0.1:{port}", 0, "zero")
+    try:
+        large = encode({"embeds": np.zeros((5 * 2**20 // 4,), np.float32)}, {"client": "0", "token": "zero",
+                                                                              "kind": "mean"})
+        with pytest.raises(SplitStepError, match="A step holds the tensors"):
+            client._send(large)
+        assert client.streamed == 1
+        with pytest.raises(SplitStepError, match="over the server's limit of 8,388,608"):
+            client._send(b"\0" * (9 * 2**20))
+        client.unary_limit = 2**10  # so that a small step, and its gradients, go as streams of chunks too
+        embeds, batch = client_batch(model, 9)
+        loss, grads = client.step(embeds, batch)
+        want_loss, want_grads = expected(model, embeds, batch)
+        assert client.streamed == 3 and loss == pytest.approx(want_loss, rel=1e-5)
+        np.testing.assert_allclose(grads, want_grads, rtol=1e-4, atol=1e-5 * np.abs(want_grads).max())
+    finally:
+        client.close()
+        server.stop(grace=None)
+        steps.close()
+
+
 def test_a_client_retries_a_server_that_is_not_there_and_fails_with_one_sentence():
     client = StepClient("127.0.0.1:9", 0, attempts=3, backoff_s=0.01, timeout_s=2)  # nothing listens on port 9
     try:

@@ -12,7 +12,7 @@ import time
 import grpc
 import numpy as np
 
-from fednano_jax.serving.step_server import SERVICE, STEP, STEP_TENSORS
+from fednano_jax.serving.step_server import SERVICE, STEP, STEP_STREAM, STEP_TENSORS, UNARY_LIMIT, chunked
 from fednano_jax.serving.wire_format import decode, encode
 
 RETRIED = (grpc.StatusCode.UNAVAILABLE,)
@@ -28,14 +28,15 @@ class StepClient:
 
     def __init__(self, address: str, client: int, token: str = "", root_certificates: bytes | None = None,
                  timeout_s: float = 120.0, attempts: int = 5, backoff_s: float = 0.2, max_bytes: int = 256 * 2**20):
-        options = [("grpc.max_receive_message_length", max_bytes + 2**20),
-                   ("grpc.max_send_message_length", max_bytes + 2**20)]
-        self.channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options)
-                        if root_certificates else grpc.insecure_channel(address, options))
+        self.channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates))
+                        if root_certificates else grpc.insecure_channel(address))  # gRPC's default sizes
         self.call = self.channel.unary_unary(f"/{SERVICE}/{STEP}")
+        self.stream = self.channel.stream_stream(f"/{SERVICE}/{STEP_STREAM}")
         self.address, self.client, self.token = address, client, token
         self.timeout_s, self.attempts, self.backoff_s, self.max_bytes = timeout_s, attempts, backoff_s, max_bytes
         self.bytes_sent = self.bytes_received = 0  # payloads (safetensors messages), without gRPC's framing
+        self.streamed = 0  # requests over gRPC's default message size, sent as streams of chunks
+        self.unary_limit = UNARY_LIMIT
 
     def step(self, embeds: np.ndarray, batch: dict, kind: str = "mean") -> tuple[float, np.ndarray]:
         """-> (the batch's loss, d loss / d embeds) for `embeds` [B, T, D] and the batch's rows (`STEP_TENSORS`)."""
@@ -74,7 +75,7 @@ class StepClient:
     def _send(self, request: bytes) -> bytes:
         for attempt in range(self.attempts):
             try:
-                reply = self.call(request, timeout=self.timeout_s)
+                reply = self._call(request)
             except grpc.RpcError as error:
                 if error.code() not in RETRIED:
                     raise SplitStepError(f"The split-step server refused client {self.client}'s step: "
@@ -88,6 +89,13 @@ class StepClient:
             return reply
         raise SplitStepError(f"The split-step server at {self.address} did not answer client {self.client} after "
                              f"{self.attempts} attempt{'s' if self.attempts != 1 else ''} ({last}).")
+
+    def _call(self, request: bytes) -> bytes:
+        """One request: a unary call, or a stream of chunks both ways where it is over gRPC's default size."""
+        if len(request) <= self.unary_limit:
+            return self.call(request, timeout=self.timeout_s)
+        self.streamed += 1
+        return b"".join(self.stream(chunked(request), timeout=self.timeout_s))
 
     def close(self) -> None:
         self.channel.close()

@@ -34,7 +34,10 @@ from flax import nnx
 from fednano_jax.models.loss import answer_token_log_probs, model_logits
 from fednano_jax.serving.wire_format import WireError, decode, encode
 
-SERVICE, STEP = "fednano.SplitStep", "Step"
+SERVICE, STEP, STEP_STREAM = "fednano.SplitStep", "Step", "StepStream"
+# gRPC refuses messages over 4 MiB by default; a larger request (and its reply) goes as a stream of chunks instead.
+UNARY_LIMIT = 4 * 2**20 - 2**16
+CHUNK = 2**20
 KINDS = ("mean", "sum")  # the batch's answer NLL: its mean over the answer tokens, or its sum
 # Evaluation decoding, one round trip per new token: each row's greedy next token after its last position. The
 # client embeds the new token with its own text adapter and sends the grown sequence (no cache is kept here), so the
@@ -289,12 +292,36 @@ def grpc_server(steps: StepServer, address: str, credentials: grpc.ServerCredent
         except Exception as error:  # noqa: BLE001 (the batch failed on the server: said in one sentence)
             context.abort(grpc.StatusCode.INTERNAL, f"The server failed the step ({type(error).__name__}: {error}).")
 
-    handler = grpc.method_handlers_generic_handler(SERVICE, {STEP: grpc.unary_unary_rpc_method_handler(step)})
-    limit = steps.limits.max_bytes + 2**20
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers),
-                         options=[("grpc.max_receive_message_length", limit),
-                                  ("grpc.max_send_message_length", limit)])
+    def step_stream(chunks, context: grpc.ServicerContext):
+        try:
+            blob = joined(chunks, steps.limits.max_bytes)
+        except WireError as error:
+            steps.count(refused=1)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        yield from chunked(step(blob, context))
+
+    handler = grpc.method_handlers_generic_handler(SERVICE, {
+        STEP: grpc.unary_unary_rpc_method_handler(step),
+        STEP_STREAM: grpc.stream_stream_rpc_method_handler(step_stream)})
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers))  # gRPC's default sizes
     server.add_generic_rpc_handlers((handler,))
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     server.start()
     return server, port
+
+
+def chunked(blob: bytes, size: int = CHUNK):
+    """A message as the chunks of a stream."""
+    for start in range(0, max(len(blob), 1), size):
+        yield blob[start:start + size]
+
+
+def joined(chunks, limit: int) -> bytes:
+    """A streamed message, refused (WireError) as soon as it runs over `limit` bytes."""
+    parts, total = [], 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise WireError(f"The message is over {total:,} bytes, over the server's limit of {limit:,}.")
+        parts.append(chunk)
+    return b"".join(parts)
