@@ -57,9 +57,6 @@ def check_split(config) -> None:
     """What a run with each client in its own process (`--split_server`) cannot do, one sentence each. (How the
     simulation lays clients out, fed.pack_clients, fed.mode and fed.client_chunk, does not change its numbers; with
     client processes there is nothing to lay out.)"""
-    if config.fed.labels_on_client:
-        raise ConfigError("fed.labels_on_client is not served over the split-step link yet; run --split_server with "
-                          "labels on the server.")
     if "feddpa_f" in config.fed.methods:
         raise ConfigError("FedDPA-F's evaluation mixes its global and local adapters inside the decoder's pass, which "
                           "the split-step server does not serve; leave feddpa_f out of fed.methods with --split_server.")

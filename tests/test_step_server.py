@@ -110,9 +110,10 @@ def test_every_bad_request_is_refused_with_its_sentence_while_others_go_on(model
         "client": ({"client": "7", "token": "x", "kind": "mean"}, good, "client must be a client id between 0 and 2"),
         "token": ({"client": "1", "token": "zero", "kind": "mean"}, good, "The token of client 1 is not the one"),
         "non-ascii token": ({"client": "1", "token": "zéro", "kind": "mean"}, good, "The token of client 1 is not"),
-        "kind": ({"client": "1", "token": "one", "kind": "eval"}, good, "kind must be one of ['mean', 'sum', 'next']"),
+        "kind": ({"client": "1", "token": "one", "kind": "eval"}, good,
+                 "kind must be one of ['mean', 'sum', 'next', 'logits', 'backward']"),
         "decoding": ({"client": "1", "token": "one", "kind": "next"}, good,
-                     "A decoding request holds the tensors ['attention_mask', 'embeds']"),
+                     "A 'next' request holds the tensors ['attention_mask', 'embeds']"),
         "name": ({"client": "1", "token": "one", "kind": "mean"}, {**good, "labels": good["input_ids"]},
                  "A step holds the tensors"),
         "dtype": ({"client": "1", "token": "one", "kind": "mean"},
@@ -326,13 +327,17 @@ def local_update_of(method, graphdef, frozen, adapters, data, fed):
                         ClientInputs(rows, np.ones_like(rows, bool), None))
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fednano"])
-def test_a_clients_local_update_over_the_link_is_the_simulations(tiny_config, name):
+@pytest.mark.parametrize("name, labels_on_client", [("fedavg", False), ("fednano", False), ("fednano", True)])
+def test_a_clients_local_update_over_the_link_is_the_simulations(tiny_config, name, labels_on_client):
     """The simulation's client program with its wire sent to a split-step server (a host callback inside the
-    scanned step, `Method.remote`): the same upload (adapters, and FedNano's Fisher from its extra pass)."""
+    scanned step, `Method.remote`): the same upload (adapters, and FedNano's Fisher from its extra pass). With labels
+    on the client, every step is two round trips (logits, then the backward pass) and no token id is sent."""
+    import dataclasses
+
     from fednano_jax.federated.methods import get_method
 
     graphdef, frozen, adapters, data, fed = one_client(tiny_config)
+    fed = dataclasses.replace(fed, labels_on_client=labels_on_client)
     simulated = get_method(name, fed)
     served = StepServer(merge_model(graphdef, frozen, adapters).server, num_clients=1,
                         limits=Limits(max_rows=8, max_wait_ms=0, max_bytes=2**20))
@@ -347,7 +352,8 @@ def test_a_clients_local_update_over_the_link_is_the_simulations(tiny_config, na
         client.close()
         server.stop(grace=None)
         served.close()
-    assert served.stats["requests"] == (6 if name == "fednano" else 3)  # 3 steps (and FedNano's 3-batch Fisher pass)
+    # 3 steps (and FedNano's 3-batch Fisher pass), each two requests with labels on the client
+    assert served.stats["requests"] == (6 if name == "fednano" else 3) * (2 if labels_on_client else 1)
     assert client.bytes_sent > 0
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got.upload, want.upload)
     np.testing.assert_allclose(got.loss, want.loss, rtol=1e-5)

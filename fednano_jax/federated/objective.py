@@ -42,8 +42,9 @@ def wire_batch(batch: Batch) -> Batch:
 class Wire:
     """How the client <-> server wire is protected: labels kept on the client; Gaussian noise of std `noise`
     on the embeddings sent up (as FL-LLaMA does), drawn from `key`. `remote`: a host function that has a server
-    elsewhere compute (loss, d loss / d embeddings), `(embeds, *REMOTE_KEYS tensors, kind=...)` (a split-step
-    client, `serving/step_client.py`); None: the server LLM in this program."""
+    elsewhere compute (loss, d loss / d embeddings), `(embeds, *REMOTE_KEYS tensors, kind=...)`, or with labels on
+    the client the logits and then the backward pass (`StepClient.wire`, `serving/step_client.py`); None: the
+    server LLM in this program."""
 
     labels_on_client: bool = False
     noise: float = 0.0
@@ -55,9 +56,6 @@ class Wire:
         """The config's wire (`fed`: settings.Fed); the noise key comes from the run's seed (`streams.py`) and
         the batch's row ids (distinct for every batch of a round's shuffled schedule, the same when a run is
         repeated)."""
-        if remote is not None and fed.labels_on_client:
-            raise ValueError("fed.labels_on_client is not served over the split-step link yet; run the client "
-                             "with labels on the server.")
         noise = float(fed.wire_noise)
         key = None
         if noise > 0:
@@ -98,8 +96,26 @@ def remote_embed_grads(remote: Callable, embeds, batch: Batch, loss_fn: LossFn):
     return loss, grads.astype(embeds.dtype)
 
 
+def remote_labels_on_client(remote: Callable, embeds, batch: Batch, loss_fn: LossFn, vocab: int):
+    """-> (loss, d loss / d embeddings) from a server elsewhere that never sees a label: the logits at the answer
+    slots come back (one host callback), the loss and its gradient at them are taken here, and the server turns
+    those into the embeddings' gradients (a second callback); the same numbers as `embed_grads_of` with labels on
+    the client."""
+    rows, slots = batch["answer_positions"].shape
+    sent = (embeds.astype(jnp.float32), batch["attention_mask"], batch["answer_positions"], batch["answer_valid"])
+    logits = io_callback(functools.partial(remote, kind="logits", vocab=vocab),
+                         jax.ShapeDtypeStruct((rows, slots, vocab), jnp.float32), *sent, ordered=True)
+    loss, logit_grads = jax.value_and_grad(lambda l: loss_fn(l, batch))(logits)
+    grads = io_callback(functools.partial(remote, kind="backward"), jax.ShapeDtypeStruct(embeds.shape, jnp.float32),
+                        *sent, logit_grads, ordered=True)
+    return loss, grads.astype(embeds.dtype)
+
+
 def wire_embed_grads(graphdef, frozen, adapters, embeds, batch: Batch, loss_fn: LossFn, wire: "Wire"):
     """(loss, d loss / d embeddings) across the wire: the server LLM here, or a remote one."""
+    if wire.remote is not None and wire.labels_on_client:
+        vocab = merge_model(graphdef, frozen, adapters).config.llm.vocab_size  # the server's LM head's
+        return remote_labels_on_client(wire.remote, wire.sent(embeds), batch, loss_fn, vocab)
     if wire.remote is not None:
         return remote_embed_grads(wire.remote, wire.sent(embeds), batch, loss_fn)
     server = merge_model(graphdef, frozen, adapters).server

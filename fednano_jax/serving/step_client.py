@@ -16,6 +16,7 @@ from fednano_jax.serving.step_server import SERVICE, STEP, STEP_STREAM, STEP_TEN
 from fednano_jax.serving.wire_format import decode, encode
 
 RETRIED = (grpc.StatusCode.UNAVAILABLE,)
+REMOTE_VALID = {"mean": 5, "sum": 5, "logits": 3, "backward": 3}  # where a wire call's answer_valid is
 
 
 class SplitStepError(RuntimeError):
@@ -52,25 +53,42 @@ class StepClient:
         """Evaluation decoding: each row's greedy next token id [B] after its last position, from the server's LLM
         (`embeds` [B, T, D]: the client's embeddings of the prompt and the tokens so far), `max_rows` rows a request."""
         embeds, mask = np.asarray(embeds, np.float32), np.asarray(attention_mask, bool)
-        ids = []
-        for start in range(0, len(embeds), max_rows):
-            request = encode({"embeds": embeds[start:start + max_rows], "attention_mask": mask[start:start + max_rows]},
-                             {"client": self.client, "token": self.token, "kind": "next"})
-            ids.append(decode(self._send(request), self.max_bytes)[0]["next_ids"])
-        return np.concatenate(ids)
+        return np.concatenate([self.request({"embeds": embeds[start:start + max_rows],
+                                             "attention_mask": mask[start:start + max_rows]}, "next")["next_ids"]
+                               for start in range(0, len(embeds), max_rows)])
 
-    def wire(self, embeds, attention_mask, input_ids, loss_mask, answer_positions, answer_valid, kind: str):
-        """The host function of a remote wire (`federated/objective.Wire.remote`, `Method.remote`): one step of the
-        client program's batch -> (loss, d loss / d embeds) as float32 arrays."""
-        embeds = np.asarray(embeds)
-        if not np.asarray(answer_valid).any():
-            # A step the simulation pads with (a client with fewer batches than the largest): no answer token, so
-            # its loss and gradients are zero, and nothing needs to cross the link.
-            return np.float32(0.0), np.zeros(embeds.shape, np.float32)
-        batch = {"attention_mask": attention_mask, "input_ids": input_ids, "loss_mask": loss_mask,
-                 "answer_positions": answer_positions, "answer_valid": answer_valid}
-        loss, grads = self.step(embeds, batch, kind)
-        return np.float32(loss), grads.astype(np.float32)
+    def wire(self, *tensors, kind: str, vocab: int = 0):
+        """The host function of a remote wire (`federated/objective.Wire.remote`, `Method.remote`), as float32 arrays:
+        - `mean`/`sum` (labels on the server): (embeds, attention_mask, input_ids, loss_mask, answer_positions,
+          answer_valid) -> (loss, d loss / d embeds);
+        - `logits` (labels on the client): (embeds, attention_mask, answer_positions, answer_valid) -> the logits
+          at the answer slots [B, S, `vocab`];
+        - `backward`: the same and d loss / d logits -> d loss / d embeds.
+        A step the simulation pads with (a client with fewer batches than the largest) has no answer token: its
+        results are zero, and nothing crosses the link."""
+        embeds, answer_valid = np.asarray(tensors[0], np.float32), np.asarray(tensors[REMOTE_VALID[kind]])
+        if kind in ("mean", "sum"):
+            if not answer_valid.any():
+                return np.float32(0.0), np.zeros(embeds.shape, np.float32)
+            names = ("attention_mask", "input_ids", "loss_mask", "answer_positions", "answer_valid")
+            loss, grads = self.step(embeds, dict(zip(names, tensors[1:])), kind)
+            return np.float32(loss), grads.astype(np.float32)
+        attention_mask, positions = np.asarray(tensors[1], bool), np.asarray(tensors[2], np.int32)
+        if kind == "logits":
+            if not answer_valid.any():
+                return np.zeros((*positions.shape, vocab), np.float32)
+            request = {"embeds": embeds, "attention_mask": attention_mask, "answer_positions": positions}
+            return self.request(request, kind)["logits"].astype(np.float32)
+        if not answer_valid.any():
+            return np.zeros(embeds.shape, np.float32)
+        request = {"embeds": embeds, "attention_mask": attention_mask, "answer_positions": positions,
+                   "logit_grads": np.asarray(tensors[4], np.float32)}
+        return self.request(request, kind)["embed_grads"].astype(np.float32)
+
+    def request(self, tensors: dict, kind: str) -> dict:
+        """One request of `kind` -> the reply's tensors."""
+        blob = encode(tensors, {"client": self.client, "token": self.token, "kind": kind})
+        return decode(self._send(blob), self.max_bytes)[0]
 
     def _send(self, request: bytes) -> bytes:
         for attempt in range(self.attempts):

@@ -44,6 +44,13 @@ KINDS = ("mean", "sum")  # the batch's answer NLL: its mean over the answer toke
 # server learns the generated tokens (which its logits give it anyway) and never an adapter.
 NEXT = "next"
 NEXT_TENSORS = {"embeds": (np.float32, 3), "attention_mask": (np.bool_, 2)}
+# Labels on the client (`fed.labels_on_client`), two round trips per step: the logits at the answer slots
+# (`logits`), then, with the client's d loss / d logits, the gradients at the embeddings (`backward`; the forward
+# pass is recomputed, so the server keeps nothing between the two). No token id or label is sent; the logit
+# gradients still give the answers away (softmax minus one-hot), see docs/deployment.md.
+LOGITS_TENSORS = {"embeds": (np.float32, 3), "attention_mask": (np.bool_, 2), "answer_positions": (np.int32, 2)}
+BACKWARD_TENSORS = {**LOGITS_TENSORS, "logit_grads": (np.float32, 3)}
+UNBATCHED = {NEXT: NEXT_TENSORS, "logits": LOGITS_TENSORS, "backward": BACKWARD_TENSORS}
 # name -> (dtype, rank): what a step request holds besides the header.
 STEP_TENSORS = {"embeds": (np.float32, 3), "attention_mask": (np.bool_, 2), "input_ids": (np.int32, 2),
                 "loss_mask": (np.bool_, 2), "answer_positions": (np.int32, 2), "answer_valid": (np.bool_, 2)}
@@ -97,10 +104,10 @@ class StepServer:
         tensors, header = decode(blob, self.limits.max_bytes)
         client = self.authenticate(header)
         kind = header.get("kind", "")
-        if kind == NEXT:
-            return self.next_tokens(tensors)
+        if kind in UNBATCHED:
+            return self.unbatched(kind, tensors)
         if kind not in KINDS:
-            raise WireError(f"kind must be one of {[*KINDS, NEXT]}, got {kind!r}.")
+            raise WireError(f"kind must be one of {[*KINDS, *UNBATCHED]}, got {kind!r}.")
         self.check_step(tensors)
         request = Request(client, kind, tensors)
         self.queue.put(request)
@@ -117,22 +124,40 @@ class StepServer:
             raise WireError(f"The token of client {client} is not the one this server holds for it.")
         return client
 
-    def next_tokens(self, tensors: dict) -> bytes:
-        """An evaluation decoding request -> each row's greedy next token id (`next_ids` int32 [B]). Served as it
-        comes (rows of one client's batch; sequence lengths grow by one per token, so a prompt length compiles
-        one program per new token)."""
-        self.check_tensors(tensors, NEXT_TENSORS, ("attention_mask",))
+    def unbatched(self, kind: str, tensors: dict) -> bytes:
+        """A decoding (`next`) or labels-on-the-client (`logits`, `backward`) request, served as it comes (one
+        client's rows; decoding grows the sequence by one per token, so a prompt length compiles one program per
+        new token) -> `next_ids` int32 [B], `logits` f32 [B, S, V] at the answer slots, or `embed_grads`."""
+        rows, length = self.check_tensors(tensors, UNBATCHED[kind], ("attention_mask",), f"{kind!r} request")
         if not np.isfinite(tensors["embeds"]).all():
             raise WireError("embeds must be finite.")
-        ids = served_next(self.graph, self.state, tensors["embeds"], tensors["attention_mask"])
-        self.count(calls=1, requests=1, rows=len(tensors["embeds"]), padded_rows=len(tensors["embeds"]))
-        return encode({"next_ids": np.asarray(ids, np.int32)})
+        if kind == NEXT:
+            reply = {"next_ids": served_next(self.graph, self.state, tensors["embeds"], tensors["attention_mask"])}
+        else:
+            reply = self.labels_on_client(kind, tensors, rows, length)
+        self.count(calls=1, requests=1, rows=rows, padded_rows=rows)
+        return encode({name: np.asarray(value) for name, value in reply.items()})
 
-    def check_tensors(self, tensors: dict, expected: dict, like_embeds: tuple[str, ...]) -> tuple[int, int]:
+    def labels_on_client(self, kind: str, tensors: dict, rows: int, length: int) -> dict:
+        positions = tensors["answer_positions"]
+        if positions.shape[0] != rows or (positions.size and not 0 <= positions.min() <= positions.max() < length):
+            raise WireError(f"answer_positions must be [{rows}, S] positions in [0, {length - 1}].")
+        args = (self.graph, self.state, tensors["embeds"], tensors["attention_mask"], positions)
+        if kind == "logits":
+            return {"logits": served_logits(*args)}
+        if tensors["logit_grads"].shape != (*positions.shape, self.vocab):
+            raise WireError(f"logit_grads must be [{rows}, {positions.shape[1]}, {self.vocab}] as the logits, got "
+                            f"{list(tensors['logit_grads'].shape)}.")
+        if not np.isfinite(tensors["logit_grads"]).all():
+            raise WireError("logit_grads must be finite.")
+        return {"embed_grads": served_backward(*args, tensors["logit_grads"])}
+
+    def check_tensors(self, tensors: dict, expected: dict, like_embeds: tuple[str, ...], what: str = "step"
+                      ) -> tuple[int, int]:
         """The names, dtypes and ranks of `expected`, embeds within the limits and of the LLM's width, and the
         `like_embeds` tensors [rows, length] as embeds -> (rows, length); one sentence where they are not."""
         if set(tensors) != set(expected):
-            raise WireError(f"A {'step' if expected is STEP_TENSORS else 'decoding request'} holds the tensors "
+            raise WireError(f"A {what} holds the tensors "
                             f"{sorted(expected)}, got {sorted(tensors)}.")
         for name, (dtype, rank) in expected.items():
             value = tensors[name]
@@ -273,6 +298,19 @@ def served_next(graph, state, embeds, attention_mask):
     server = nnx.merge(graph, state)
     last = jnp.full((embeds.shape[0], 1), embeds.shape[1] - 1)
     return jnp.argmax(server.logits_at(embeds, attention_mask, last)[:, 0], axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def served_logits(graph, state, embeds, attention_mask, positions):
+    """The logits at the answer slots [B, S, V]: what the client's loss reads (labels on the client)."""
+    return nnx.merge(graph, state).logits_at(embeds, attention_mask, positions)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def served_backward(graph, state, embeds, attention_mask, positions, logit_grads):
+    """d loss / d embeds from the client's d loss / d logits at the answer slots (the forward pass recomputed)."""
+    _, backward = jax.vjp(lambda e: nnx.merge(graph, state).logits_at(e, attention_mask, positions), embeds)
+    return backward(logit_grads)[0]
 
 
 # ---------------------------------------------------------------------------------------------- gRPC
