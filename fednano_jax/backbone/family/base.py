@@ -105,13 +105,13 @@ class Family:
         return self.with_vision_tower(config, llm, llm.vocab_size, llm.vocab_size + 1)
 
     # ------------------------------------------------------------------------------------------ the weights
-    def load(self, config, edge: bool = False):
-        """The checkpoint at model.path as a PretrainedModel (backbone/pretrained.py); with `edge`, NanoEdge alone
-        (no decoder tensor is read)."""
+    def load(self, config, part: str = "whole"):
+        """The checkpoint at model.path as a PretrainedModel (backbone/pretrained.py), of `part` (weights/names.PARTS:
+        "edge" reads no decoder tensor, "server" no NanoEdge tensor)."""
         from fednano_jax.backbone.pretrained import load_pretrained
 
         return load_pretrained(config.model.path, dtype=config.model.dtype, adapter=adapter_config(config),
-                               seed=config.pretrain.seed, edge=edge)
+                               seed=config.pretrain.seed, part=part)
 
     def backbone(self, config, splits):
         """-> (graphdef, frozen, adapters, tokenizer, model config): the checkpoint at model.path (its vision side
@@ -140,13 +140,16 @@ class Family:
 
     def server_half(self, config, splits):
         """The frozen decoder (an nnx module: layers, final norm, LM head) the split-step server holds: without
-        model.path, read alone from the backbone stored for these settings (NanoEdge's arrays are never read); from a
-        checkpoint, or where none is stored yet (it is pretrained here and cached, as a run would), the backbone
-        loaded as a run loads it with NanoEdge dropped after."""
+        model.path, read alone from the backbone stored for these settings, or from the checkpoint's decoder tensors
+        alone (NanoEdge's are never read, beyond a tied LM head's embeddings); where no backbone is stored yet, it is
+        pretrained here and cached, as a run would, and NanoEdge dropped after."""
         from fednano_jax.backbone import stored
         from fednano_jax.models.mllm import ServerModel, merge_model
 
-        if config.model.path or not stored.stored_backbones(config):  # from a checkpoint, or pretrained here first
+        if config.model.path:
+            loaded = self.load(config, part="server")
+            return merge_model(loaded.graphdef, loaded.frozen, loaded.adapters).server
+        if not stored.stored_backbones(config):  # pretrained here first, as a run would
             graphdef, frozen, adapters, _, _ = self.backbone(config, splits)
             return merge_model(graphdef, frozen, adapters).server
 

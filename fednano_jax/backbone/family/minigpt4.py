@@ -234,14 +234,16 @@ def vision_layout(vision: str, qformer: str | None, dtype):
 
 
 def _with_grown_embeddings(mcfg: MllmConfig, table, tensors, dtype, source: str, seed: int, model=MultimodalModel):
-    """-> (graphdef, frozen, adapters) of `model` (the whole model, or NanoEdge alone): the checkpoints' weights,
+    """-> (graphdef, frozen, adapters) of `model` (the whole model, or a part alone): the checkpoints' weights,
     the embedding table grown by a zero row for `<image>` (replaced by image embeddings wherever it stands),
     NanoAdapters at identity."""
     plain = dataclasses.replace(mcfg, embed_vocab_size=None)
     _, abstract_plain, _ = split_model(nnx.eval_shape(lambda: model(plain, nnx.Rngs(seed))))
     params = flatten(nnx.to_pure_dict(fill_state(abstract_plain, table, tensors, dtype, source)))
-    embedding = params["edge/embed_tokens/embedding"]
-    params["edge/embed_tokens/embedding"] = jnp.pad(embedding, ((0, mcfg.embed_vocab_size - embedding.shape[0]), (0, 0)))
+    if "edge/embed_tokens/embedding" in params:  # not in the decoder alone
+        embedding = params["edge/embed_tokens/embedding"]
+        params["edge/embed_tokens/embedding"] = jnp.pad(embedding, ((0, mcfg.embed_vocab_size - embedding.shape[0]),
+                                                                    (0, 0)))
     graphdef, abstract, _ = split_model(nnx.eval_shape(lambda: model(mcfg, nnx.Rngs(seed))))
     frozen = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(frozen, unflatten(params, nnx.to_pure_dict(abstract)))
@@ -293,10 +295,10 @@ def config_of_files(config) -> MllmConfig:
 
 
 def load_minigpt4(llm, projection, vision, qformer=None, dtype=None, adapter: AdapterConfig | None = None,
-                  seed: int = 0, edge: bool = False) -> PretrainedModel:
+                  seed: int = 0, part: str = "whole") -> PretrainedModel:
     """MiniGPT-4 as our split model: EVA ViT, Q-Former and `llama_proj` with A_I on the projected queries,
     Vicuna's embeddings with A_T, and Vicuna on the server. `dtype` defaults to bf16 on GPU/TPU, fp32 on CPU.
-    With `edge`, NanoEdge alone (as load_pretrained's `edge`): of Vicuna only its embeddings are read."""
+    `part` as load_pretrained's: "edge" reads of Vicuna only its embeddings, "server" only Vicuna's decoder."""
     llm = _checked(llm, "llm")
     projection, vision = _checked(projection, "projection"), _checked(vision, "vision")
     qformer = None if qformer is None else _checked(qformer, "qformer")
@@ -304,7 +306,7 @@ def load_minigpt4(llm, projection, vision, qformer=None, dtype=None, adapter: Ad
     mcfg, table, files = minigpt4_config(llm, vision, qformer, dtype, adapter)
     table.update({f"{PROJECTION}/kernel": ("llama_proj.weight", LINEAR),
                   f"{PROJECTION}/bias": ("llama_proj.bias", COPY)})
-    model, table = model_part(table, edge)
+    model, table = model_part(table, part)
     files = list(dict.fromkeys([*files, projection]))
     keep = sources(table)
     tensors = (item for path in files for item in iter_tensors(path, keep))
@@ -350,11 +352,11 @@ class MiniGpt4(Family):
             return super().checkpoint_metadata(config)
         return dataclasses.replace(config_of_files(config), adapter=adapter_config(config))
 
-    def load(self, config, edge: bool = False) -> PretrainedModel:
+    def load(self, config, part: str = "whole") -> PretrainedModel:
         if not config.model.minigpt4:
-            return super().load(config, edge)
+            return super().load(config, part)
         return load_minigpt4(config.model.path, **files_of(config), dtype=config.model.dtype,
-                             adapter=adapter_config(config), seed=config.pretrain.seed, edge=edge)
+                             adapter=adapter_config(config), seed=config.pretrain.seed, part=part)
 
     def prepare_image(self, image, vision):
         """MiniGPT-4's eval processor: bicubic-resized, no padding."""
