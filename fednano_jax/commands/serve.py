@@ -68,6 +68,7 @@ def main() -> None:
     from flax import nnx
 
     from fednano_jax.config import read
+    from fednano_jax.parallel.mesh import make_mesh, mesh_description, place_backbone
     from fednano_jax.serving.client_processes import peak_rss_bytes
     from fednano_jax.serving.step_server import Limits, StepServer, grpc_server
 
@@ -76,7 +77,10 @@ def main() -> None:
     tls = credentials(FLAGS.tls_cert, FLAGS.tls_key)
     if not 0 <= FLAGS.port < 65536:
         raise ConfigError(f"--port must be a TCP port (0 for any free one), got {FLAGS.port}.")
-    server = server_half(config)
+    mesh = make_mesh(config.mesh)
+    print(mesh_description(mesh), flush=True)
+    graph, state = nnx.split(server_half(config))
+    server = nnx.merge(graph, place_backbone(state, mesh, config.mesh))  # sharded as a run places the backbone
     held = sum(x.nbytes for x in jax.tree.leaves(nnx.state(server)))
     print(f"Holding the frozen decoder and LM head alone: {held / 2**20:.2f} MiB of weights", flush=True)
     steps = StepServer(server, config.fed.num_clients, tokens,
