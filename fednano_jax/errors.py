@@ -24,13 +24,18 @@ class CheckpointMismatch(ValueError):
     """A round checkpoint was written by a run with other settings."""
 
 
+class SplitStepError(RuntimeError):
+    """A request of the split link (a step, a decoding) that the split-step server refused or could not be reached
+    for."""
+
+
 class ClientProcessError(RuntimeError):
     """A client process (`main --split_server`) that could not start, or a round that no client finished."""
 
 
 LABELS = {ConfigError: "Config error", MeshError: "Config error", DataError: "Data error",
           WeightsError: "Checkpoint error", CheckpointMismatch: "Checkpoint error",
-          ClientProcessError: "Client error"}
+          ClientProcessError: "Client error", SplitStepError: "Split link error"}
 
 
 def label_of(error: Exception) -> str:

@@ -72,7 +72,7 @@ SLOW = {
     "test_step_server.py::test_the_serve_command_serves_once_listening_and_stops_on_sigterm",  # loads the backbone
     # a split-step server, a run with a process per client, and the simulated run (~2 min)
     "test_client_processes.py::test_main_with_a_split_server_runs_each_client_as_a_process_and_gives_the_simulations_results",
-    "test_client_processes.py::test_a_round_no_client_can_finish_stops_the_run_with_one_sentence_and_no_process_left",
+    "test_client_processes.py::test_a_split_server_that_is_not_there_stops_the_run_with_one_sentence_and_no_process_left",
 }
 
 

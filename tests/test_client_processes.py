@@ -235,9 +235,10 @@ def test_main_with_a_split_server_runs_each_client_as_a_process_and_gives_the_si
             assert abs(mine - theirs) <= 1.0 / n + 1e-9, (row, mine, theirs)
 
 
-def test_a_round_no_client_can_finish_stops_the_run_with_one_sentence_and_no_process_left(easy_vqa_dir, tmp_path):
-    """The split server is not there: every client retries with bounded backoff, fails its update with one sentence,
-    and the round is reported failed (the run stops; nothing before it is lost); every process it started exits."""
+def test_a_split_server_that_is_not_there_stops_the_run_with_one_sentence_and_no_process_left(easy_vqa_dir,
+                                                                                             tmp_path):
+    """The split server is not there: the first request over the link (the untuned evaluation's decoding) is retried
+    with bounded backoff and then stops the run with one sentence; every process it started exits."""
     import subprocess
     import uuid
 
@@ -248,6 +249,31 @@ def test_a_round_no_client_can_finish_stops_the_run_with_one_sentence_and_no_pro
                                       "--config.fed.methods=fedavg"), cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 1
-    assert (f"Client error: Round 1 failed: no client finished its update (client 0: The split-step server at "
-            f"127.0.0.1:{port} did not answer client 0 after 5 attempts") in run.stderr, run.stderr[-2000:]
+    assert run.stderr.rstrip().endswith(f"Split link error: The split-step server at 127.0.0.1:{port} did not answer "
+                                        "client 0 after 5 attempts (failed to connect to all addresses; last error: "
+                                        f"UNKNOWN: ipv4:127.0.0.1:{port}: Failed to connect to remote host: "
+                                        "Connection refused)."), run.stderr[-2000:]
     assert processes_tagged(tag) == []
+
+
+def test_a_round_no_client_finishes_is_one_sentence_naming_the_round():
+    """A round whose clients all failed (their sentences gathered by ClientProcesses) stops the run with one
+    sentence naming the round; the state it was given is not touched."""
+    from types import SimpleNamespace
+
+    from fednano_jax.federated.rounds import run_round
+
+    class NoClientFinishes:
+        def local_updates(self, *args):
+            raise ClientProcessError("no client finished its update (client 4: its process ended)")
+
+    rows = np.zeros((1, 1, 2), np.int32)
+    run = SimpleNamespace(method=SimpleNamespace(broadcast=lambda server: server, name="fedavg"),
+                          config=SimpleNamespace(fed=SimpleNamespace(local_epochs=1)), remote=NoClientFinishes(),
+                          place_replicated=lambda tree: tree, schedule=lambda *args: (rows, rows == 0),
+                          cohort_ranks=lambda cohort: None, epoch_steps=1)
+    state = {"server": {"adapters": np.ones(2)}, "clients": None}
+    with pytest.raises(ClientProcessError, match=r"^Round 3 failed: no client finished its update \(client 4: its "
+                                                 r"process ended\); the rounds before it stand"):
+        run_round(run, state, np.array([4]), 2)
+    np.testing.assert_array_equal(state["server"]["adapters"], np.ones(2))

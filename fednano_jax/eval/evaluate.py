@@ -46,6 +46,8 @@ class Evaluator:
     link (`generate.linked_generate`), each client's test rows as that client (NanoEdge alone here); None: the whole
     model here."""
 
+    linked: Callable | None = None
+
     def __init__(self, graphdef, frozen, data: FederatedData, tokenizer, config, linked: Callable | None = None):
         self.graphdef, self.frozen, self.data, self.tokenizer = graphdef, frozen, data, tokenizer
         self.linked = linked

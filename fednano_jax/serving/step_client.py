@@ -12,15 +12,12 @@ import time
 import grpc
 import numpy as np
 
+from fednano_jax.errors import SplitStepError
 from fednano_jax.serving.step_server import SERVICE, STEP, STEP_STREAM, STEP_TENSORS, UNARY_LIMIT, chunked
 from fednano_jax.serving.wire_format import decode, encode
 
 RETRIED = (grpc.StatusCode.UNAVAILABLE,)
 REMOTE_VALID = {"mean": 5, "sum": 5, "logits": 3, "backward": 3}  # where a wire call's answer_valid is
-
-
-class SplitStepError(RuntimeError):
-    """A step the server refused or could not be reached for; the message is one sentence."""
 
 
 class StepClient:
