@@ -24,8 +24,9 @@ from fednano_jax.eval.report import write_report
 from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.rounds import run_method
-from fednano_jax.metrics import MetricsLog
+from fednano_jax.metrics import MetricsLog, Phases
 from fednano_jax.models.mllm import count_params
+from fednano_jax.parallel.xla_stats import use_compilation_cache
 from fednano_jax.serving.client_processes import ClientProcesses, LinkedDecoders, SplitLink
 from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_description, place_backbone
 
@@ -84,11 +85,13 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None
     in `workdir` (results.json is written last). `split`: each client in its own process, its wire going to that
     split-step server (`serving/client_processes.py`); None: the clients are this program's."""
     # -------------------------------------------------------------- Config
+    phases = Phases()
     config = read(config)
+    # Beside the pretrained backbones' cache: a second run of a config compiles nothing.
+    use_compilation_cache(os.path.join(os.path.dirname(os.path.expanduser(config.pretrain.cache_dir)), "xla"))
     if split is not None:
         check_split(config)
     prepare_workdir(workdir)
-    started = time.perf_counter()
     log = MetricsLog(workdir, time.strftime("%Y-%m-%dT%H:%M:%S"), is_main_process())  # each record flushed
 
     fingerprint = resume_fingerprint(config, pretrain.cache_key(config))
@@ -99,8 +102,11 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None
     mesh = make_mesh(config.mesh)
     print(mesh_description(mesh))
 
+    phases.mark("start-up")
+
     # ---------------------------------------------------------------- Data
     splits = datasets.load_splits(config)
+    phases.mark("data")
 
     # ------------------------------------------------- Pretrained backbone
     if split is None:
@@ -112,6 +118,7 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None
     frozen = place_backbone(frozen, mesh, config.mesh)
     print(f"{'NanoEdge' if split else 'Backbone'}: {count_params(frozen):,} frozen parameters; NanoAdapters: "
           f"{count_params(adapters):,} trainable parameters per client")
+    phases.mark("backbone")
 
     # ------------------------------------------------------ Federated data
     try:
@@ -122,36 +129,41 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None
     sizes = [len(r) for r in data.client_train]
     print(f"{config.fed.num_clients} clients, train examples {sizes}, test examples {[len(r) for r in data.client_test]}")
     device_data = device_dataset(data.train, data.images, config.data.stream_images)
+    phases.mark("data")
     links = LinkedDecoders(split) if split is not None else None
     evaluator = Evaluator(graphdef, frozen, data, tokenizer, config, links)
     remote = start_client_processes(config, workdir, split) if split is not None else None
     try:
         rows, seconds, histories = run_methods(config, workdir, fingerprint, graphdef, frozen, adapters, device_data,
-                                               data, evaluator, log, mesh, remote)
+                                               data, evaluator, log, mesh, remote, phases)
     finally:
         for opened in (remote, links):
             if opened is not None:
                 opened.close()
     log.close()
+    phases.mark("writing")
 
     # -------------------------------------------------------------- Report
     if not is_main_process():
         return
     extras = {"client_processes": remote.ready} if remote is not None else {}
+    figures = phases.report()
     table = write_report(workdir, rows, {"config": config.as_dict(), "client_train_examples": sizes,
                                          "method_seconds": seconds, "history": histories,
-                                         "total_seconds": time.perf_counter() - started, **extras},
+                                         "total_seconds": figures["total"], "phase_seconds": figures, **extras},
                          evaluator.ranks.tolist() if evaluator.ranks is not None else None)
     print(f"\nPer-client test accuracy (%), {config.fed.num_clients} clients, {config.fed.rounds} rounds:\n{table}")
-    print(f"\nWritten to {workdir}/results.md, results.json, metrics.jsonl and tensorboard/ "
-          f"({time.perf_counter() - started:.0f} s in all)")
+    print(f"\nWritten to {workdir}/results.md, results.json, metrics.jsonl and tensorboard/")
+    print(phases.line())
 
 
 def run_methods(config, workdir, fingerprint, graphdef, frozen, adapters, device_data, data, evaluator, log, mesh,
-                remote):
-    """The untuned row, then every method's rounds -> (report rows, seconds per method, histories)."""
+                remote, phases: Phases):
+    """The untuned row, then every method's rounds -> (report rows, seconds per method, histories); `phases` gets
+    their evaluation and rounds."""
     rows = {"Untuned": evaluator.shared(adapters)}
     log({"method": "untuned", "round": 0, **rows["Untuned"]})
+    phases.mark("evaluation")
     seconds, histories = {}, {}
     for name in config.fed.methods:
         method = get_method(name, config.fed, config.seed)
@@ -167,6 +179,8 @@ def run_methods(config, workdir, fingerprint, graphdef, frozen, adapters, device
             if checkpoints:
                 checkpoints.close()
         seconds[method.label] = time.perf_counter() - method_start
+        phases.mark("rounds")
+        phases.move(sum(record.get("eval_seconds", 0.0) for record in result.history), "rounds", "evaluation")
         histories[method.label] = result.history
         final = result.history[-1]
         rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown", "rank_average")

@@ -5,6 +5,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -99,3 +100,35 @@ def test_every_round_is_in_tensorboard_as_in_metrics_jsonl(default_run):
             if method != "untuned":
                 np.testing.assert_allclose(scalars[("train_loss", step)], np.mean(record["train_loss"]), rtol=1e-6)
                 assert scalars[("uploaded_bytes", step)] == record["uploaded_bytes"]
+
+
+def test_the_run_reports_its_seconds_by_phase(default_run):
+    """results.json and the last line give the run's wall seconds by phase, which add up to its total, the
+    start-up (interpreter and imports) included; compilation is told apart within them."""
+    phases = default_run.results["phase_seconds"]
+    named = {k: v for k, v in phases.items() if k not in ("compilation_within", "total")}
+    assert list(named) == ["start-up", "data", "backbone", "evaluation", "rounds", "writing"]
+    assert all(v >= 0 for v in named.values()) and named["start-up"] > 0.5 and named["rounds"] > 1.0
+    assert abs(sum(named.values()) - phases["total"]) < 0.05
+    assert 1.0 < phases["compilation_within"] < phases["total"]
+    assert default_run.stdout.rstrip().splitlines()[-1].startswith("Seconds by phase: start-up ")
+    # The compiled programs are kept beside the backbone cache, for a second run to load instead of compiling.
+    assert len(os.listdir(default_run.workdir.parent / "xla")) > 5
+
+
+def test_phases_book_each_stretch_to_its_phase():
+    import time
+
+    from fednano_jax.metrics import Phases
+
+    phases = Phases()
+    phases.seconds = {}  # this test's process started long ago
+    time.sleep(0.05)
+    phases.mark("data")
+    time.sleep(0.02)
+    phases.mark("rounds")
+    phases.move(0.01, "rounds", "evaluation")
+    figures = phases.report()
+    assert list(figures)[:3] == ["data", "rounds", "evaluation"]
+    assert figures["data"] >= 0.05 and 0.005 <= figures["rounds"] < figures["data"] and figures["evaluation"] == 0.01
+    assert figures["total"] == pytest.approx(figures["data"] + figures["rounds"] + figures["evaluation"], abs=0.02)

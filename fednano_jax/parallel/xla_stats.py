@@ -1,6 +1,9 @@
-"""What XLA says about a compiled program (FLOPs, planned per-device memory) and how long compiling took."""
+"""What XLA says about a compiled program (FLOPs, planned per-device memory), how long compiling took, and where
+compiled programs are kept between runs."""
 
 from __future__ import annotations
+
+import os
 
 import jax
 
@@ -57,11 +60,13 @@ class CompileClock:
 
     def __init__(self):
         self.seconds = 0.0
+        self.total = 0.0  # since the process started (never reset)
         jax.monitoring.register_event_duration_secs_listener(self._record)
 
     def _record(self, event: str, duration: float, **_) -> None:
         if event in COMPILE_EVENTS:
             self.seconds += duration
+            self.total += duration
 
     def take(self) -> float:
         seconds, self.seconds = self.seconds, 0.0
@@ -69,6 +74,14 @@ class CompileClock:
 
 
 _CLOCK: CompileClock | None = None
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Keep XLA's compiled programs in `directory` (JAX's persistent compilation cache), so that a run repeating an
+    earlier run's programs (a second run of a config, a study's next seed) loads them instead of compiling them.
+    Every program is kept, however quick its compilation: the small ones add up."""
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def compile_clock() -> CompileClock:

@@ -8,7 +8,11 @@ After R rounds the guarantee is the R-fold composition of that event; ε at δ i
 
 from __future__ import annotations
 
-import dp_accounting
+from typing import TYPE_CHECKING
+
+# dp_accounting (with the scipy it brings, ~0.7 s) is imported inside the functions: only runs with DP pay for it.
+if TYPE_CHECKING:
+    import dp_accounting
 
 # PLD's discretised privacy-loss distribution grows without bound as the noise vanishes: at z = 0.01 it took
 # more than 24 GB here. Below this multiplier only the RDP accountant is used.
@@ -16,6 +20,8 @@ PLD_MIN_NOISE = 0.3
 
 
 def round_event(noise_multiplier: float, sampling_probability: float) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
     if sampling_probability >= 1.0:
         return gaussian
@@ -23,6 +29,8 @@ def round_event(noise_multiplier: float, sampling_probability: float) -> dp_acco
 
 
 def _fresh(accountant: str):
+    import dp_accounting
+
     if accountant == "pld":
         return dp_accounting.pld.PLDAccountant()
     return dp_accounting.rdp.RdpAccountant()
@@ -47,6 +55,8 @@ def epsilon(noise_multiplier: float, sampling_probability: float, rounds: int, d
 def noise_for_epsilon(target_epsilon: float, sampling_probability: float, rounds: int, delta: float,
                       accountant: str = "rdp") -> float:
     """The smallest noise multiplier whose `rounds` rounds stay within (target ε, δ)."""
+    import dp_accounting
+
     return float(dp_accounting.calibrate_dp_mechanism(
         lambda: _fresh(accountant),
         lambda z: dp_accounting.SelfComposedDpEvent(round_event(z, sampling_probability), rounds),

@@ -50,8 +50,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_privacy.clipping import clip_pytree
-from jax_privacy.noise_addition import gaussian_privatizer
 
 from fednano_jax.privacy import accountant
 from fednano_jax.privacy.secagg import majority_threshold
@@ -144,9 +142,11 @@ def client_noise_keys(seed: int, round_index: int, client_ids) -> jax.Array:
 def clip_contribution(contribution: dict, bounds: dict) -> tuple[dict, jax.Array]:
     """One client's contribution with each released entry clipped to its bound (`bounds`: {entry: (bound,
     share)}) -> (clipped, norm of its first entry, the update, before clipping), for adaptive clipping's count."""
+    from jax_privacy import clipping  # imported where DP runs: jax_privacy brings dp_accounting and scipy (~0.8 s)
+
     clipped, norms = dict(contribution), {}
     for name, (bound, _) in bounds.items():
-        clipped[name], norms[name] = clip_pytree(contribution[name], bound)
+        clipped[name], norms[name] = clipping.clip_pytree(contribution[name], bound)
     return clipped, norms[next(iter(bounds))]
 
 
@@ -162,9 +162,11 @@ def noise_stds(dp: DpSettings, bounds: dict, unweighted: tuple[str, ...]) -> dic
 def add_noise(key: jax.Array, sums: dict, stds: dict, scale: float = 1.0) -> dict:
     """`sums` with N(0, (scale σ_e)²) on each released entry (jax_privacy's Gaussian privatizer); `stds` None:
     no noise (a bound may be inf, and inf * 0 is nan)."""
+    from jax_privacy import noise_addition  # imported where DP runs (see clip_contribution)
+
     noised = dict(sums)
     for index, (name, std) in enumerate(sorted((stds or {}).items())):
-        privatizer = gaussian_privatizer(stddev=std * scale, prng_key=jax.random.fold_in(key, index))
+        privatizer = noise_addition.gaussian_privatizer(stddev=std * scale, prng_key=jax.random.fold_in(key, index))
         noised[name], _ = privatizer.update(sums[name], privatizer.init(sums[name]))
     return noised
 
