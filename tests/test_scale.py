@@ -91,10 +91,25 @@ def test_benchmark_command_writes_every_figure(tmp_path):
         for key in ("round_seconds", "steps_per_second", "tokens_per_second", "client_updates_per_second",
                     "flops_per_second"):
             assert figures[key] > 0, (mode, key)
-        assert "mfu" in figures  # None on a CPU: its peak is unknown
+        assert 0 < figures["mfu"] < 1, mode  # against the matmul peak measured in the same run
+    assert report["peak_flops_per_second"] > 1e9 and report["measured_peak_flops"]["float32"]["1"] > 1e9
     for mode in ("vmap", "sequential", "loop"):
         assert report["modes"][mode]["compile_seconds"] > 0 and report["modes"][mode]["peak_memory_bytes"] > 0
     assert report["modes"]["torch"]["model_build_seconds"] > 0 and report["modes"]["torch"]["torch_threads"] >= 1
+
+
+def test_the_measured_matmul_peak_counts_every_device_it_runs_on():
+    """The benchmark's peak: FLOP/s of dense matmuls timed here, on one device and on two at once (a CPU split into
+    devices shares its cores, so two reach about what one does, never twice as much by assumption)."""
+    import jax
+
+    from fednano_jax.commands.benchmark import matmul_flops
+
+    one = matmul_flops("float32", jax.devices()[:1], repeats=3, size=256)
+    assert one > 1e8
+    if len(jax.devices()) > 1:
+        both = matmul_flops("float32", jax.devices()[:2], repeats=3, size=256)
+        assert 0.3 * one < both < 3 * one
 
 
 def tiny_shapes():
