@@ -85,8 +85,9 @@ def test_benchmark_command_writes_every_figure(tmp_path):
     report = json.loads(out.read_text())
     assert report["workload"] == {"clients": 2, "steps": 2, "batch": 2, "seq_len": 21, "tokens_per_round": 168}
     assert report["flops_per_client_step"] > 0 and report["left_out"] == {}  # the test environment has torch
-    assert set(report["speedup"]) == {"vmap_over_loop", "vmap_over_sequential", "vmap_over_torch"}
-    for mode in ("vmap", "sequential", "loop", "torch"):
+    assert set(report["speedup"]) == {"vmap_over_loop", "vmap_over_sequential", "vmap_over_torch",
+                                      "vmap_over_torch_compile"}
+    for mode in ("vmap", "sequential", "loop", "torch", "torch_compile"):
         figures = report["modes"][mode]
         for key in ("round_seconds", "steps_per_second", "tokens_per_second", "client_updates_per_second",
                     "flops_per_second"):
@@ -96,6 +97,8 @@ def test_benchmark_command_writes_every_figure(tmp_path):
     for mode in ("vmap", "sequential", "loop"):
         assert report["modes"][mode]["compile_seconds"] > 0 and report["modes"][mode]["peak_memory_bytes"] > 0
     assert report["modes"]["torch"]["model_build_seconds"] > 0 and report["modes"]["torch"]["torch_threads"] >= 1
+    # torch.compile's compilation is reported apart from its rounds
+    assert report["modes"]["torch_compile"]["compile_seconds"] > report["modes"]["torch_compile"]["round_seconds"]
 
 
 def test_the_measured_matmul_peak_counts_every_device_it_runs_on():

@@ -49,7 +49,19 @@ def test_loss_and_adapter_gradients_match_ours(both_models):
 
 def test_a_client_round_ends_at_our_adapters(both_models, tiny_config):
     """Three AdamW steps (weight decay 0.1), the last one padding only: same adapters as our scanned local update."""
-    model, ours, adapters = both_models
+    assert_round_ends_at_ours(*both_models)
+
+
+def test_under_torch_compile_a_client_round_ends_at_our_adapters(both_models, tiny_config):
+    """The benchmark's `torch_compile` mode: the same model and loop with the loss under torch.compile, the same
+    adapters as our scanned local update."""
+    _, ours, adapters = both_models
+    compiled = torch_loop.random_model(tiny_config, CPU, seed=3, compiled=True)  # both_models' weights
+    assert compiled.loss._torchdynamo_orig_callable is not None  # the loss is TorchDynamo's, not the eager one
+    assert_round_ends_at_ours(compiled, ours, adapters)
+
+
+def assert_round_ends_at_ours(model, ours, adapters):
     work = synthetic.Workload(clients=1, steps=3, batch=2, seq_len=synthetic.sequence_length(ours.config, 6))
     data, rows, valid = synthetic.synthetic_data(ours.config, work, seed=1)
     valid[0, 2] = False

@@ -48,7 +48,9 @@ from fednano_jax.federated.packing import packed_schedule
 from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.federated.rounds import make_optimizer
 
-MODES = ("loop", "sequential", "vmap", "torch")  # JAX's smallest memory first: a device's peak counter only grows
+MODES = ("loop", "sequential", "vmap", "torch", "torch_compile")  # JAX's smallest memory first: a device's peak
+# counter only grows
+TORCH_MODES = ("torch", "torch_compile")
 # Dense peak FLOP/s per device (spec sheets), by a substring of jax's device_kind and the compute dtype.
 PEAK_FLOPS = {("H100", "bfloat16"): 989e12, ("H200", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12}
 
@@ -136,14 +138,21 @@ def loop_round(p: Problem):
     return compiled, seconds, run
 
 
-def torch_round(p: Problem):
-    """-> (None, model build seconds, run one round): eager PyTorch has nothing to compile."""
-    from fednano_jax.commands import torch_loop  # imports torch, which only this mode needs
+def torch_round(p: Problem, compiled: bool = False):
+    """-> (None, setup seconds, run one round): eager PyTorch builds its model and compiles nothing; under
+    `torch.compile` the setup is the build and the first round, where the loss's forward and backward compile."""
+    from fednano_jax.commands import torch_loop  # imports torch, which only these modes need
 
-    (model, seconds) = _timed(lambda: torch_loop.random_model(p.mcfg, torch_loop.default_device()))
+    (model, seconds) = _timed(lambda: torch_loop.random_model(p.mcfg, torch_loop.default_device(), compiled=compiled))
     start = torch_loop.adapters_from_jax(p.adapters)
     data, rows, valid = torch_loop.host_dataset(p.data), np.asarray(p.rows), np.asarray(p.valid)
-    return None, seconds, lambda: torch_loop.run_round(model, start, data, rows, valid, p.fed)
+
+    def run():
+        return torch_loop.run_round(model, start, data, rows, valid, p.fed)
+
+    if compiled:
+        seconds += _timed(run)[1]
+    return None, seconds, run
 
 
 def torch_memory() -> dict:
@@ -154,7 +163,8 @@ def torch_memory() -> dict:
             else "not kept by PyTorch on a CPU", "torch_threads": torch.get_num_threads()}
 
 
-ROUNDS = {"vmap": vmap_round, "sequential": sequential_round, "loop": loop_round, "torch": torch_round}
+ROUNDS = {"vmap": vmap_round, "sequential": sequential_round, "loop": loop_round, "torch": torch_round,
+          "torch_compile": functools.partial(torch_round, compiled=True)}
 
 
 def available_modes(requested: str, mcfg) -> tuple[tuple[str, ...], dict]:
@@ -162,18 +172,20 @@ def available_modes(requested: str, mcfg) -> tuple[tuple[str, ...], dict]:
     transformers' LLaVA can mirror the model."""
     if requested != "all":
         return (requested,), {}
-    without_torch = tuple(m for m in MODES if m != "torch")
+    without_torch = tuple(m for m in MODES if m not in TORCH_MODES)
     if importlib.util.find_spec("torch") is None:
-        return without_torch, {"torch": "PyTorch is not installed (pip install -r requirements-test.txt)"}
+        return without_torch, dict.fromkeys(TORCH_MODES, "PyTorch is not installed (pip install -r "
+                                                          "requirements-test.txt)")
     import torch
 
     if jax.default_backend() != "cpu" and not torch.cuda.is_available():
-        return without_torch, {"torch": f"JAX runs on {jax.default_backend()} but this torch build has no CUDA; "
-                                        "a CPU PyTorch loop would be no comparison (install a CUDA torch)"}
+        return without_torch, dict.fromkeys(TORCH_MODES, f"JAX runs on {jax.default_backend()} but this torch "
+                                                          "build has no CUDA; a CPU PyTorch loop would be no "
+                                                          "comparison (install a CUDA torch)")
     from fednano_jax.commands.torch_loop import unsupported
 
     if why := unsupported(mcfg):
-        return without_torch, {"torch": why}
+        return without_torch, dict.fromkeys(TORCH_MODES, why)
     return MODES, {}
 
 
@@ -256,7 +268,7 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
     memory = {}
     for mode, (compiled, _, run) in prepared.items():  # in MODES order: the peak counter only grows
         run()  # warm-up: first-call dispatch costs stay out of the timings
-        memory[mode] = torch_memory() if mode == "torch" else peak_memory(compiled)
+        memory[mode] = torch_memory() if mode in TORCH_MODES else peak_memory(compiled)
     seconds = timed_rounds(prepared, repeats)
     setup = {mode: {"model_build_seconds" if mode == "torch" else "compile_seconds": prepared[mode][1]}
              for mode in prepared}
@@ -267,7 +279,7 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
         results[mode] = figures(p, setup[mode], seconds[mode], memory[mode], step_flops, peaks[p.dtype][devices],
                                 devices)
     speedup = {f"vmap_over_{other}": results[other]["round_seconds"] / results["vmap"]["round_seconds"]
-               for other in ("loop", "sequential", "torch") if other in results and "vmap" in results}
+               for other in ("loop", "sequential", *TORCH_MODES) if other in results and "vmap" in results}
     return {"device": device_summary(), "mesh": dict(p.mesh.shape),
             "dtype": p.dtype, "workload": {**dataclasses.asdict(p.work), "tokens_per_round": p.work.tokens_per_round},
             "flops_per_client_step": step_flops,

@@ -7,7 +7,8 @@ mlp2x_gelu projector; LLaMA decoder), frozen; the two NanoAdapters are the only
 parameters with gradients. A round loops clients in Python; each client loads the
 global adapters, makes a fresh AdamW, and for each step takes its batch from the host
 dataset, runs forward, backward and `optimizer.step()`, then copies its adapters out
-as its upload. Eager PyTorch, no `torch.compile`, as those frameworks run.
+as its upload. Eager PyTorch, as those frameworks run; or the same loop with the loss under `torch.compile`
+(the benchmark's `torch_compile` mode).
 
 Needs torch (requirements-test.txt); nothing else in fednano_jax imports this module.
 """
@@ -132,14 +133,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def random_model(mcfg: MllmConfig, device: torch.device, seed: int = 0) -> TorchFedNanoModel:
+def random_model(mcfg: MllmConfig, device: torch.device, seed: int = 0, compiled: bool = False) -> TorchFedNanoModel:
     """The frozen backbone with transformers' random initialisation, made on the device in the model dtype
-    (a 7B bf16 backbone never exists in float32 on the host)."""
+    (a 7B bf16 backbone never exists in float32 on the host). `compiled`: its loss (forward, and so backward)
+    under `torch.compile` (TorchInductor), the rest of the loop as it is."""
     torch.manual_seed(seed)
     with torch.device(device):
         llava = transformers.LlavaForConditionalGeneration._from_config(hf_llava_config(mcfg),
                                                                          dtype=TORCH_DTYPES[mcfg.llm.dtype])
-        return TorchFedNanoModel(mcfg, llava)
+        model = TorchFedNanoModel(mcfg, llava)
+    if compiled:
+        model.loss = torch.compile(model.loss)
+    return model
 
 
 def adapters_from_jax(adapters) -> dict[str, torch.Tensor]:
