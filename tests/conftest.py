@@ -71,6 +71,7 @@ SLOW = {
     "test_pretrained.py::test_smollm2_answers_a_chat_prompt_as_transformers_does",  # SmolLM2 in JAX and transformers
     "test_step_server.py::test_the_serve_command_serves_once_listening_and_stops_on_sigterm",  # loads the backbone
     "test_torch_loop.py::test_under_torch_compile_a_client_round_ends_at_our_adapters",  # TorchInductor compiles
+    "test_torch_loop.py::test_worker_processes_give_the_one_process_loops_uploads_and_stop",  # spawns 2 workers
     # a split-step server, a run with a process per client, and the simulated run (~2 min)
     "test_client_processes.py::test_main_with_a_split_server_runs_each_client_as_a_process_and_gives_the_simulations_results",
     "test_client_processes.py::test_a_split_server_that_is_not_there_stops_the_run_with_one_sentence_and_no_process_left",

@@ -86,8 +86,8 @@ def test_benchmark_command_writes_every_figure(tmp_path):
     assert report["workload"] == {"clients": 2, "steps": 2, "batch": 2, "seq_len": 21, "tokens_per_round": 168}
     assert report["flops_per_client_step"] > 0 and report["left_out"] == {}  # the test environment has torch
     assert set(report["speedup"]) == {"vmap_over_loop", "vmap_over_sequential", "vmap_over_torch",
-                                      "vmap_over_torch_compile"}
-    for mode in ("vmap", "sequential", "loop", "torch", "torch_compile"):
+                                      "vmap_over_torch_compile", "vmap_over_torch_workers"}
+    for mode in ("vmap", "sequential", "loop", "torch", "torch_compile", "torch_workers"):
         figures = report["modes"][mode]
         for key in ("round_seconds", "steps_per_second", "tokens_per_second", "client_updates_per_second",
                     "flops_per_second"):

@@ -61,6 +61,28 @@ def test_under_torch_compile_a_client_round_ends_at_our_adapters(both_models, ti
     assert_round_ends_at_ours(compiled, ours, adapters)
 
 
+def test_worker_processes_give_the_one_process_loops_uploads_and_stop(both_models, tiny_config):
+    """The benchmark's `torch_workers` mode (pfl's way): the cohort split over two worker processes, each with the
+    same model on one thread, gives the uploads the one-process loop gives, in cohort order; close() stops them."""
+    model, ours, adapters = both_models
+    work = synthetic.Workload(clients=3, steps=2, batch=2, seq_len=synthetic.sequence_length(ours.config, 6))
+    data, rows, valid = synthetic.synthetic_data(ours.config, work, seed=2)
+    fed = Fed(optimizer="adamw", learning_rate=1e-2, weight_decay=0.1)
+    start, data = torch_loop.adapters_from_jax(adapters), torch_loop.host_dataset(data)
+    want = torch_loop.run_round(model, start, data, rows, valid, fed)
+    rounds = torch_loop.WorkerRounds(tiny_config, data, fed, workers=2, seed=3)  # both_models' weights
+    try:
+        got = rounds(start, rows, valid)
+        processes = list(rounds.pool._processes.values())
+    finally:
+        rounds.close()
+    assert len(got) == 3 and len(processes) == 2 and not any(p.is_alive() for p in processes)
+    for mine, theirs in zip(got, want):
+        for name in theirs:
+            np.testing.assert_allclose(mine[name].numpy(), theirs[name].numpy(), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(got[0]["text.up"].numpy(), got[1]["text.up"].numpy())  # the clients differ
+
+
 def assert_round_ends_at_ours(model, ours, adapters):
     work = synthetic.Workload(clients=1, steps=3, batch=2, seq_len=synthetic.sequence_length(ours.config, 6))
     data, rows, valid = synthetic.synthetic_data(ours.config, work, seed=1)

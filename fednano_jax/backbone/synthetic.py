@@ -115,6 +115,7 @@ def synthetic_data(mcfg: MllmConfig, work: Workload, seed: int = 0, answer_token
     count = work.clients * work.steps * work.batch
     vocab = mcfg.llm.vocab_size
     ids = rng.integers(3, vocab - 1, size=(count, work.seq_len)).astype(np.int32)
+    ids[ids == mcfg.image_token_id] = 3 if mcfg.image_token_id != 3 else 4  # image tokens only where images go
     ids[:, 0] = 1
     image_tokens = mcfg.vision.num_image_tokens if mcfg.vision else 0
     ids[:, 1: 1 + image_tokens] = mcfg.image_token_id

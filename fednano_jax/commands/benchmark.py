@@ -48,9 +48,9 @@ from fednano_jax.federated.packing import packed_schedule
 from fednano_jax.federated.schedule import client_schedule
 from fednano_jax.federated.rounds import make_optimizer
 
-MODES = ("loop", "sequential", "vmap", "torch", "torch_compile")  # JAX's smallest memory first: a device's peak
-# counter only grows
-TORCH_MODES = ("torch", "torch_compile")
+MODES = ("loop", "sequential", "vmap", "torch", "torch_compile", "torch_workers")  # JAX's smallest memory first: a
+# device's peak counter only grows
+TORCH_MODES = ("torch", "torch_compile", "torch_workers")
 # Dense peak FLOP/s per device (spec sheets), by a substring of jax's device_kind and the compute dtype.
 PEAK_FLOPS = {("H100", "bfloat16"): 989e12, ("H200", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12}
 
@@ -163,8 +163,30 @@ def torch_memory() -> dict:
             else "not kept by PyTorch on a CPU", "torch_threads": torch.get_num_threads()}
 
 
+def torch_workers_round(p: Problem):
+    """-> (None, setup seconds, run one round): the cohort over one PyTorch worker process per core (pfl's way);
+    the setup is starting them, each building its model, and the first round. `run.close` stops the workers."""
+    import os
+
+    from fednano_jax.commands import torch_loop
+
+    rounds = torch_loop.WorkerRounds(p.mcfg, torch_loop.host_dataset(p.data), p.fed, os.cpu_count() or 1)
+    start = torch_loop.adapters_from_jax(p.adapters)
+    rows, valid = np.asarray(p.rows), np.asarray(p.valid)
+
+    def run():
+        return rounds(start, rows, valid)
+
+    run.close, run.workers = rounds.close, rounds.workers
+    try:
+        return None, _timed(run)[1], run
+    except BaseException:
+        rounds.close()
+        raise
+
+
 ROUNDS = {"vmap": vmap_round, "sequential": sequential_round, "loop": loop_round, "torch": torch_round,
-          "torch_compile": functools.partial(torch_round, compiled=True)}
+          "torch_compile": functools.partial(torch_round, compiled=True), "torch_workers": torch_workers_round}
 
 
 def available_modes(requested: str, mcfg) -> tuple[tuple[str, ...], dict]:
@@ -264,13 +286,22 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
     device = jax.devices()[0]
     loop = loop_round(p)
     step_flops = flops_of(loop[0])
-    prepared = {mode: loop if mode == "loop" else ROUNDS[mode](p) for mode in MODES if mode in modes}
-    memory = {}
-    for mode, (compiled, _, run) in prepared.items():  # in MODES order: the peak counter only grows
-        run()  # warm-up: first-call dispatch costs stay out of the timings
-        memory[mode] = torch_memory() if mode in TORCH_MODES else peak_memory(compiled)
-    seconds = timed_rounds(prepared, repeats)
-    setup = {mode: {"model_build_seconds" if mode == "torch" else "compile_seconds": prepared[mode][1]}
+    prepared, memory = {}, {}
+    try:
+        for mode in (m for m in MODES if m in modes):  # in MODES order: the peak counter only grows
+            prepared[mode] = loop if mode == "loop" else ROUNDS[mode](p)
+            compiled, _, run = prepared[mode]
+            run()  # warm-up: first-call dispatch costs stay out of the timings
+            memory[mode] = torch_memory() if mode in TORCH_MODES else peak_memory(compiled)
+            if mode == "torch_workers":  # their memory and threads are the workers'
+                memory[mode].update(peak_memory_source="in the worker processes, not kept", torch_threads=1,
+                                    workers=run.workers)
+        seconds = timed_rounds(prepared, repeats)
+    finally:  # worker processes (torch_workers) are stopped whatever happens
+        for _, _, run in prepared.values():
+            getattr(run, "close", lambda: None)()
+    setup = {mode: {"model_build_seconds" if mode in ("torch", "torch_workers") else "compile_seconds":
+                    prepared[mode][1]}
              for mode in prepared}
     peaks = measured_peaks(p.mesh.size)
     results = {}

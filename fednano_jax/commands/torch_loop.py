@@ -192,3 +192,44 @@ def run_round(model: TorchFedNanoModel, start: dict[str, torch.Tensor], data: di
     """Every client's update from the global adapters, one client after another."""
     return [client_update(model, start, data, rows[k], valid[k], fed)[0]
             for k in range(rows.shape[0])]
+
+
+# ------------------------------------------------------------------ pfl-style: the cohort over worker processes
+_WORKER: dict = {}  # a worker process's model, dataset and settings, made once by _start_worker
+
+
+def _start_worker(mcfg: MllmConfig, data: dict, fed, seed: int) -> None:
+    torch.set_num_threads(1)  # one core each: the workers, not the threads, use the machine
+    _WORKER.update(model=random_model(mcfg, torch.device("cpu"), seed), data=data, fed=fed)
+
+
+def _worker_round(start: dict, rows: np.ndarray, valid: np.ndarray) -> list[dict]:
+    return run_round(_WORKER["model"], start, _WORKER["data"], rows, valid, _WORKER["fed"])
+
+
+class WorkerRounds:
+    """A round as pfl-research runs one in PyTorch: the cohort split over `workers` processes (one per core), each
+    looping its clients on one thread with the same model, the uploads gathered in cohort order. Each worker builds
+    the model once (the same seed, so the same weights); `close()` stops them."""
+
+    def __init__(self, mcfg: MllmConfig, data: dict[str, np.ndarray], fed, workers: int, seed: int = 0,
+                 timeout_s: float = 3600.0):
+        import concurrent.futures
+        import multiprocessing
+
+        import types
+
+        # What the loop reads of the federation's settings (the whole record holds read-only mappings, not pickled).
+        fed = types.SimpleNamespace(optimizer=fed.optimizer, learning_rate=fed.learning_rate,
+                                    weight_decay=fed.weight_decay)
+        self.workers, self.timeout_s = workers, timeout_s
+        self.pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                           initializer=_start_worker, initargs=(mcfg, data, fed, seed))
+
+    def __call__(self, start: dict, rows: np.ndarray, valid: np.ndarray) -> list[dict]:
+        parts = [part for part in np.array_split(np.arange(len(rows)), self.workers) if len(part)]
+        futures = [self.pool.submit(_worker_round, start, rows[part], valid[part]) for part in parts]
+        return [upload for future in futures for upload in future.result(timeout=self.timeout_s)]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
