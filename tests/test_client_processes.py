@@ -216,10 +216,12 @@ def test_main_with_a_split_server_runs_each_client_as_a_process_and_gives_the_si
         for mine, theirs in zip(got["history"][method], want["history"][method]):
             np.testing.assert_allclose(mine["train_loss"], theirs["train_loss"], rtol=5e-3)
             assert min(mine["split_sent_bytes"]) > 0 and mine["failed"] == []
-    # Round one's global adapters agree to float tolerance. Later rounds drift apart by float rounding as the
-    # simulation's own layouts do (vmapped against sequential clients): FedNano's Fisher ratios amplify it.
+    # Round one's global adapters agree to float tolerance (entries up to 0.13; differences of 3e-5 here, 1.2e-4
+    # under CI's load, where XLA's threads sum in another order; a wrong gradient moves them by 1e-2). Later rounds
+    # drift apart by float rounding as the simulation's own layouts do (vmapped against sequential clients):
+    # FedNano's Fisher ratios amplify it.
     for method in ("fedavg", "fednano"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-4),
                      restored_adapters(tmp_path / "split", method, 1),
                      restored_adapters(tmp_path / "simulated", method, 1))
     # The bytes each client sent and received, against `accounting`'s prediction for the run (issue 27: within 10%).
