@@ -230,11 +230,23 @@ def test_main_with_a_split_server_runs_each_client_as_a_process_and_gives_the_si
         assert 1.0 < row["split_ratio"] < 1.05 and 1.0 < row["upload_ratio"] < 1.05, row
     assert all(held["weights_bytes"] > 0 and held["positions"] > held["image_tokens"]
                for held in figures["client_processes"])
-    # The accuracy table: the same within one test example of a client (a near-tie answer flipped by rounding).
+    # The accuracy tables. After round one (adapters within 5e-4), within one test example of a client (a near-tie
+    # answer flipped by rounding); so is the untuned row, and FedAvg's after round two. FedNano's Fisher ratios
+    # amplify rounding from round two on, and the server's dynamic batching makes its rounding depend on timing:
+    # two such runs under CI's load differed by 4 of a client's 224 answers, the simulation's own layouts (vmapped
+    # against sequential) by 1. So its final row is held to 3 points.
     test_examples = json.loads(re.search(r"test examples (\[[0-9, ]+\])", simulated.stdout).group(1))
-    for row in ("Untuned", "FedAvg", "FedNano"):
-        for mine, theirs, n in zip(got["results"][row]["accuracy"], want["results"][row]["accuracy"], test_examples):
-            assert abs(mine - theirs) <= 1.0 / n + 1e-9, (row, mine, theirs)
+
+    def assert_within(mine, theirs, tolerance, what):
+        for k, (a, b, n) in enumerate(zip(mine, theirs, test_examples)):
+            assert abs(a - b) <= (tolerance or 1.0 / n) + 1e-9, (what, k, a, b)
+
+    for method in ("FedAvg", "FedNano"):
+        assert_within(got["history"][method][0]["accuracy"], want["history"][method][0]["accuracy"], None,
+                      f"{method} round 1")
+    assert_within(got["results"]["Untuned"]["accuracy"], want["results"]["Untuned"]["accuracy"], None, "Untuned")
+    assert_within(got["results"]["FedAvg"]["accuracy"], want["results"]["FedAvg"]["accuracy"], None, "FedAvg")
+    assert_within(got["results"]["FedNano"]["accuracy"], want["results"]["FedNano"]["accuracy"], 0.03, "FedNano")
 
 
 def test_a_split_server_that_is_not_there_stops_the_run_with_one_sentence_and_no_process_left(easy_vqa_dir,
