@@ -89,6 +89,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on at the moment, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_for_line(process, text: str, timeout_s: float = 300) -> list[str]:
     """The lines a text-mode process prints until one holds `text` (or it ends, or `timeout_s` passes)."""
     import time

@@ -8,7 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import ROOT, wait_for_line
+from conftest import ROOT, free_port, wait_for_line
 
 from fednano_jax.errors import ClientProcessError
 from fednano_jax.federated.client import ClientInputs
@@ -138,14 +138,6 @@ def test_accounting_observed_needs_a_finished_split_run(tmp_path):
 
 
 # ------------------------------------------------------------------- main --split_server, end to end (slow)
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def processes_tagged(tag: str) -> list[int]:
     """Live processes whose environment carries `tag`: what a command started and left behind."""
     found = []

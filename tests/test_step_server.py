@@ -207,14 +207,11 @@ def test_the_serve_command_serves_once_listening_and_stops_on_sigterm(easy_vqa_d
     backbone's width once it prints its address, and exits on SIGTERM; the process is stopped whatever happens."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
-    from conftest import ROOT, wait_for_line
+    from conftest import ROOT, free_port, wait_for_line
 
-    with socket.socket() as probe:  # a free port on this machine
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     (tmp_path / "tokens.json").write_text('{"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"}')
     command = [sys.executable, "-m", "fednano_jax.serve", "--config=configs/easyvqa_tiny.py",
                f"--config.data.dir={easy_vqa_dir}", f"--port={port}", f"--tokens={tmp_path / 'tokens.json'}"]

@@ -179,7 +179,7 @@ class RunContext:
         if self.remote is not None:
             outputs, failures, _ = self.remote.local_updates(self.method.name, True, self.epoch_steps,
                                                              {"adapters": start}, ids, ClientInputs(rows, valid, None))
-            _raise_failures(failures, ids)
+            _raise_failures(failures, ids.tolist())
             return outputs.upload["adapters"]
         outputs = self.programs.plain_local(self.frozen, self.data, {"adapters": self.place_replicated(start)},
                                             ClientInputs(rows, valid, None))
@@ -283,8 +283,9 @@ def local_updates(run: RunContext, cohort: np.ndarray, broadcast, states, round_
     return outputs, {"client_steps": packed.client_steps, "padded_client_steps": packed.padded_client_steps}, {}
 
 
-def _raise_failures(reasons: list, ids: np.ndarray) -> None:
-    failed = [f"{reason}" for reason in reasons if reason is not None]
+def _raise_failures(reasons: list, ids: list[int]) -> None:
+    """The local phase after the rounds needs every client: any failure stops it with their sentences."""
+    failed = [f"client {k}: {reason}" for k, reason in zip(ids, reasons) if reason is not None]
     if failed:
         raise ClientProcessError(f"the local phase needs every client, and {len(failed)} failed ({'; '.join(failed)})")
 

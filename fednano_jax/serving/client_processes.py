@@ -116,8 +116,9 @@ def read_message(stream: BinaryIO) -> bytes | None:
     head = stream.read(LENGTH.size)
     if len(head) < LENGTH.size:
         return None
-    blob = stream.read(LENGTH.unpack(head)[0])
-    return blob if len(blob) == LENGTH.unpack(head)[0] else None
+    (length,) = LENGTH.unpack(head)
+    blob = stream.read(length)
+    return blob if len(blob) == length else None
 
 
 # ------------------------------------------------------------------------------------ the driver's end
@@ -127,7 +128,11 @@ class ClientProcess:
     def __init__(self, client: int, command: list[str], log_path: str):
         self.client, self.log_path = client, log_path
         self.log = open(log_path, "ab")
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        try:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        except OSError:
+            self.log.close()
+            raise
         self.replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
