@@ -80,10 +80,12 @@ def start_client_processes(config, workdir: str, link: SplitLink) -> ClientProce
                                                  "token": tokens.get(k, ""), "root_certificates": certificate})
 
 
-def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None:
+def run_experiment(config, workdir: str, split: SplitLink | None = None, clients=start_client_processes) -> None:
     """Everything one config (a ConfigDict, or the Experiment `config.read` made of one) describes; results land
     in `workdir` (results.json is written last). `split`: each client in its own process, its wire going to that
-    split-step server (`serving/client_processes.py`); None: the clients are this program's."""
+    split-step server (`serving/client_processes.py`); None: the clients are this program's. `clients(config,
+    workdir, split)`: with `split`, what runs the clients' rounds (a process per client; Flower's SuperNodes under
+    the ServerApp, `serving/flower_server_app.py`)."""
     # -------------------------------------------------------------- Config
     phases = Phases()
     config = read(config)
@@ -132,7 +134,7 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None) -> None
     phases.mark("data")
     links = LinkedDecoders(split) if split is not None else None
     evaluator = Evaluator(graphdef, frozen, data, tokenizer, config, links)
-    remote = start_client_processes(config, workdir, split) if split is not None else None
+    remote = clients(config, workdir, split) if split is not None else None
     try:
         rows, seconds, histories = run_methods(config, workdir, fingerprint, graphdef, frozen, adapters, device_data,
                                                data, evaluator, log, mesh, remote, phases)

@@ -17,32 +17,17 @@ import sys
 def client_of(hello: dict):
     """-> (RemoteClient, StepClient, what it holds: weight bytes, sequence positions, image tokens) for the driver's
     hello: the experiment it names, NanoEdge and the data."""
-    import jax
     import ml_collections
 
-    from fednano_jax.backbone.family import family_of
     from fednano_jax.config import read
-    from fednano_jax.data import datasets, pipeline
-    from fednano_jax.data.batches import device_dataset
-    from fednano_jax.data.partition import Partition
-    from fednano_jax.federated.methods import get_method
-    from fednano_jax.federated.rounds import make_optimizer
-    from fednano_jax.serving.client_processes import RemoteClient
-    from fednano_jax.serving.step_client import StepClient
 
     with open(hello["experiment"]) as file:
         config = read(ml_collections.ConfigDict(json.load(file)))
-    graphdef, frozen, _, tokenizer, mcfg = family_of(config).edge(config)
-    splits = datasets.load_splits(config)
-    data = pipeline.federated_data(splits, tokenizer, mcfg.vision.num_image_tokens, config.fed.num_clients,
-                                   Partition.of(config.data), config.seed)
-    device_data = device_dataset(data.train, data.images, config.data.stream_images)
     certificate = hello.get("root_certificates", "").encode() or None
-    link = StepClient(hello["address"], int(hello["client"]), hello.get("token", ""), certificate)
-    client = RemoteClient(graphdef, frozen, device_data, lambda name: get_method(name, config.fed, config.seed),
-                          make_optimizer, link.wire)
-    held = {"weights_bytes": sum(x.nbytes for x in jax.tree.leaves(frozen)), "positions": data.train.input_ids.shape[1],
-            "image_tokens": mcfg.vision.num_image_tokens}
+    from fednano_jax.serving.client_processes import edge_client
+
+    client, link, held, _ = edge_client(config, int(hello["client"]), hello["address"], hello.get("token", ""),
+                                        certificate)
     return client, link, held
 
 

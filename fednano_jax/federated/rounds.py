@@ -192,8 +192,14 @@ def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int
     method, fed, config = run.method, run.config.fed, run.config
     started = time.perf_counter()
     broadcast = run.place_replicated(method.broadcast(state["server"]))
+    summed = None
     try:
-        outputs, steps, failures = local_updates(run, cohort, broadcast, _rows(state["clients"], cohort), round_index)
+        if adds_remotely(run):
+            outputs, steps, failures, summed = remote_secure_round(run, state["server"], cohort,
+                                                                   _rows(state["clients"], cohort), round_index)
+        else:
+            outputs, steps, failures = local_updates(run, cohort, broadcast, _rows(state["clients"], cohort),
+                                                     round_index)
     except ClientProcessError as error:
         raise ClientProcessError(f"Round {round_index + 1} failed: {error}; the rounds before it stand (with "
                                  "checkpoint.every_rounds set, rerunning the same command resumes after the last "
@@ -203,7 +209,10 @@ def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int
                  else np.ones(len(cohort), bool))
     failed = np.array([reason is not None for reason in failures.get("reasons", [None] * len(cohort))], bool)
     reporting &= ~failed
-    server, used, cost = aggregate(run, state["server"], outputs.upload, cohort, reporting, round_index)
+    if summed is not None:
+        server, used, cost = summed
+    else:
+        server, used, cost = aggregate(run, state["server"], outputs.upload, cohort, reporting, round_index)
     new_client_states = jax.tree.map(meshes.to_host, outputs.state)
     used = used & _finite_rows(new_client_states, len(cohort))
     state = {"server": server, "clients": _set_rows(state["clients"], cohort, used, new_client_states)}
@@ -248,6 +257,29 @@ def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, repor
     if sums is None:
         return server_state, used, cost
     return run.programs.finalize(server_state, sums, jnp.asarray(used.sum()), key), used, cost
+
+
+def adds_remotely(run: RunContext) -> bool:
+    """Secure aggregation by the clients themselves (Flower's SecAgg+ among the SuperNodes)."""
+    return run.config.fed.secure_aggregation and getattr(run.remote, "adds_securely", False)
+
+
+def remote_secure_round(run: RunContext, server_state, cohort: np.ndarray, states, round_index: int):
+    """A round whose clients train, compute their own contributions and add them up under secure aggregation
+    (`flower/supernodes.py`) -> (ClientOutputs [K], steps, failures, (new server state, used [K], costs)): the
+    server program's second half (`finalize`) sees only the sum."""
+    fed, dp = run.config.fed, run.aggregation.dp
+    rows, valid = run.schedule(cohort, fed.local_epochs, round_index)
+    threshold = fed.secagg_threshold or majority_threshold(len(cohort))
+    outputs, reasons, traffic, sums, used, cost = run.remote.secure_updates(
+        run.method.name, run.epoch_steps, jax.tree.map(meshes.to_host, server_state), cohort,
+        ClientInputs(rows, valid, states, run.cohort_ranks(cohort)), round_index, threshold)
+    server = server_state
+    if sums is not None:
+        key = client_dp.noise_key(run.config.seed, round_index) if dp is not None else None
+        server = run.programs.finalize(server_state, sums, jnp.asarray(used.sum()), key)
+    steps = {"client_steps": int(valid.any(axis=2).sum()), "padded_client_steps": len(cohort) * rows.shape[1]}
+    return outputs, steps, {"reasons": reasons, "traffic": traffic}, (server, used, cost)
 
 
 def packs_clients(fed) -> bool:

@@ -296,6 +296,31 @@ class RemoteClient:
         return {"upload": outputs.upload, "state": outputs.state, "loss": outputs.loss}
 
 
+def edge_client(config, client_id: int, address: str, token: str, certificate: bytes | None):
+    """-> (RemoteClient, StepClient, what it holds, the federated data) of client `client_id` of the experiment
+    (`config.read`'s Experiment): NanoEdge alone and the data, its wire to the split-step server at `address`."""
+    import jax
+
+    from fednano_jax.backbone.family import family_of
+    from fednano_jax.data import datasets, pipeline
+    from fednano_jax.data.batches import device_dataset
+    from fednano_jax.data.partition import Partition
+    from fednano_jax.federated.methods import get_method
+    from fednano_jax.federated.rounds import make_optimizer
+
+    graphdef, frozen, _, tokenizer, mcfg = family_of(config).edge(config)
+    splits = datasets.load_splits(config)
+    data = pipeline.federated_data(splits, tokenizer, mcfg.vision.num_image_tokens, config.fed.num_clients,
+                                   Partition.of(config.data), config.seed)
+    device_data = device_dataset(data.train, data.images, config.data.stream_images)
+    link = StepClient(address, client_id, token, certificate)
+    client = RemoteClient(graphdef, frozen, device_data, lambda name: get_method(name, config.fed, config.seed),
+                          make_optimizer, link.wire)
+    held = {"weights_bytes": sum(x.nbytes for x in jax.tree.leaves(frozen)), "positions": data.train.input_ids.shape[1],
+            "image_tokens": mcfg.vision.num_image_tokens}
+    return client, link, held, data
+
+
 def serve_rounds(incoming: BinaryIO, outgoing: BinaryIO, train: Callable[[dict, dict], dict],
                  traffic: Callable[[], dict], expected: tuple[type, ...]) -> None:
     """Answer the driver's `train` messages until its stream ends. An error of a kind in `expected` (the split
