@@ -15,6 +15,7 @@ class InProcessGrid:
         self.nodes = {1000 + i: Context(run_id=1, node_id=1000 + i, node_config=config, state=RecordDict(),
                                         run_config={}) for i, config in enumerate(node_configs)}
         self.dead = set(dead)  # node ids that never answer (a killed SuperNode)
+        self.dies_at: dict[int, str] = {}  # node id -> the SecAgg+ stage from which on it never answers
         self.received: list[Message] = []
         self.run = type("Run", (), {"run_id": 1})()
         from flwr.supercore.task_identity import TaskIdentity
@@ -29,7 +30,7 @@ class InProcessGrid:
         for message in messages:
             message = message_from_proto(message_to_proto(_stamped(message)))
             node = message.metadata.dst_node_id
-            if node in self.dead:
+            if node in self.dead or _stage(message) in self._stages_gone(node):
                 continue
             try:
                 reply = self.client_app(message, self.nodes[node])
@@ -39,6 +40,20 @@ class InProcessGrid:
             self.received.append(reply)
             replies.append(reply)
         return replies
+
+
+    def _stages_gone(self, node: int) -> tuple:
+        from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+        stages = Stage._stages
+        return stages[stages.index(self.dies_at[node]):] if node in self.dies_at else ()
+
+
+def _stage(message: Message):
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+    return configs.get(Key.STAGE) if configs is not None else None
 
 
 def _stamped(message: Message) -> Message:

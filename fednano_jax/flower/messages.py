@@ -36,13 +36,15 @@ def _leaves(trees: dict) -> tuple[list[np.ndarray], str]:
     for name, tree in trees.items():
         _flat(name, tree, named)
     order = sorted(named)
-    layout = json.dumps({"skeletons": {name: _skeleton(tree) for name, tree in trees.items()}, "order": order})
+    layout = json.dumps({"skeletons": {name: _skeleton(tree) for name, tree in trees.items()}, "order": order,
+                         "shapes": [list(named[name].shape) for name in order]})  # Flower's records lose 0-d shapes
     return [np.ascontiguousarray(named[name]) for name in order], layout
 
 
 def _trees(leaves: list[np.ndarray], layout: str) -> dict:
     described = json.loads(layout)
-    named = dict(zip(described["order"], leaves, strict=True))
+    named = {name: leaf.reshape(shape) for name, leaf, shape in zip(described["order"], leaves, described["shapes"],
+                                                                     strict=True)}
     return {name: _rebuilt(name, skeleton, named) for name, skeleton in described["skeletons"].items()}
 
 

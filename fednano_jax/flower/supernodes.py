@@ -133,7 +133,7 @@ class FlowerClients:
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_index + 1})
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
         shares = len(cohort) if len(cohort) > 2 else 1.0
-        SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold if threshold < shares else 1.0,
+        SecAggPlusKeepingEarlyLeavers(num_shares=shares, reconstruction_threshold=threshold if threshold < shares else 1.0,
                            max_weight=1.0, timeout=self.round_timeout_s, **secagg_ranges(len(cohort)))(self.grid,
                                                                                                         context)
         reported = strategy.reported  # node -> metrics, of the clients whose masked vectors were summed
@@ -183,6 +183,35 @@ def _bare_context(grid):
     from flwr.app import Context, RecordDict as State
 
     return Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=State(), run_config={})
+
+
+class SecAggPlusKeepingEarlyLeavers(SecAggPlusWorkflow):
+    """Flower's SecAgg+, going on when a client leaves before it has shared its keys. Flower 1.42 keeps such a client
+    among the sampled ones: the unmask stage then asks for shares nobody holds, and the round halts after everyone
+    trained. A client that left before sharing holds no mask with anyone (the others mask only with the clients
+    whose shares reached them), so it is forgotten; and a client that leaves later has its masks removed only
+    towards the clients that sent masked vectors (Flower removes them towards all its neighbours, which is wrong
+    when two neighbours leave)."""
+
+    @staticmethod
+    def _forget_absent(state) -> None:
+        state.sampled_node_ids = set(state.active_node_ids)
+        state.nid_to_neighbours = {node: neighbours & state.active_node_ids
+                                   for node, neighbours in state.nid_to_neighbours.items()
+                                   if node in state.active_node_ids}
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        self._forget_absent(state)  # those that sent no public key
+        return super().share_keys_stage(grid, context, state)
+
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:
+        self._forget_absent(state)  # those that sent no key shares
+        return super().collect_masked_vectors_stage(grid, context, state)
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        for node in state.sampled_node_ids - state.active_node_ids:  # left after sharing: masks with survivors only
+            state.nid_to_neighbours[node] = (state.nid_to_neighbours[node] & state.active_node_ids) | {node}
+        return super().unmask_stage(grid, context, state)
 
 
 class _CohortStrategy(Strategy):
