@@ -21,7 +21,7 @@ LAYERS = (
     ("federated", "serving"),  # serving: the split-step server and client over gRPC
     ("config",),  # the edge: validates fed, DP and secure aggregation, so it may import federated and privacy
     ("experiment", "preflight", "metrics", "flower"),  # flower: the ServerApp and ClientApp
-    ("commands", "main", "accounting", "benchmark", "convert_pth", "memory_plan", "privacy_audit", "serve", "study",
+    ("commands", "main", "accounting", "benchmark", "convert_pth", "deploy", "memory_plan", "privacy_audit", "serve", "study",
      "data.partition_stats", ""),
 )
 

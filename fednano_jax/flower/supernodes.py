@@ -88,11 +88,11 @@ class FlowerClients:
         header = {"method": method, "plain": str(int(plain)), "epoch_steps": str(epoch_steps)}
         messages = [self._message(int(k), {"broadcast": jax.tree.map(np.asarray, broadcast), **_row(clients, i)},
                                   header) for i, k in enumerate(cohort)]
-        replies = {reply.metadata.src_node_id: reply
-                   for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout_s)}
+        replies = replies_by_client(self.grid.send_and_receive(messages, timeout=self.round_timeout_s), messages,
+                                    cohort)
         results, failures, traffic = [], [], []
         for k in cohort:
-            trees, metrics, failure = self._read(replies.get(self.node_of[int(k)]))
+            trees, metrics, failure = self._read(replies.get(int(k)))
             results.append(trees), failures.append(failure), traffic.append(_traffic(metrics))
         finished = [r for r in results if r is not None]
         if not finished:
@@ -158,6 +158,14 @@ class FlowerClients:
         summed = from_limbs([digits * len(reported) for digits in strategy.aggregate], bits)
         template = _template(layout)
         return (ClientOutputs(None, None, np.array(losses)), failures, traffic, unflat(summed, template), used, cost)
+
+
+def replies_by_client(replies, messages: list[Message], cohort) -> dict[int, Message]:
+    """client id -> its reply. By the message answered, not the sender: SuperLink answers for a node it lost (no
+    heartbeat for a minute) with an error reply of its own."""
+    client_of = {message.metadata.message_id: int(k) for message, k in zip(messages, cohort)}
+    return {client_of[reply.metadata.reply_to_message_id]: reply for reply in replies
+            if reply.metadata.reply_to_message_id in client_of}
 
 
 def _row(clients: ClientInputs, i: int) -> dict:
