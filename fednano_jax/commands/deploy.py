@@ -27,13 +27,14 @@ import uuid
 
 from absl import flags
 
-from fednano_jax.errors import ConfigError
+from fednano_jax.errors import LABELS, ConfigError
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONNECTION = "fednano-local"  # the SuperLink connection in W/deploy/flwr_home/config.toml
 TAG = "FEDNANO_DEPLOY_TAG"  # in every started process's environment: how the stop finds their descendants too
 FAILED = "ServerApp raised an exception"  # what `flwr run --stream` prints when the ServerApp fails (its code stays 0)
+SENTENCES = tuple(f"{label}: " for label in set(LABELS.values()))  # the ServerApp's error sentence (server_app.main)
 
 
 def define_flags() -> None:
@@ -205,20 +206,23 @@ class LocalFederation:
             run_config["split-root-cert"] = self.tls.authority
         text = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
         name, log_path = "flwr_run", os.path.join(self.logs, "flwr_run.log")
+        started = time.time()
         with open(log_path, "w") as log:
             run = subprocess.Popen(["flwr", "run", ROOT, CONNECTION, "--stream", "--run-config", text], cwd=ROOT,
                                    env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    start_new_session=True)
             self.started.append((name, run, None))
-            failed = False
+            failed, said = False, ""
             for line in run.stdout:
                 log.write(line)
                 log.flush()
                 print(line, end="", flush=True)
                 failed |= FAILED in line
+                said = line.strip() if line.startswith(SENTENCES) else said
             code = run.wait()
-        if failed or code != 0 or not os.path.isfile(os.path.join(self.workdir, "results.md")):
-            raise ClientProcessError(f"the Flower run did not finish (exit code {code}); see {log_path} and the "
+        results = os.path.join(self.workdir, "results.md")
+        if failed or code != 0 or not os.path.isfile(results) or os.path.getmtime(results) < started:
+            raise ClientProcessError(f"the Flower run stopped ({said or f'exit code {code}'}); see {log_path} and the "
                                      f"other logs in {self.logs}. Rerunning the same command resumes from the last "
                                      "round checkpoint.")
 

@@ -26,7 +26,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fednano_jax.config import load_config_file, read
-from fednano_jax.errors import ConfigError
+from fednano_jax.errors import LABELS, ConfigError, label_of
 from fednano_jax.experiment import run_experiment
 from fednano_jax.flower.supernodes import FlowerClients
 from fednano_jax.serving.client_processes import SplitLink
@@ -100,7 +100,14 @@ def split_link(run_config) -> SplitLink:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_config = context.run_config
+    try:
+        run(grid, context.run_config)
+    except tuple(LABELS) as error:  # the sentence first, for `flwr run --stream` and the deploy command
+        print(f"{label_of(error)}: {error}", flush=True)
+        raise
+
+
+def run(grid: Grid, run_config) -> None:
     config = read(experiment_config(run_config))
     check_flower(config)
     workdir = str(run_config.get("workdir", "runs/flower"))
