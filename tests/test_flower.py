@@ -3,6 +3,7 @@ point, and the ServerApp's view of its SuperNodes over an in-process Grid (`flow
 Flower's protobuf serde, a ClientApp's exception answered as an error reply) with stand-in ClientApps (fast)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -162,3 +163,37 @@ def test_secagg_plus_hands_the_server_the_survivors_sum_alone(cohort, leave):
             vector, masked_seen = bytes_to_ndarray(blob), masked_seen + 1
             assert all(np.mean(vector == digits) < 0.01 for digits in plain if digits.shape == vector.shape)
     assert masked_seen == len(summed) * (len(plain) // len(summed) + 1)  # each digit array and SecAgg+'s factor
+
+
+# -------------------------------------------------------------------------- the ServerApp's run config
+def test_the_run_configs_overrides_reach_the_config_and_a_wrong_one_is_one_sentence(tmp_path):
+    from fednano_jax.errors import ConfigError
+    from fednano_jax.flower.server_app import experiment_config
+
+    config = experiment_config({"config": "configs/easyvqa_tiny.py",
+                                "overrides": json.dumps({"fed.rounds": 2, "fed.methods": "fedavg,fednano"})})
+    assert config.fed.rounds == 2 and tuple(config.fed.methods) == ("fedavg", "fednano")
+    saved = tmp_path / "experiment.json"
+    saved.write_text(json.dumps(config.to_dict()))
+    assert experiment_config({"config": str(saved)}).fed.rounds == 2
+    for overrides, gist in (('{"fed.round": 2}', "names 'fed.round', which is no config key"),
+                            ('{"fed.rounds": "two"}', "sets 'fed.rounds' to 'two', but it holds a int"),
+                            ("fed.rounds=2", "must be a JSON object of dotted keys")):
+        with pytest.raises(ConfigError, match=re.escape(gist)):
+            experiment_config({"config": "configs/easyvqa_tiny.py", "overrides": overrides})
+
+
+@pytest.mark.parametrize("overrides, gist", [
+    ({"fed.dropout": 0.2}, "fed.dropout simulates dropouts and must be 0 on Flower"),
+    ({"fed.secure_aggregation": True, "fed.num_clients": 4, "fed.clients_per_round": 1},
+     "SecAgg+ needs at least 2 clients a round"),
+    ({"fed.secure_aggregation": True, "fed.methods": "scaffold"}, "scaffold keeps client state"),
+])
+def test_what_flower_cannot_run_is_refused_with_one_sentence(overrides, gist):
+    from fednano_jax.config import read
+    from fednano_jax.errors import ConfigError
+    from fednano_jax.flower.server_app import check_flower, experiment_config
+
+    config = read(experiment_config({"config": "configs/easyvqa_tiny.py", "overrides": json.dumps(overrides)}))
+    with pytest.raises(ConfigError, match=re.escape(gist)):
+        check_flower(config)
