@@ -3,7 +3,7 @@ a whole FedNano federation on this machine, on Flower.
 
 It starts, each as its own process with its log in W/deploy/logs/:
   - the split-step server (`python -m fednano_jax.serve`: the frozen decoder), TLS, a token per client;
-  - a SuperLink (Flower's server: TLS, SuperNode authentication), its state in W/deploy/superlink.db;
+  - a SuperLink (Flower's server: TLS, SuperNode authentication), its state in memory;
   - one SuperNode per client (`--clients` sets fed.num_clients), each with its registered key and its node config
     (partition-id, the split server's address, its token's file, the CA);
 then runs the app (`flwr run`, pyproject.toml: fednano_jax/flower/), prints the results table and stops every process
@@ -48,6 +48,10 @@ def define_flags() -> None:
     flags.DEFINE_float("round_timeout_s", 1800.0, "How long a round waits for its clients before leaving out those "
                        "that did not answer (a killed SuperNode is reported by Flower after about 60 s).")
     flags.DEFINE_float("start_timeout_s", 600.0, "How long each process may take to start.")
+    flags.DEFINE_string("timing_out", None, "Also run the same experiment simulated (python -m fednano_jax.main, "
+                        "into WORKDIR/simulated) and write a round's wall time, deployed against simulated, with the "
+                        "gap broken down (client start-up, training over the split link, Flower's round trips), to "
+                        "this JSON file.")
 
 
 def main() -> None:
@@ -76,6 +80,60 @@ def main() -> None:
     with open(os.path.join(workdir, "results.md")) as file:
         print(f"\n{file.read().strip()}\n\nWritten to {workdir}/results.md and results.json; logs in "
               f"{federation.logs}")
+    if FLAGS.timing_out:
+        write_timing(workdir, FLAGS.timing_out)
+
+
+def write_timing(workdir: str, out: str) -> None:
+    """Run the experiment simulated into WORKDIR/simulated, then write and print `round_timing`'s figures."""
+    simulated = os.path.join(workdir, "simulated")
+    print(f"Running the same experiment simulated (python -m fednano_jax.main, into {simulated}) for the timing",
+          flush=True)
+    command = [sys.executable, "-m", "fednano_jax.main", *forwarded_config_flags(), f"--workdir={simulated}"]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ConfigError(f"the simulated run for --timing_out failed: {done.stderr.strip().splitlines()[-1]}")
+    figures = round_timing(_records(workdir), _records(simulated))
+    with open(out, "w") as file:
+        json.dump({"command": " ".join(["python -m fednano_jax.deploy", *sys.argv[1:]]),
+                   "date": time.strftime("%Y-%m-%d"), "methods": figures}, file, indent=1)
+    print("\nSeconds per round (means over rounds): deployed, simulated, and the gap's parts")
+    print("| Method | deployed | simulated | client start-up | split-link training beyond simulated | Flower round trips |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for method, f in figures.items():
+        print(f"| {method} | {f['deployed_round_seconds']:.1f} | {f['simulated_round_seconds']:.1f} | "
+              f"{f['client_start_up_seconds']:.1f} | {f['split_link_training_beyond_simulated_seconds']:.1f} | "
+              f"{f['flower_round_trip_seconds']:.1f} |")
+    print(f"Written to {out}")
+
+
+def _records(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def round_timing(deployed: list[dict], simulated: list[dict]) -> dict:
+    """Per method, means over its rounds (seconds): a round's wall time deployed (as the ServerApp times it) and
+    simulated, and the gap's parts, which sum to the deployed round: client start-up (the slowest client's ClientApp
+    process, from its start to NanoEdge and the data loaded), training over the split link beyond the simulated
+    round (the slowest client's training, link and server included, less the simulated round), and Flower's round
+    trips (the rest: polling, message transfer, starting the ClientApp processes)."""
+    def mean(values):
+        return sum(values) / len(values)
+
+    figures = {}
+    for method in sorted({r["method"] for r in deployed if "client_start_seconds" in r}):
+        mine = [r for r in deployed if r["method"] == method and "client_start_seconds" in r]
+        theirs = [r for r in simulated if r["method"] == method and "round_seconds" in r]
+        deployed_round = mean([r["round_seconds"] + r.get("compile_seconds", 0.0) for r in mine])
+        simulated_round = mean([r["round_seconds"] + r.get("compile_seconds", 0.0) for r in theirs])
+        start = mean([max(r["client_start_seconds"]) for r in mine])
+        train = mean([max(r["client_train_seconds"]) for r in mine])
+        figures[method] = {"rounds": len(mine), "deployed_round_seconds": deployed_round,
+                           "simulated_round_seconds": simulated_round, "client_start_up_seconds": start,
+                           "split_link_training_beyond_simulated_seconds": train - simulated_round,
+                           "flower_round_trip_seconds": deployed_round - start - train}
+    return figures
 
 
 def forwarded_config_flags() -> list[str]:
@@ -151,7 +209,7 @@ class LocalFederation:
     def _start_superlink(self) -> None:
         self.superlink_port = free_port()
         command = ["flower-superlink", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                   "--port", str(self.superlink_port), "--database", os.path.join(self.base, "superlink.db")]
+                   "--port", str(self.superlink_port)]  # its state in memory: each run registers its nodes anew
         command += (["--ssl-certfile", self.tls.certificate, "--ssl-keyfile", self.tls.key, "--ssl-ca-certfile",
                      self.tls.authority, "--enable-supernode-auth"] if self.tls else ["--insecure"])
         self._spawn("superlink", command)

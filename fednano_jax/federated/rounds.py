@@ -229,13 +229,16 @@ def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int
 
 
 def _process_record(cohort: np.ndarray, failed: np.ndarray, failures: dict) -> dict:
-    """With client processes: who failed and why, and each client's bytes on the split link and upload."""
+    """With client processes: who failed and why, each client's bytes on the split link and upload, and on Flower
+    each client's start-up (its ClientApp process until NanoEdge and the data are loaded) and training seconds."""
     if not failures:
         return {}
     traffic = failures["traffic"]
+    timed = {f"client_{key}_seconds": [t.get(f"{key}_ms", 0) / 1000 for t in traffic]  # Flower's clients time both
+             for key in ("start", "train") if any(f"{key}_ms" in t for t in traffic)}
     return {"failed": cohort[failed].tolist(), "failures": [r for r in failures["reasons"] if r is not None],
             **{f"{key}_bytes": [t.get(key, 0) for t in traffic]
-               for key in ("split_sent", "split_received", "upload", "peak_rss")}}
+               for key in ("split_sent", "split_received", "upload", "peak_rss")}, **timed}
 
 
 def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, reporting: np.ndarray, round_index: int):

@@ -36,7 +36,7 @@ app = ServerApp()
 
 def experiment_config(run_config) -> ml_collections.ConfigDict:
     """The run config's `config` file (.py or .json) with its `overrides` applied."""
-    path = str(run_config.get("config", ""))
+    path = checkout_path(str(run_config.get("config", "")))
     if path.endswith(".json"):
         if not os.path.isfile(path):
             raise ConfigError(f"run config 'config' names {path!r}, which does not exist.")
@@ -65,6 +65,14 @@ def experiment_config(run_config) -> ml_collections.ConfigDict:
             raise ConfigError(f"run config 'overrides' sets {key!r} to {value!r}, but it holds a "
                               f"{type(node[last]).__name__}.") from None
     return config
+
+
+def checkout_path(path: str) -> str:
+    """A relative path as given when it exists from here, else from the checkout fednano_jax is imported from (a
+    ServerApp runs from Flower's app directory)."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), path)
 
 
 def check_flower(config) -> None:
