@@ -264,7 +264,7 @@ def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, repor
 
 def adds_remotely(run: RunContext) -> bool:
     """Secure aggregation by the clients themselves (Flower's SecAgg+ among the SuperNodes)."""
-    return run.config.fed.secure_aggregation and getattr(run.remote, "adds_securely", False)
+    return getattr(run.remote, "adds_securely", False) and run.config.fed.secure_aggregation
 
 
 def remote_secure_round(run: RunContext, server_state, cohort: np.ndarray, states, round_index: int):
