@@ -46,7 +46,8 @@ def test_deploy_under_secagg_equals_main_and_resumes_after_a_killed_superlink(ea
     assert {"split_server.log", "superlink.log", "supernode_0.log", "supernode_1.log", "flwr_run.log"} <= logs
     simulated = run_main(*flags, f"--workdir={tmp_path / 'simulated'}")
     assert simulated.returncode == 0, simulated.stderr[-3000:]
-    assert_tables_agree(accuracy_rows(workdir), accuracy_rows(tmp_path / "simulated"), client_test_sizes(simulated.stdout))
+    assert_tables_agree(accuracy_rows(workdir), accuracy_rows(tmp_path / "simulated"),
+                        client_test_sizes(simulated.stdout))
     assert_adapters_agree(adapters(workdir, "fedavg", 2), adapters(tmp_path / "simulated", "fedavg", 2), 5e-4)
 
 

@@ -98,7 +98,8 @@ def write_timing(workdir: str, out: str) -> None:
         json.dump({"command": " ".join(["python -m fednano_jax.deploy", *sys.argv[1:]]),
                    "date": time.strftime("%Y-%m-%d"), "methods": figures}, file, indent=1)
     print("\nSeconds per round (means over rounds): deployed, simulated, and the gap's parts")
-    print("| Method | deployed | simulated | client start-up | split-link training beyond simulated | Flower round trips |")
+    print("| Method | deployed | simulated | client start-up | split-link training beyond simulated "
+          "| Flower round trips |")
     print("|---|---:|---:|---:|---:|---:|")
     for method, f in figures.items():
         print(f"| {method} | {f['deployed_round_seconds']:.1f} | {f['simulated_round_seconds']:.1f} | "
@@ -199,8 +200,8 @@ class LocalFederation:
         self.tokens_file = self._private(os.path.join(directory, "all.json"), json.dumps(tokens))
         self.token_files = [self._private(os.path.join(directory, f"client_{k}"), token) for k, token in tokens.items()]
         self.split_address = f"127.0.0.1:{free_port()}"
-        command = [sys.executable, "-m", "fednano_jax.serve", *config_flags, f"--port={self.split_address.split(':')[1]}",
-                   f"--tokens={self.tokens_file}"]
+        command = [sys.executable, "-m", "fednano_jax.serve", *config_flags,
+                   f"--port={self.split_address.split(':')[1]}", f"--tokens={self.tokens_file}"]
         if self.tls:
             command += [f"--tls_cert={self.tls.certificate}", f"--tls_key={self.tls.key}"]
         self._spawn("split_server", command)

@@ -6,7 +6,7 @@ timeout): the broadcast, the client's row schedule and state in, its upload, new
 A SuperNode that errs, dies or does not answer in time is left out of that round, as a dropout. Under secure
 aggregation the round is Flower's SecAgg+ (`SecAggPlusWorkflow`): each client trains inside its masked-vector stage,
 computes its own contribution (`federated/server.client_contributions`) and sends only its masked digits
-(`flower_messages.to_limbs`); the ServerApp holds the sum alone.
+(`flower/messages.to_limbs`); the ServerApp holds the sum alone.
 """
 
 from __future__ import annotations
@@ -133,9 +133,10 @@ class FlowerClients:
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_index + 1})
         context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
         shares = len(cohort) if len(cohort) > 2 else 1.0
-        SecAggPlusKeepingEarlyLeavers(num_shares=shares, reconstruction_threshold=threshold if threshold < shares else 1.0,
-                           max_weight=1.0, timeout=self.round_timeout_s, **secagg_ranges(len(cohort)))(self.grid,
-                                                                                                        context)
+        workflow = SecAggPlusKeepingEarlyLeavers(
+            num_shares=shares, reconstruction_threshold=threshold if threshold < shares else 1.0, max_weight=1.0,
+            timeout=self.round_timeout_s, **secagg_ranges(len(cohort)))
+        workflow(self.grid, context)
         reported = strategy.reported  # node -> metrics, of the clients whose masked vectors were summed
         failures, losses, used, traffic = [], [], np.zeros(len(cohort), bool), []
         for i, k in enumerate(cohort):
@@ -152,12 +153,12 @@ class FlowerClients:
         finished = next(loss for loss, reason in zip(losses, failures) if reason is None)
         losses = [finished if reason is not None else loss for loss, reason in zip(losses, failures)]  # as plain rounds
         cost = {"secagg_seconds": time.perf_counter() - started}
+        outputs = ClientOutputs(None, None, np.array(losses))
         if strategy.aggregate is None or used.sum() < 1:
-            return ClientOutputs(None, None, np.array(losses)), failures, traffic, None, np.zeros(len(cohort), bool), cost
+            return outputs, failures, traffic, None, np.zeros(len(cohort), bool), cost
         layout = json.loads(next(m for m in reported.values() if "layout" in m)["layout"])
-        summed = from_limbs([digits * len(reported) for digits in strategy.aggregate], bits)
-        template = _template(layout)
-        return (ClientOutputs(None, None, np.array(losses)), failures, traffic, unflat(summed, template), used, cost)
+        summed = from_limbs([digits * len(reported) for digits in strategy.aggregate], bits)  # SecAgg+ hands a mean
+        return outputs, failures, traffic, unflat(summed, _template(layout)), used, cost
 
 
 def replies_by_client(replies, messages: list[Message], cohort) -> dict[int, Message]:
