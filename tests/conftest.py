@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from fednano_jax.serving.local_host import free_port  # noqa: F401 - the tests import it from here
+
 # The suite runs JAX on this host's CPU. With the compile-only GPU and TPU plugins installed
 # (requirements-aot.txt), JAX would otherwise look for those devices in every process the tests start.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -87,15 +89,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW or f"{item.path.name}::{getattr(item, 'originalname', item.name)}" in SLOW:
             item.add_marker(pytest.mark.slow)
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on at the moment, on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_line(process, text: str, timeout_s: float = 300) -> list[str]:

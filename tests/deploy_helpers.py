@@ -12,7 +12,7 @@ import time
 import numpy as np
 from conftest import ROOT
 
-from fednano_jax.commands.deploy import tagged_processes
+from fednano_jax.serving.local_host import tagged_processes
 
 SMALL = ["--config.data.train_examples=400", "--config.data.test_examples=100"]  # shorter rounds and evaluation
 

@@ -13,6 +13,7 @@ from conftest import ROOT, free_port, wait_for_line
 from fednano_jax.errors import ClientProcessError
 from fednano_jax.federated.client import ClientInputs
 from fednano_jax.serving.client_processes import ClientProcesses, pack, unpack
+from fednano_jax.serving.local_host import tagged_processes
 
 # A client process that trains by adding its id to the broadcast: the protocol without a model. Client 1 refuses
 # the method "refuse" (an error of its link, answered with a sentence) and exits in the method "die".
@@ -138,19 +139,6 @@ def test_accounting_observed_needs_a_finished_split_run(tmp_path):
 
 
 # ------------------------------------------------------------------- main --split_server, end to end (slow)
-def processes_tagged(tag: str) -> list[int]:
-    """Live processes whose environment carries `tag`: what a command started and left behind."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as file:
-                if tag.encode() in file.read():
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
-
-
 def main_command(easy_vqa_dir, workdir, *flags):
     return [sys.executable, "-m", "fednano_jax.main", "--config=configs/easyvqa_tiny.py",
             f"--config.data.dir={easy_vqa_dir}", "--config.fed.num_clients=3", "--config.fed.rounds=2",
@@ -196,7 +184,7 @@ def test_main_with_a_split_server_runs_each_client_as_a_process_and_gives_the_si
             serve.wait(timeout=60)
         except subprocess.TimeoutExpired:
             serve.kill()
-    assert processes_tagged(tag) == [], "a process the split run started is still running"
+    assert tagged_processes(tag) == [], "a process the split run started is still running"
     assert "Starting 3 client processes (NanoEdge alone" in split.stdout
     simulated = subprocess.run(main_command(easy_vqa_dir, tmp_path / "simulated"), cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=900)
@@ -259,7 +247,7 @@ def test_a_split_server_that_is_not_there_stops_the_run_with_one_sentence_and_no
                                         "client 0 after 5 attempts (failed to connect to all addresses; last error: "
                                         f"UNKNOWN: ipv4:127.0.0.1:{port}: Failed to connect to remote host: "
                                         "Connection refused)."), run.stderr[-2000:]
-    assert processes_tagged(tag) == []
+    assert tagged_processes(tag) == []
 
 
 def test_a_round_no_client_finishes_is_one_sentence_naming_the_round():

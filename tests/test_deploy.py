@@ -15,7 +15,7 @@ from conftest import free_port, run_main
 from deploy_helpers import (accuracy_rows, adapters, assert_adapters_agree, assert_tables_agree, client_test_sizes,
                             deploy, finished, settings, started, until)
 
-from fednano_jax.commands.deploy import tagged_processes
+from fednano_jax.serving.local_host import tagged_processes
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ from fednano_jax.federated.server import Aggregation, ClientUploads, client_cont
 from fednano_jax.flower.messages import reply_content, round_of, to_limbs
 from fednano_jax.metrics import process_age_seconds
 from fednano_jax.privacy import dp as client_dp
-from fednano_jax.serving.client_processes import edge_client, peak_rss_bytes
+from fednano_jax.serving.client_processes import _skeleton, edge_client, peak_rss_bytes
 from fednano_jax.serving.step_client import SplitStepError
 
 
@@ -137,8 +137,4 @@ def own_contribution(method, config, data, client_id: int, trees: dict, upload, 
     stacked, used = client_contributions(method, trees["server"], uploads, jnp.ones(1, bool),
                                          Aggregation(config.fed.rank_aggregation, dp), keys)
     return jax.tree.map(lambda x: np.asarray(x[0]), stacked), bool(np.asarray(used)[0])
-
-
-def _skeleton(tree):
-    return {key: _skeleton(value) for key, value in tree.items()} if isinstance(tree, dict) else 0
 
