@@ -140,9 +140,31 @@ def test_table_1_of_a_paper_config_needs_no_flag_and_counts_the_official_train_s
 def test_command_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "accounting.json"
     result = subprocess.run([sys.executable, "-m", "fednano_jax.accounting", "--config=configs/easyvqa_tiny.py",
-                             "--vocab_size=64", f"--out={out}"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+                             "--vocab_size=64", f"--out={out}", "--config.model.client_layers=1"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Trained and uploaded (NanoAdapters)" in result.stdout and "| FedNano |" in result.stdout
+    assert "| Client | NanoEdge + decoder layers 1..1 |" in result.stdout
     figures = json.loads(out.read_text())
     assert figures["adapters"] == 2 * 2 * 128 * 16  # two adapters, d=128, rank 16
+    assert figures["client_share"]["client_decoder_flops"] == figures["client_share"]["server_decoder_flops"]  # 1 of 2
+
+
+def test_the_clients_share_moves_k_decoder_layers_weights_and_flops_to_the_client():
+    def share_at(layers):
+        model = model_presets.llava15_7b(rank=64)
+        model.client_layers = layers
+        return report(experiment(model, train_examples=100), text_tokens=128)
+
+    plain, two = share_at(0), share_at(2)
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # q, k, v, o; gate, up, down; the two norms
+    assert plain["parameters"]["LLM (decoder, final norm, LM head)"] == 32 * layer + 4096 + 4096 * 32064
+    plain, two = plain["client_share"], two["client_share"]
+    assert two["client_frozen_bytes"] - plain["client_frozen_bytes"] == 2 * layer * 2  # bf16
+    assert plain["server_frozen_bytes"] - two["server_frozen_bytes"] == 2 * layer * 2
+    assert plain["client_decoder_flops"] == plain["client_activation_bytes"] == 0
+    assert two["client_decoder_flops"] * 30 == two["server_decoder_flops"] * 2  # 2 of 32 layers on the client
+    assert two["client_decoder_flops"] + two["server_decoder_flops"] == plain["server_decoder_flops"]
+    with pytest.raises(ConfigError, match=r"^model.client_layers must be a whole number from 0 to the decoder's 32 "
+                                          r"layers, got 33\.$"):
+        share_at(33)

@@ -1,5 +1,6 @@
 """The experiment's backbone, as its family (`model.family`, backbone/family/) builds it: a checkpoint's
-(`model.path`) or the small one pretrained here; with the config's rematerialisation applied whatever built it."""
+(`model.path`) or the small one pretrained here; with the config's rematerialisation and client layers applied whatever
+built it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from flax import nnx
 
 from fednano_jax.backbone.family import family_of
 from fednano_jax.models.mllm import MultimodalModel, split_model
+from fednano_jax.settings import require_client_layers
 
 
 def experiment_backbone(config, splits):
@@ -22,5 +24,20 @@ def with_remat(graphdef, mcfg, policy: str):
     if mcfg.llm.remat == policy:
         return graphdef, mcfg
     mcfg = dataclasses.replace(mcfg, llm=dataclasses.replace(mcfg.llm, remat=policy))
+    return model_graph(mcfg), mcfg
+
+
+def with_client_layers(graphdef, mcfg, layers: int):
+    """The model graph with the decoder's first `layers` layers on the client's side of the wire (parameters
+    unchanged; models/mllm.client_side), whatever built the backbone; `layers` checked against the decoder's."""
+    require_client_layers(layers, mcfg.llm.num_layers)
+    if mcfg.client_layers == layers:
+        return graphdef, mcfg
+    mcfg = dataclasses.replace(mcfg, client_layers=layers)
+    return model_graph(mcfg), mcfg
+
+
+def model_graph(mcfg):
+    """The graph of the model `mcfg` describes, built without allocating a parameter."""
     graphdef, _, _ = split_model(nnx.eval_shape(lambda: MultimodalModel(mcfg, nnx.Rngs(0))))
-    return graphdef, mcfg
+    return graphdef

@@ -24,6 +24,7 @@ def llava15_7b(rank: int = 64, alpha: float = 16.0) -> ConfigDict:
                  rope_theta=10000.0, rms_norm_eps=1e-5),
         vocab_size=32064,  # the checkpoint's text vocabulary, <image> (id 32000) and padding included
         adapter=dict(rank=rank, alpha=alpha, image=True, text=True, client_ranks=()),
+        client_layers=0,  # decoder layers each client runs after NanoEdge (model.client_layers)
     ))
 
 
@@ -42,6 +43,7 @@ def minigpt4(llm: dict, rank: int = 64, alpha: float = 16.0) -> ConfigDict:
         llm=llm,
         vocab_size=32000,  # Vicuna's; a loaded model embeds one more id, <image>, where the queries go
         adapter=dict(rank=rank, alpha=alpha, image=True, text=True, client_ranks=()),
+        client_layers=0,  # decoder layers each client runs after NanoEdge (model.client_layers)
     ))
 
 
@@ -68,4 +70,5 @@ def smollm2_135m(rank: int = 16, alpha: float = 32.0) -> ConfigDict:
                  rope_theta=100000.0, rms_norm_eps=1e-5),
         vocab_size=49152,
         adapter=dict(rank=rank, alpha=alpha, image=True, text=True, client_ranks=()),
+        client_layers=0,  # decoder layers each client runs after NanoEdge (model.client_layers)
     ))

@@ -12,6 +12,11 @@ Besides the adapter traffic the paper counts, a client trains its adapters by
 backpropagating through the server's frozen LLM: every local step sends the adapted
 input embeddings up and receives their gradients back (split learning), and FedNano's
 Fisher pass does the same once per local example. Those bytes are reported too.
+
+With `model.client_layers` = k each client also holds the decoder's first k layers and runs them forward and
+backward (to reach its adapters) at every step: the client's share of the frozen weights and of the decoder
+layers' FLOPs is reported for the config's k (the wire then carries hidden states of the embeddings' width, so
+the bytes above do not change).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.data.split_sizes import federated_train_rows
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.methods import METHODS
+from fednano_jax.models.llama import client_prefix_cost, layer_cost
 from fednano_jax.models.mllm import MllmConfig
+from fednano_jax.settings import require_client_layers
 from fednano_jax.weights.fill import flatten
 
 VISION = ("Vision tower", "edge/vision/", "client")  # a text-only model's (empty) row
@@ -134,6 +141,41 @@ def traffic_for(config, mcfg: MllmConfig, text_tokens: int, examples: int) -> Tr
                    jnp.dtype(mcfg.llm.dtype).itemsize, steps, examples)
 
 
+def client_share(mcfg: MllmConfig, counts: dict[str, int], layers: int, sequence_length: int) -> dict:
+    """Frozen bytes (in the decoder's dtype) and decoder-layer FLOPs per training example (forward and backward
+    to the wire) on each side when the client runs the decoder's first `layers` layers; the vision side's and the
+    LM head's FLOPs are the same at every split and left out."""
+    require_client_layers(layers, mcfg.llm.num_layers)
+    itemsize = jnp.dtype(mcfg.llm.dtype).itemsize
+    frozen = {label: n for label, n in counts.items() if not label.startswith("NanoAdapter")}
+    prefix = client_prefix_cost(mcfg.llm, layers, sequence_length)
+    one = layer_cost(mcfg.llm, sequence_length)
+    client_bytes = itemsize * sum(n for label, n in frozen.items() if side_of(label) == "client") + prefix.frozen_bytes
+    server_bytes = itemsize * sum(n for label, n in frozen.items() if side_of(label) == "server") - prefix.frozen_bytes
+    server_layers = mcfg.llm.num_layers - layers
+    return {"client_layers": layers, "decoder_layers": mcfg.llm.num_layers, "sequence_length": sequence_length,
+            "client_frozen_bytes": client_bytes, "server_frozen_bytes": server_bytes,
+            "client_activation_bytes": prefix.activation_bytes,
+            "client_decoder_flops": prefix.forward_flops + prefix.backward_flops,
+            "server_decoder_flops": server_layers * (one.forward_flops + one.backward_flops)}
+
+
+def share_table(share: dict) -> str:
+    k, layers = share["client_layers"], share["decoder_layers"]
+    total_bytes = share["client_frozen_bytes"] + share["server_frozen_bytes"]
+    total_flops = share["client_decoder_flops"] + share["server_decoder_flops"]
+    rows = (("Client", f"NanoEdge + decoder layers 1..{k}" if k else "NanoEdge", "client"),
+            ("Server", f"decoder layers {k + 1}..{layers}, final norm, LM head" if k < layers
+             else "final norm, LM head", "server"))
+    lines = ["| Side | Holds | Frozen weights | Decoder-layer FLOPs per training example (forward + backward) |",
+             "|---|---|---:|---:|"]
+    for side, holds, key in rows:
+        held, flops = share[f"{key}_frozen_bytes"], share[f"{key}_decoder_flops"]
+        lines.append(f"| {side} | {holds} | {human(held)} ({100 * held / total_bytes:.1f}%) | "
+                     f"{human(flops, 'FLOP')} ({100 * flops / total_flops:.1f}%) |")
+    return "\n".join(lines)
+
+
 def human(n: float, unit: str = "B") -> str:
     for prefix in ("", "K", "M", "G", "T"):
         if abs(n) < 1000 or prefix == "T":
@@ -169,7 +211,8 @@ def report(config, vocab_size=None, text_tokens: int = 128, examples_per_client:
     examples, source = mean_examples_per_client(config, examples_per_client)
     traffic = traffic_for(config, mcfg, text_tokens, examples)
     return {"parameters": counts, "adapters": adapter_count(counts), "total": sum(counts.values()),
-            "traffic": dataclasses.asdict(traffic), "examples_per_client_source": source, "per_client_per_round": communication(adapter_count(counts), traffic)}
+            "traffic": dataclasses.asdict(traffic), "examples_per_client_source": source, "per_client_per_round": communication(adapter_count(counts), traffic),
+            "client_share": client_share(mcfg, counts, config.model.client_layers, traffic.sequence_length)}
 
 
 def observed(config, workdir: str, vocab_size=None) -> dict:
@@ -255,6 +298,12 @@ def main() -> None:
           f"x {traffic.hidden_size} x {traffic.activation_bytes} bytes ({traffic.examples_per_client:,} local "
           f"examples per client: {figures['examples_per_client_source']}), plus FedNano's Fisher pass over them once.\n")
     print(traffic_table(figures["per_client_per_round"], traffic))
+    share = figures["client_share"]
+    print(f"\nThe client's share with model.client_layers={share['client_layers']} (of {share['decoder_layers']} "
+          f"decoder layers), weights in {config.model.dtype}, FLOPs at {share['sequence_length']} positions: each "
+          f"decoder layer run forward and backward to its input (frozen: no weight gradient); the client also keeps "
+          f"{human(share['client_activation_bytes'])} of its layers' activations per example.\n")
+    print(share_table(share))
     write_json(figures, args.out)
 
 

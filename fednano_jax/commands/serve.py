@@ -70,9 +70,11 @@ def main() -> None:
     from fednano_jax.config import read
     from fednano_jax.parallel.mesh import make_mesh, mesh_description, place_backbone
     from fednano_jax.serving.client_processes import peak_rss_bytes
-    from fednano_jax.serving.step_server import Limits, StepServer, grpc_server
+    from fednano_jax.serving.step_server import CLIENT_LAYERS_NOT_SERVED, Limits, StepServer, grpc_server
 
     config = read(FLAGS.config)
+    if config.model.client_layers:
+        raise ConfigError(CLIENT_LAYERS_NOT_SERVED)
     tokens = read_tokens(FLAGS.tokens, config.fed.num_clients)
     tls = credentials(FLAGS.tls_cert, FLAGS.tls_key)
     if not 0 <= FLAGS.port < 65536:

@@ -4,7 +4,10 @@
 it: the client embeds its batch (NanoEdge), the server runs the frozen LLM on the
 embeddings and returns the loss and d loss / d embeddings, and the client
 backpropagates those into its adapters. Only embeddings go up and only their
-gradients come down; the result equals differentiating the composed model.
+gradients come down; the result equals differentiating the composed model. With
+`model.client_layers` = k the client also runs the decoder's first k layers
+(`mllm.client_side`): the hidden states after layer k go up instead, the server runs
+the rest, and the client backpropagates through its k layers too.
 `per_example_adapter_grads` gets every example's own adapter gradient from the same
 one batched pass: rows never interact, so a row's embedding gradient of the batch's
 summed loss is its own loss's, and only the client's step is differentiated per row.
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import io_callback
 
 from fednano_jax.models.loss import Batch, mean_answer_nll, model_logits, summed_answer_nll
-from fednano_jax.models.mllm import merge_model
+from fednano_jax.models.mllm import client_side, merge_model
 from fednano_jax.streams import Purpose, generator
 
 LossFn = Callable[[jax.Array, Batch], jax.Array]
@@ -41,10 +44,10 @@ def wire_batch(batch: Batch) -> Batch:
 @dataclasses.dataclass(frozen=True)
 class Wire:
     """How the client <-> server wire is protected: labels kept on the client; Gaussian noise of std `noise`
-    on the embeddings sent up (as FL-LLaMA does), drawn from `key`. `remote`: a host function that has a server
-    elsewhere compute (loss, d loss / d embeddings), `(embeds, *REMOTE_KEYS tensors, kind=...)`, or with labels on
-    the client the logits and then the backward pass (`StepClient.wire`, `serving/step_client.py`); None: the
-    server LLM in this program."""
+    on what is sent up (the embeddings, or the hidden states after the client's layers; as FL-LLaMA does), drawn
+    from `key`. `remote`: a host function that has a server elsewhere compute (loss, d loss / d embeddings),
+    `(embeds, *REMOTE_KEYS tensors, kind=...)`, or with labels on the client the logits and then the backward
+    pass (`StepClient.wire`, `serving/step_client.py`); None: the server LLM in this program."""
 
     labels_on_client: bool = False
     noise: float = 0.0
@@ -70,15 +73,16 @@ class Wire:
         return embeds + (self.noise * jax.random.normal(self.key, embeds.shape, jnp.float32)).astype(embeds.dtype)
 
 
-def embed_grads_of(server, embeds, batch: Batch, loss_fn: LossFn, labels_on_client: bool):
-    """-> (loss, d loss / d embeddings) across the wire. Labels on the server (the paper's protocol): the
-    server computes the loss. Labels on the client (`fed.labels_on_client`): the server returns the logits
-    where the answers are, the client computes the loss and sends d loss / d logits back, and the server
-    backpropagates them; the same numbers, without a label crossing."""
+def embed_grads_of(server, embeds, batch: Batch, loss_fn: LossFn, labels_on_client: bool, first_layer: int = 0):
+    """-> (loss, d loss / d embeddings) across the wire; `embeds`: the input of decoder layer `first_layer`.
+    Labels on the server (the paper's protocol): the server computes the loss. Labels on the client
+    (`fed.labels_on_client`): the server returns the logits where the answers are, the client computes the loss
+    and sends d loss / d logits back, and the server backpropagates them; the same numbers, without a label
+    crossing."""
     if not labels_on_client:
-        return jax.value_and_grad(lambda e: loss_fn(model_logits(server, e, batch), batch))(embeds)
+        return jax.value_and_grad(lambda e: loss_fn(model_logits(server, e, batch, first_layer), batch))(embeds)
     wire = wire_batch(batch)
-    logits, server_backward = jax.vjp(lambda e: model_logits(server, e, wire), embeds)
+    logits, server_backward = jax.vjp(lambda e: model_logits(server, e, wire, first_layer), embeds)
     loss, logit_grads = jax.value_and_grad(lambda l: loss_fn(l, batch))(logits)  # on the client
     (embed_grads,) = server_backward(logit_grads)
     return loss, embed_grads
@@ -118,14 +122,16 @@ def wire_embed_grads(graphdef, frozen, adapters, embeds, batch: Batch, loss_fn: 
         return remote_labels_on_client(wire.remote, wire.sent(embeds), batch, loss_fn, vocab)
     if wire.remote is not None:
         return remote_embed_grads(wire.remote, wire.sent(embeds), batch, loss_fn)
-    server = merge_model(graphdef, frozen, adapters).server
-    return embed_grads_of(server, wire.sent(embeds), batch, loss_fn, wire.labels_on_client)
+    model = merge_model(graphdef, frozen, adapters)
+    return embed_grads_of(model.server, wire.sent(embeds), batch, loss_fn, wire.labels_on_client,
+                          model.config.client_layers)
 
 
 def adapter_value_and_grad(graphdef, frozen, adapters, batch: Batch, loss_fn: LossFn = mean_answer_nll,
                            wire: Wire = Wire()):
     def client_embed(adapter_state):
-        return merge_model(graphdef, frozen, adapter_state).edge(batch["input_ids"], batch["images"])
+        return client_side(merge_model(graphdef, frozen, adapter_state), batch["input_ids"], batch["images"],
+                           batch["attention_mask"])
 
     embeds, client_backward = jax.vjp(client_embed, adapters)
     # Additive noise: d(embeds + noise)/d embeds is the identity, so the server's gradient at the noised
@@ -144,12 +150,13 @@ def per_example_adapter_grads(graphdef, frozen, adapters, batch: Batch, loss_fn:
     count = batch["input_ids"].shape[0]
     copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (count,) + x.shape), adapters)
 
-    def embed_row(adapter_state, input_ids, images):
+    def embed_row(adapter_state, input_ids, images, attention_mask):
         row_images = None if images is None else images[None]
-        return merge_model(graphdef, frozen, adapter_state).edge(input_ids[None], row_images)[0]
+        model = merge_model(graphdef, frozen, adapter_state)
+        return client_side(model, input_ids[None], row_images, attention_mask[None])[0]
 
     def client_embed(adapter_copies):
-        return jax.vmap(embed_row)(adapter_copies, batch["input_ids"], batch["images"])
+        return jax.vmap(embed_row)(adapter_copies, batch["input_ids"], batch["images"], batch["attention_mask"])
 
     embeds, client_backward = jax.vjp(client_embed, copies)
     _, embed_grads = wire_embed_grads(graphdef, frozen, adapters, embeds, batch, loss_fn, wire)

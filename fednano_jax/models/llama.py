@@ -199,23 +199,34 @@ class LlamaDecoder(nnx.Module):
         self.lm_head = dense(rngs, config.hidden_size, config.vocab_size, dtype=jnp.dtype(config.dtype))
         self.config = config
 
-    def hidden_states(self, embeds, attention_mask):
-        """Full-sequence pass (training): causal + padding mask. Returns final normed states."""
+    def layers_between(self, x, attention_mask, start: int, stop: int):
+        """Layers [start, stop) over x [B, T, D], full sequence (training): causal + padding mask. One `lax.scan`
+        over that slice of the stacked parameters, so a decoder split between a client's first layers and the
+        server's rest runs the same layers on the same weights as the whole."""
+        if start == stop:
+            return x
         valid = attention_mask.astype(bool)
-        length = embeds.shape[1]
+        length = x.shape[1]
         causal = jnp.tril(jnp.ones((length, length), bool))
         mask = causal[None] & valid[:, None, :]
         graphdef, state = nnx.split(self.layers)
+        if (start, stop) != (0, self.config.num_layers):
+            state = jax.tree.map(lambda stacked: stacked[start:stop], state)
         body = scan_body(graphdef, self.config.remat, positions_from_mask(attention_mask), mask)
-        x, _ = jax.lax.scan(body, embeds, state)
-        return self.norm(x)
+        x, _ = jax.lax.scan(body, x, state)
+        return x
 
-    def __call__(self, embeds, attention_mask):
-        return self.lm_head(self.hidden_states(embeds, attention_mask))
+    def hidden_states(self, embeds, attention_mask, first_layer: int = 0):
+        """Final normed states of a full-sequence pass from layer `first_layer`'s input: the embeddings (0), or
+        the hidden states after a client's first `first_layer` layers."""
+        return self.norm(self.layers_between(embeds, attention_mask, first_layer, self.config.num_layers))
 
-    def logits_at(self, embeds, attention_mask, positions):
+    def __call__(self, embeds, attention_mask, first_layer: int = 0):
+        return self.lm_head(self.hidden_states(embeds, attention_mask, first_layer))
+
+    def logits_at(self, embeds, attention_mask, positions, first_layer: int = 0):
         """Logits [B, S, V] at `positions` [B, S] only: the LM head is applied to those hidden states alone."""
-        hidden = self.hidden_states(embeds, attention_mask)
+        hidden = self.hidden_states(embeds, attention_mask, first_layer)
         return self.lm_head(jnp.take_along_axis(hidden, positions[..., None], axis=1))
 
     def decode(self, embeds, positions, valid, cache: KVCache):
@@ -243,3 +254,47 @@ class LlamaDecoder(nnx.Module):
         (x, keys, values), _ = jax.lax.scan(body, (embeds, cache.keys, cache.values), (state, layer_ids))
         logits = self.lm_head(self.norm(x[:, -1]))  # greedy decoding reads only the last position
         return logits, KVCache(keys, values, valid_slots, cache.index + length)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """One decoder layer on one example of `length` positions, in a training step that backpropagates through it
+    to its input with its weights frozen (no weight gradient): what a client running the first layers pays."""
+
+    parameters: int
+    activations: int  # elements kept for the backward pass, without rematerialisation
+    forward_flops: int
+    backward_flops: int
+
+
+def layer_cost(config: LlamaConfig, length: int) -> LayerCost:
+    """Matmul FLOPs (2 per multiply-add; norms, RoPE, softmax and SwiGLU's elementwise work left out) and the
+    activations autodiff keeps. Frozen weights need no matmul input for the backward pass, which multiplies the
+    output gradient by each weight alone (as many FLOPs as the forward matmul); attention's two products need
+    the gradients of both their operands (twice their forward FLOPs). Kept: both norms' inputs, q, k, v, the
+    attention probabilities [heads, T, T] and the MLP's gate and up outputs."""
+    d, f, head_dim = config.hidden_size, config.intermediate_size, config.resolved_head_dim
+    q_width, kv_width = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    projections = 2 * d * q_width + 2 * d * kv_width + 3 * d * f  # q, o; k, v; gate, up, down
+    attention = 2 * 2 * length * length * q_width  # scores q k^T and probabilities @ v, every (query, key) pair
+    kept = length * (2 * d + q_width + 2 * kv_width + 2 * f) + config.num_heads * length * length
+    return LayerCost(parameters=projections + 2 * d, activations=kept,
+                     forward_flops=2 * length * projections + attention,
+                     backward_flops=2 * length * projections + 2 * attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixCost:
+    """What running the decoder's first layers adds to a client, per training example."""
+
+    frozen_bytes: int  # the layers' weights, held on the client
+    activation_bytes: int  # what their backward pass keeps, per example
+    forward_flops: int
+    backward_flops: int
+
+
+def client_prefix_cost(config: LlamaConfig, layers: int, length: int) -> PrefixCost:
+    """The first `layers` decoder layers at `length` positions, in the decoder's dtype."""
+    one, itemsize = layer_cost(config, length), jnp.dtype(config.dtype).itemsize
+    return PrefixCost(layers * one.parameters * itemsize, layers * one.activations * itemsize,
+                      layers * one.forward_flops, layers * one.backward_flops)

@@ -73,8 +73,9 @@ def summed_answer_nll(logits: jax.Array, batch: Batch) -> jax.Array:
     return -log_probs.sum()
 
 
-def model_logits(server, embeds: jax.Array, batch: Batch) -> jax.Array:
-    """The server LLM's logits where the loss reads them: at the slots if the batch has them."""
+def model_logits(server, embeds: jax.Array, batch: Batch, first_layer: int = 0) -> jax.Array:
+    """The server LLM's logits where the loss reads them: at the slots if the batch has them. `embeds` are the
+    input of layer `first_layer` (the embeddings, or what a client's first layers sent)."""
     if has_slots(batch):
-        return server.logits_at(embeds, batch["attention_mask"], batch["answer_positions"])
-    return server(embeds, batch["attention_mask"])
+        return server.logits_at(embeds, batch["attention_mask"], batch["answer_positions"], first_layer)
+    return server(embeds, batch["attention_mask"], first_layer)

@@ -4,6 +4,8 @@ NanoEdge (client): vision tower, connector, token embeddings and the two
 NanoAdapters (A_I on projected image tokens, A_T on text token embeddings); it
 turns token ids and images into input embeddings. The server keeps the LLM
 (decoder blocks, final norm, LM head) frozen and turns embeddings into logits.
+With `MllmConfig.client_layers` = k the client also runs the decoder's first k
+layers (frozen) and the server the rest (`client_side`; FedSEA-LLaMA's split).
 Image tokens are spliced where the (already expanded) `<image>` placeholder ids sit,
 as LLaVA does. The vision side is whatever module `MllmConfig.vision` builds (`build`): LLaVA's CLIP
 tower (then a projector) or MiniGPT-4's EVA ViT and Q-Former (then `llama_proj`); the server is
@@ -57,6 +59,8 @@ class MllmConfig:
     embed_vocab_size: int | None = None  # rows of the client's embedding table, when it has ids the LM head has not
                                           # (an `<image>` token added to a text-only LLM's tokenizer)
     decoder: type = LlamaDecoder  # the server's module, built as decoder(llm, rngs): the backbone family names it
+    client_layers: int = 0  # the decoder's first layers, run (frozen) by the client after NanoEdge: the wire carries
+                            # their output (model.client_layers)
 
 
 def splice_image_features(text_embeds: jax.Array, image_features: jax.Array, is_image: jax.Array) -> jax.Array:
@@ -111,6 +115,16 @@ class MultimodalModel(nnx.Module):
 
     def __call__(self, input_ids, attention_mask, images=None):
         return self.server(self.edge(input_ids, images), attention_mask)
+
+
+def client_side(model: nnx.Module, input_ids: jax.Array, images, attention_mask: jax.Array) -> jax.Array:
+    """What a client sends the server (`MultimodalModel`, or `EdgeModel` alone): NanoEdge's embeddings, through the
+    decoder's first `config.client_layers` layers. Those layers are the first slice of the decoder's stacked
+    layers (no copy of their weights); the server goes on from layer `client_layers` (`LlamaDecoder`'s
+    `first_layer`), so the two sides compose to the whole model."""
+    embeds = model.edge(input_ids, images)
+    layers = model.config.client_layers
+    return model.server.layers_between(embeds, attention_mask, 0, layers) if layers else embeds
 
 
 class EdgeModel(nnx.Module):

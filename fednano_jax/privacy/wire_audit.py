@@ -1,11 +1,12 @@
-"""Attacks on what FedNano's split wire shows the server: the adapted input embedding of every token.
+"""Attacks on what FedNano's split wire shows the server: the adapted input embedding of every token (with
+`model.client_layers` = k, its hidden state after the decoder's first k layers).
 
 A server that knows the backbone (a public checkpoint) knows its embedding table, so it can read an
 embedding back as the nearest row of that table; or it can learn an inverter (a linear softmax map
-from embeddings to token ids) from a few public examples embedded by the untrained NanoEdge. The
-recovery rate is the share of text tokens an attack names exactly, reported separately for prompt
-tokens and answer tokens (teacher forcing feeds the answer to the model as input, so it is on the wire
-whether or not the labels are).
+from what is sent to token ids) from a few public examples through the untrained NanoEdge (and the
+first k layers, which it has too). The recovery rate is the share of text tokens an attack names
+exactly, reported separately for prompt tokens and answer tokens (teacher forcing feeds the answer to the
+model as input, so it is on the wire whether or not the labels are).
 """
 
 from __future__ import annotations

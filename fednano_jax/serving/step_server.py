@@ -54,6 +54,9 @@ UNBATCHED = {NEXT: NEXT_TENSORS, "logits": LOGITS_TENSORS, "backward": BACKWARD_
 # name -> (dtype, rank): what a step request holds besides the header.
 STEP_TENSORS = {"embeds": (np.float32, 3), "attention_mask": (np.bool_, 2), "input_ids": (np.int32, 2),
                 "loss_mask": (np.bool_, 2), "answer_positions": (np.int32, 2), "answer_valid": (np.bool_, 2)}
+# Why a split run refuses model.client_layers > 0 (commands/serve.py, experiment.check_split).
+CLIENT_LAYERS_NOT_SERVED = ("model.client_layers must be 0 with a split-step server: it runs every decoder layer on "
+                            "the embeddings it receives, and a client process holds NanoEdge alone.")
 
 
 @dataclasses.dataclass(frozen=True)
