@@ -37,6 +37,9 @@ def get_config() -> ConfigDict:
     config.model.adapter = ConfigDict(dict(rank=16, alpha=32.0, image=True, text=True))
     # Heterogeneous ranks: e.g. (16, 8, 4), cycled over the clients (models/adapter_ranks.py); () = all at `rank`.
     config.model.adapter.client_ranks = ()
+    # The decoder's first layers, run frozen by each client after NanoEdge: the wire then carries the hidden states
+    # after them instead of the embeddings (the same model and gradients; 0 = FedNano's split, the embeddings).
+    config.model.client_layers = 0
 
     config.pretrain = ConfigDict()
     config.pretrain.seed = 0  # the backbone: held-aside images, initialisation, batch order
@@ -54,6 +57,11 @@ def get_config() -> ConfigDict:
     config.fed.methods = ("fedavg", "fednano")
     config.fed.num_clients = 5
     config.fed.clients_per_round = 0  # cohort sampled each round; 0 = every client
+    # "fixed": that many clients, drawn anew each round; "poisson": each client independently at rate
+    # clients_per_round / num_clients, in cohort_capacity slots (0: the expected cohort + 3 std; a larger draw is
+    # truncated); "cyclic": the clients split into num_clients / clients_per_round groups that take turns
+    config.fed.cohort_sampling = "fixed"
+    config.fed.cohort_capacity = 0
     config.fed.dropout = 0.0  # probability that a sampled client never reports in a round
     config.fed.rounds = 5
     config.fed.local_epochs = 1
@@ -86,7 +94,9 @@ def get_config() -> ConfigDict:
         target_epsilon=0.0,  # > 0: solve noise_multiplier for this epsilon over fed.rounds
         adaptive=False, target_quantile=0.5, clip_learning_rate=0.2,  # adaptive clipping (Andrew et al. 2021)
         count_stddev=0.0,  # adaptive: noise of the clipped count (0: clients_per_round / 20)
-        accountant="rdp"))  # or "pld"
+        accountant="rdp",  # or "pld"
+        mechanism="gaussian",  # or "ftrl": DP-FTRL's BandMF noise, correlated over rounds (fed.cohort_sampling="cyclic")
+        ftrl_bands=0))  # ftrl: BandMF's bands (0: the cycle, num_clients / clients_per_round)
     # Secure aggregation (Bonawitz et al. 2017, fednano_jax/privacy/secagg.py): the server sees masked uploads
     # and their sum only; threshold: the survivors needed to unmask (0: a majority of the cohort).
     config.fed.labels_on_client = False  # True: the server returns answer logits, the client computes the loss

@@ -16,7 +16,8 @@ from fednano_jax.backbone.family import family_of, without_derived_family
 from fednano_jax.data.prompts import TEMPLATES
 from fednano_jax.errors import ConfigError
 from fednano_jax.privacy import dp as client_dp
-from fednano_jax.settings import DEFAULT_DATASET, NO_SERVER_OPTIMIZER, Data, Experiment, Fed, plain, require
+from fednano_jax.settings import (DEFAULT_DATASET, FTRL, NO_SERVER_OPTIMIZER, Data, Experiment, Fed, plain,
+                                  require, require_client_layers)
 
 
 def read(config, known_methods: dict | None = None, run: bool = True) -> Experiment:
@@ -45,6 +46,7 @@ def validate(experiment: Experiment, known_methods: dict) -> None:
             "only the shapes).")
     require(model.template in TEMPLATES, f"model.prompt must be one of {sorted(TEMPLATES)}, got {model.prompt!r}.")
     family_of(experiment).check(experiment)  # model.family (or the one its keys describe) and that family's own
+    check_client_layers(experiment)
     methods = experiment.fed.methods
     for name in methods:
         require(name in known_methods, f"Unknown method {name!r} in fed.methods; expected one of {sorted(known_methods)}.")
@@ -52,6 +54,13 @@ def validate(experiment: Experiment, known_methods: dict) -> None:
     _validate_dp(experiment, known_methods)
     if experiment.fed.secure_aggregation:
         _without_sums(experiment, known_methods, "fed.secure_aggregation")
+
+
+def check_client_layers(experiment: Experiment) -> None:
+    """model.client_layers at most the decoder's layers (read from the shapes the config describes)."""
+    layers = experiment.model.client_layers
+    if layers:
+        require_client_layers(layers, family_of(experiment).shapes(experiment, vocab_fallback=2).llm.num_layers)
 
 
 def check_data(experiment: Experiment) -> None:
@@ -96,8 +105,10 @@ def _validate_client_ranks(experiment: Experiment, known_methods: dict) -> None:
 # default (settings.py) they stay out of the fingerprint, so older workdirs still resume.
 ADDED_LATER = {"fed": ("fisher_examples", "server_optimizer", "server_learning_rate", "server_momentum",
                        "fisher_example_weights", "rank_aggregation", "dp", "secure_aggregation", "secagg_threshold",
-                       "labels_on_client", "wire_noise"),
+                       "labels_on_client", "wire_noise", "cohort_sampling", "cohort_capacity"),
+               "dp": ("mechanism", "ftrl_bands"),
                "adapter": ("client_ranks",),
+               "model": ("client_layers",),
                "data": ("name", "partition", "min_client_size", "categories_per_client", "size_exponent", "natural_key")}
 HOW_TO_RUN = ("rounds", "mode", "methods", "client_chunk", "pack_clients", "pack_padding")  # fed keys left out
 
@@ -114,6 +125,11 @@ def _fed_fingerprint(fed) -> dict:
     defaults = {**_defaults(Fed), **{k: v for m in METHODS.values() for k, v in _defaults(m.Hyperparameters).items()}}
     out = {k: v for k, v in fed.as_dict().items()
            if k not in HOW_TO_RUN and not (k in ADDED_LATER["fed"] and v == defaults[k])}
+    if "dp" in out:
+        dp_defaults = _defaults(type(fed.dp))
+        out["dp"] = {k: v for k, v in out["dp"].items() if not (k in ADDED_LATER["dp"] and v == dp_defaults[k])}
+        if fed.dp.mechanism == FTRL:  # its noise matrix and its guarantee are planned for the run's rounds
+            out["rounds"] = fed.rounds
     if fed.server_optimizer != NO_SERVER_OPTIMIZER:  # the step it really takes (0: the optimizer's own)
         out["server_learning_rate"] = fed.effective_server_learning_rate
     return out
@@ -132,6 +148,7 @@ def resume_fingerprint(experiment: Experiment, backbone_key: str) -> dict:
             and not (k in ADDED_LATER["data"] and v == data_defaults[k])}
     model = without_derived_family(experiment.model)  # naming a config's own family keeps its fingerprint
     model["adapter"] = {k: v for k, v in model["adapter"].items() if not (k in ADDED_LATER["adapter"] and not v)}
+    model = {k: v for k, v in model.items() if not (k in ADDED_LATER["model"] and not v)}
     return {"seed": experiment.seed, "model": model, "data": data, "fed": _fed_fingerprint(experiment.fed),
             "backbone": backbone_key}
 

@@ -12,7 +12,7 @@ import sys
 import time
 
 from fednano_jax.backbone import pretrain
-from fednano_jax.backbone.build import experiment_backbone, with_remat
+from fednano_jax.backbone.build import experiment_backbone, with_client_layers, with_remat
 from fednano_jax.backbone.family import family_of
 from fednano_jax.config import read, resume_fingerprint
 from fednano_jax.data import datasets, pipeline
@@ -28,6 +28,7 @@ from fednano_jax.metrics import MetricsLog, Phases
 from fednano_jax.models.mllm import count_params
 from fednano_jax.parallel.xla_stats import use_compilation_cache
 from fednano_jax.serving.client_processes import ClientProcesses, LinkedDecoders, SplitLink
+from fednano_jax.serving.step_server import CLIENT_LAYERS_NOT_SERVED
 from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_description, place_backbone
 
 
@@ -61,6 +62,8 @@ def check_split(config) -> None:
     if "feddpa_f" in config.fed.methods:
         raise ConfigError("FedDPA-F's evaluation mixes its global and local adapters inside the decoder's pass, which "
                           "the split-step server does not serve; leave feddpa_f out of fed.methods with --split_server.")
+    if config.model.client_layers:
+        raise ConfigError(CLIENT_LAYERS_NOT_SERVED)
 
 
 def start_client_processes(config, workdir: str, link: SplitLink) -> ClientProcesses:
@@ -114,6 +117,7 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None, clients
     if split is None:
         graphdef, frozen, adapters, tokenizer, mcfg = experiment_backbone(config, splits)
         graphdef, mcfg = with_remat(graphdef, mcfg, config.model.remat)
+        graphdef, mcfg = with_client_layers(graphdef, mcfg, config.model.client_layers)
     else:  # the decoder stays on the split-step server: NanoEdge alone here, for evaluation over the link
         graphdef, frozen, adapters, tokenizer, mcfg = family_of(config).edge(config)
     # Placed once: training and the evaluator share this one copy of the backbone.
@@ -129,7 +133,8 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None, clients
     except ValueError as error:
         raise ConfigError(str(error)) from error
     sizes = [len(r) for r in data.client_train]
-    print(f"{config.fed.num_clients} clients, train examples {sizes}, test examples {[len(r) for r in data.client_test]}")
+    print(f"{config.fed.num_clients} clients, train examples {_sizes(sizes)}, test examples "
+          f"{_sizes([len(r) for r in data.client_test])}")
     device_data = device_dataset(data.train, data.images, config.data.stream_images)
     phases.mark("data")
     links = LinkedDecoders(split) if split is not None else None
@@ -188,3 +193,10 @@ def run_methods(config, workdir, fingerprint, graphdef, frozen, adapters, device
         rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown", "rank_average")
                               if key in final}
     return rows, seconds, histories
+
+
+def _sizes(sizes: list[int]) -> str:
+    """Each client's count, or beyond 20 clients their range and total."""
+    if len(sizes) <= 20:
+        return str(sizes)
+    return f"{min(sizes)} to {max(sizes)} per client ({sum(sizes)} in all)"

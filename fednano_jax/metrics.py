@@ -31,7 +31,8 @@ def scalars(record: dict) -> dict[str, float]:
     if record.get("train_loss"):
         out["train_loss"] = float(np.mean(record["train_loss"]))
     for client, accuracy in enumerate(record.get("accuracy") or []):
-        out[f"client_accuracy/C{client + 1}"] = float(accuracy)
+        if accuracy == accuracy:  # a client without test examples has no accuracy (NaN): no scalar
+            out[f"client_accuracy/C{client + 1}"] = float(accuracy)
     return out
 
 

@@ -55,7 +55,7 @@ def dry_run(config) -> str:
     sizes = [len(r) for r in _client_train_rows(config, splits)]
     fed = config.fed
     steps = steps_per_epoch([range(n) for n in sizes], fed.batch_size)
-    cohort = fed.clients_per_round or fed.num_clients
+    cohort = fed.cohort_size  # the round program's client slots (a Poisson cohort's capacity)
     _, frozen, adapters = abstract_model(mcfg)
     return "\n".join([
         f"Dry run of {config.name}: every check a run makes before training passed; nothing was trained or written.",

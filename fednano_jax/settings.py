@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -33,6 +34,10 @@ RANK_AGGREGATIONS = (MASKED, ZERO_PAD)  # models/adapter_ranks.py
 AUTO, CENTRAL, DISTRIBUTED = "auto", "central", "distributed"
 NOISE_PLACEMENTS = (AUTO, CENTRAL, DISTRIBUTED)  # privacy/dp.py
 ACCOUNTANTS = ("rdp", "pld")  # privacy/accountant.py
+GAUSSIAN, FTRL = "gaussian", "ftrl"
+DP_MECHANISMS = (GAUSSIAN, FTRL)  # privacy/dp.py: DP-FedAvg's independent noise, or DP-FTRL's correlated noise
+FIXED, POISSON, CYCLIC = "fixed", "poisson", "cyclic"
+COHORT_SAMPLINGS = (FIXED, POISSON, CYCLIC)  # federated/schedule.py
 PARTITIONS = ("dirichlet", "iid", "pathological", "size_skew", "natural")  # data/partition.py
 DEFAULT_DATASET = "easyvqa"
 DATASET_FORMATS = {"easyvqa": ("official",), "scienceqa": ("official", "parquet"), "iconqa": ("official",)}
@@ -179,6 +184,14 @@ class Adapter(Record):
                 f"got {self.client_ranks}.")
 
 
+def require_client_layers(client_layers, decoder_layers: int | None = None) -> None:
+    """model.client_layers: a count from 0 to the decoder's layers (where they are known)."""
+    most = "the decoder's number of layers" if decoder_layers is None else f"the decoder's {decoder_layers} layers"
+    require(isinstance(client_layers, int) and not isinstance(client_layers, bool) and client_layers >= 0
+            and (decoder_layers is None or client_layers <= decoder_layers),
+            f"model.client_layers must be a whole number from 0 to {most}, got {client_layers!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Model(Record):
     """The backbone. `family` selects its registry entry (backbone/family/); the free-form sections (`vision`,
@@ -196,9 +209,11 @@ class Model(Record):
     qformer: Any = None
     minigpt4: Any = None
     adapter: Adapter = Adapter()
+    client_layers: int = 0  # the decoder's first layers, run frozen by each client: the wire carries their output
 
     def __post_init__(self):
         require(self.remat in REMAT_POLICIES, f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}.")
+        require_client_layers(self.client_layers)
 
     @property
     def template(self) -> str:
@@ -241,10 +256,23 @@ class Dp(Record):
     clip_learning_rate: float = 0.2
     count_stddev: float = 0.0  # adaptive: noise of the clipped count (0: the cohort / 20)
     accountant: str = "rdp"
+    mechanism: str = GAUSSIAN  # DP-FedAvg (fresh noise each round) or DP-FTRL (BandMF noise, correlated over rounds)
+    ftrl_bands: int = 0  # ftrl: the bands of BandMF's matrix (0: the cycle of fed.cohort_sampling='cyclic')
 
     def __post_init__(self):
         if not self.enabled:
             return
+        require(self.mechanism in DP_MECHANISMS,
+                f"fed.dp.mechanism must be one of {list(DP_MECHANISMS)}, got {self.mechanism!r}.")
+        require(self.ftrl_bands >= 0, f"fed.dp.ftrl_bands must be 0 (the cycle) or a positive count, got "
+                f"{self.ftrl_bands}.")
+        require(self.mechanism == FTRL or self.ftrl_bands == 0,
+                "fed.dp.ftrl_bands applies only to fed.dp.mechanism='ftrl'; leave it at 0.")
+        if self.mechanism == FTRL:
+            require(not self.adaptive, "fed.dp.adaptive does not apply to fed.dp.mechanism='ftrl' (its clipped "
+                    "count would be one more release to account); use a fixed fed.dp.clip_norm.")
+            require(self.noise != DISTRIBUTED, "fed.dp.mechanism='ftrl' adds its correlated noise on the server; "
+                    "set fed.dp.noise='central' (distributed shares of it are not implemented).")
         require(self.clip_norm > 0, f"fed.dp.clip_norm must be positive, got {self.clip_norm}.")
         require(self.accountant in ACCOUNTANTS,
                 f"fed.dp.accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}.")
@@ -264,13 +292,22 @@ class Dp(Record):
 DEFAULT_SERVER_LEARNING_RATES = {"avgm": 1.0, "adagrad": 0.1, "adam": 0.01, "yogi": 0.01}
 
 
+def automatic_capacity(expected: int, num_clients: int) -> int:
+    """Poisson cohorts' slots: the expected cohort plus three standard deviations of its size. A larger draw (about
+    one round in 700) is truncated to a random subset, which the accountant's truncated event accounts for."""
+    q = expected / num_clients
+    return min(num_clients, expected + math.ceil(3 * math.sqrt(expected * (1 - q))))
+
+
 @dataclasses.dataclass(frozen=True)
 class Fed(Record):
     """The federation and its rounds. Methods' own hyperparameters: `hyperparameters[name]`."""
 
     methods: tuple[str, ...] = ("fedavg", "fednano")
     num_clients: int = 5
-    clients_per_round: int = 0  # 0: every client
+    clients_per_round: int = 0  # 0: every client; under poisson sampling the expected cohort
+    cohort_sampling: str = FIXED  # fixed-size cohorts, each client independently (poisson), or groups in turn (cyclic)
+    cohort_capacity: int = 0  # poisson: the round program's client slots, a larger draw truncated (0: automatic)
     dropout: float = 0.0  # probability that a sampled client never reports in a round
     rounds: int = 5
     local_epochs: int = 1
@@ -322,6 +359,7 @@ class Fed(Record):
         require(self.rank_aggregation in RANK_AGGREGATIONS,
                 f"fed.rank_aggregation must be one of {list(RANK_AGGREGATIONS)}, got {self.rank_aggregation!r}.")
         require(self.wire_noise >= 0, f"fed.wire_noise must be a non-negative std, got {self.wire_noise}.")
+        self._check_cohort_sampling()
         if self.secure_aggregation:
             require(0 <= self.secagg_threshold <= self.cohort_size, f"fed.secagg_threshold must be between 0 "
                     f"(a majority) and the cohort size {self.cohort_size}, got {self.secagg_threshold}.")
@@ -342,7 +380,49 @@ class Fed(Record):
 
     @property
     def cohort_size(self) -> int:
+        """The round program's client slots: the cohort, or under poisson sampling its capacity."""
+        if self.cohort_sampling == POISSON:
+            return self.cohort_capacity or automatic_capacity(self.clients_per_round, self.num_clients)
+        return self.expected_cohort
+
+    @property
+    def expected_cohort(self) -> int:
         return self.clients_per_round or self.num_clients
+
+    @property
+    def cycle(self) -> int:
+        """cyclic sampling: the rounds between a client's turns (the groups the clients are split into)."""
+        return self.num_clients // self.expected_cohort
+
+    def _check_cohort_sampling(self) -> None:
+        sampling = self.cohort_sampling
+        require(sampling in COHORT_SAMPLINGS,
+                f"fed.cohort_sampling must be one of {list(COHORT_SAMPLINGS)}, got {sampling!r}.")
+        require(sampling == FIXED or 0 < self.clients_per_round < self.num_clients,
+                f"fed.cohort_sampling={sampling!r} needs fed.clients_per_round between 1 and fed.num_clients - 1 "
+                f"(the expected cohort), got {self.clients_per_round}.")
+        require(sampling == POISSON or self.cohort_capacity == 0,
+                "fed.cohort_capacity applies only to fed.cohort_sampling='poisson'; leave it at 0.")
+        if sampling == POISSON:
+            require(self.cohort_capacity == 0 or self.clients_per_round <= self.cohort_capacity <= self.num_clients,
+                    f"fed.cohort_capacity must be 0 (automatic) or between fed.clients_per_round="
+                    f"{self.clients_per_round} and fed.num_clients={self.num_clients}, got {self.cohort_capacity}.")
+            require(not self.secure_aggregation, "fed.cohort_sampling='poisson' runs a cohort of varying size in "
+                    "fixed client slots, which secure aggregation's threshold does not model; use 'fixed'.")
+        if sampling == CYCLIC:
+            require(self.num_clients % self.clients_per_round == 0,
+                    f"fed.cohort_sampling='cyclic' splits the clients into equal groups, so fed.num_clients="
+                    f"{self.num_clients} must be a multiple of fed.clients_per_round={self.clients_per_round}.")
+        if self.dp.enabled and self.dp.mechanism == FTRL:
+            require(sampling == CYCLIC, "fed.dp.mechanism='ftrl' needs a minimum separation between a client's "
+                    "turns: set fed.cohort_sampling='cyclic'.")
+            require(not self.secure_aggregation, "fed.dp.mechanism='ftrl' adds its noise on the server, after the "
+                    "sum: it does not run under fed.secure_aggregation.")
+            require(self.dp.ftrl_bands <= self.cycle, f"fed.dp.ftrl_bands must be at most the cycle "
+                    f"(fed.num_clients / fed.clients_per_round = {self.cycle}), got {self.dp.ftrl_bands}.")
+        if self.dp.enabled and self.dp.accountant == "rdp":
+            require(sampling != POISSON, "fed.cohort_sampling='poisson' truncates a draw beyond "
+                    "fed.cohort_capacity, which only the PLD accountant accounts for: set fed.dp.accountant='pld'.")
 
     @property
     def effective_server_learning_rate(self) -> float:

@@ -30,6 +30,7 @@ class Purpose(enum.IntEnum):
     SECAGG_KEYS = 12  # a client's X25519 key and self-mask seed in a round of secure aggregation
     SECAGG_SHARES = 13  # the random coefficients of its Shamir shares
     WIRE_NOISE = 14  # the Gaussian noise on the embeddings a client sends the server (fed.wire_noise)
+    FTRL_NOISE = 15  # DP-FTRL's noise key, one per run: round t's noise is C⁻¹z's row t (privacy/ftrl.py)
 
 
 def generator(seed: int, purpose: Purpose, round_index: int = 0, client_id: int = 0) -> np.random.Generator:

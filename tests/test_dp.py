@@ -25,6 +25,12 @@ UPLOADS = {"down": jnp.arange(24.0).reshape(3, 4, 2) / 10, "up": 1 + jnp.arange(
 COUNTS = jnp.array([10.0, 20.0, 30.0])
 
 
+def sampled(q: float, num_clients: int = 100):
+    """Fixed-size cohorts at rate q, as the accountant sees them."""
+    cohort = round(q * num_clients)
+    return accountant.Participation("fixed", num_clients, cohort, cohort)
+
+
 def fed(fed_keys=None, **dp):
     keys = {**dict(num_clients=3, clients_per_round=0, rounds=4, fisher_floor=1e-6), **(fed_keys or {})}
     return fed_of(**keys, dp={"enabled": True, **dp})
@@ -44,14 +50,15 @@ def test_epsilon_is_dp_accountings_own(name, z, q, rounds):
     ledger = dp_accounting.rdp.RdpAccountant() if name == "rdp" else dp_accounting.pld.PLDAccountant()
     event = dp_accounting.GaussianDpEvent(z)
     ledger.compose(event if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, event), rounds)
-    assert accountant.epsilon(z, q, rounds, 1e-5, name) == pytest.approx(ledger.get_epsilon(1e-5), rel=1e-9)
-    assert accountant.epsilon(z, q, rounds, 1e-5, name) > accountant.epsilon(2 * z, q, rounds, 1e-5, name)
+    ours = accountant.epsilon(z, sampled(q), rounds, 1e-5, name)
+    assert ours == pytest.approx(ledger.get_epsilon(1e-5), rel=1e-9)
+    assert ours > accountant.epsilon(2 * z, sampled(q), rounds, 1e-5, name)
 
 
 def test_target_epsilon_solves_the_noise_for_the_runs_rounds():
     dp = settings(target_epsilon=3.0)
     assert dp.epsilon(4) == pytest.approx(3.0, rel=0.01) and dp.epsilon(4) <= 3.0 + 1e-6
-    assert accountant.epsilon(0.9 * dp.noise_multiplier, 1.0, 4, 1e-5) > 3.0  # less noise would overspend
+    assert accountant.epsilon(0.9 * dp.noise_multiplier, sampled(1.0, 3), 4, 1e-5) > 3.0  # less would overspend
 
 
 def private_round(name, dp, key=jax.random.key(0), fishers=None, reporting=(True, True, True)):
@@ -168,7 +175,8 @@ def test_the_fisher_merge_noises_each_released_sum_at_its_sensitivity_over_its_s
     assert stds == pytest.approx({"delta": 0.5 * 0.3 * 30.0 / math.sqrt(0.9),
                                   "delta_correction": 0.5 * 0.3 * 30.0 / math.sqrt(0.05),
                                   "weight_correction": 0.5 * 30.0 * math.sqrt(16 * entries) / math.sqrt(0.05)})
-    draws = jax.vmap(lambda k: client_dp.release(dp, sums, stds, k))(jax.random.split(jax.random.key(3), 3000))
+    draws = jax.vmap(lambda k: client_dp.release(dp, sums, stds, k, state(dp)[client_dp.STATE]))(
+        jax.random.split(jax.random.key(3), 3000))
     for name, std in stds.items():
         noise = np.concatenate([np.asarray(d - s[None]).ravel() for d, s in
                                 zip(jax.tree.leaves(draws[name]), jax.tree.leaves(sums[name]))])
@@ -203,7 +211,7 @@ def test_dp_settings_that_cannot_run_are_one_sentence():
 
 def test_pld_refuses_noise_too_small_to_discretise():
     with pytest.raises(ValueError, match="The PLD accountant needs fed.dp.noise_multiplier >= 0.3"):
-        accountant.epsilon(0.01, 1.0, 5, 1e-5, "pld")
+        accountant.epsilon(0.01, sampled(1.0), 5, 1e-5, "pld")
     config = tiny_dp_config(accountant="pld", noise_multiplier=0.1)
     with pytest.raises(ConfigError, match="use fed.dp.accountant='rdp'"):
         read(config)
@@ -219,7 +227,7 @@ def test_a_dp_round_reports_epsilon_and_without_noise_or_clipping_trains_as_toda
                  plain.server["adapters"])
     noised = federated_run(tiny_config, "fedavg", num_clients=4, cohort=2, fed={"dp": dict(
         enabled=True, noise_multiplier=1.0, clip_norm=0.1)})
-    assert noised.history[0]["epsilon"] == accountant.epsilon(1.0, 0.5, 1, 1e-5)
+    assert noised.history[0]["epsilon"] == accountant.epsilon(1.0, sampled(0.5, 4), 1, 1e-5)
     assert noised.history[0]["clip_norm"] == pytest.approx(0.1)
 
 
@@ -231,7 +239,8 @@ def test_distributed_shares_sum_to_at_least_the_central_noise_and_the_server_kno
     dp = client_dp.settings(config, [1, 2, 3, 4, 5])
     assert dp.distributed and dp.noise_shares == 3
     assert client_dp.client_share_scale(dp) == pytest.approx(1 / math.sqrt(3))
-    in_sums = client_dp.noise_in_sums(dp, {"delta": 2.0}, jnp.asarray(5))
+    in_sums = client_dp.noise_in_sums(dp, {"delta": 2.0}, jnp.asarray(5), {})
     assert float(in_sums["delta"]) == pytest.approx(2.0 * math.sqrt(5 / 3))
     central = client_dp.settings(fed(noise_multiplier=1.0, clip_norm=0.5), [1, 2, 3])
-    assert not central.distributed and client_dp.noise_in_sums(central, {"delta": 2.0}, jnp.asarray(3)) == {"delta": 2.0}
+    assert not central.distributed
+    assert client_dp.noise_in_sums(central, {"delta": 2.0}, jnp.asarray(3), {}) == {"delta": 2.0}

@@ -88,7 +88,7 @@ def test_every_table_keyed_by_a_setting_names_exactly_its_choices():
     for kind in settings.PARTITIONS:
         assert Partition(kind=kind).describe()
     for name in settings.ACCOUNTANTS:
-        assert accountant.epsilon(1.0, 1.0, 1, 1e-5, name) > 0
+        assert accountant.epsilon(1.0, accountant.Participation("fixed", 2, 2, 2), 1, 1e-5, name) > 0
     assert {dp.CENTRAL, dp.DISTRIBUTED, dp.AUTO} == set(settings.NOISE_PLACEMENTS)
 
 

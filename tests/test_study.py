@@ -167,3 +167,33 @@ def test_tier_averages_are_each_rank_tiers_clients():
     assert tier_averages(result, "FedNano") == [30.0, 30.0, 30.0]
     result = {"results": {"FedNano": {"accuracy": [10.0, 20.0, 60.0, 50.0, 80.0]}}}
     assert tier_averages(result, "FedNano") == [30.0, 50.0, 60.0]
+
+
+def test_the_dp_study_sets_each_mechanism_against_non_private_fednano(tmp_path):
+    from configs.easyvqa_tiny import get_config
+    from fednano_jax.commands.study import DP_MECHANISMS, EPSILONS, cells, dp_table, paired_test
+
+    grid = cells("dp", get_config())
+    assert len(grid) == 1 + len(DP_MECHANISMS) * len(EPSILONS)
+    assert grid["dpftrl_eps3"]["fed.cohort_sampling"] == "cyclic" and grid["dpfedavg_eps1"]["fed.dp.target_epsilon"] == 1
+    assert all(o["fed.num_clients"] == 1000 and o["fed.dp.delta"] == pytest.approx(1000 ** -1.1)
+               for name, o in grid.items() if name != "nodp")
+    seeds = 3
+
+    def labels(cell):
+        return ("FedAvg", "FedNano") if cell == "nodp" else ("FedAvg + DP (ε=3.00, δ=0.0005)",
+                                                             "FedNano + DP (ε=3.00, δ=0.0005)")
+
+    results = fake_results(grid, seeds, labels)
+    for (seed, cell), result in results.items():
+        last = {"update_noise_norm": 0.6, "round_clip_norm": 0.3, "noise_multiplier": 1.25}
+        result["history"] = {label: [last] for label in labels(cell)}
+    table = dp_table(results, seeds, str(tmp_path)).splitlines()
+    assert table[0].startswith("| Mechanism | ε | z | noise ‖·‖ / C | FedAvg | FedNano |")
+    assert len(table) == 2 + len(grid)
+    ftrl_one = next(line for line in table if line.startswith("| DP-FTRL") and "| 1 |" in line)
+    values = lambda cell, label: [results[(s, cell)]["results"][label]["average"] for s in range(seeds)]  # noqa
+    diff, half, p = paired_test(values("dpftrl_eps1", labels("x")[1]), values("nodp", "FedNano"))
+    assert ftrl_one.split("|")[3:5] == [" 1.250 ", " 2.00 "]
+    assert ftrl_one.split("|")[7:9] == [f" {diff:+.2f} ± {half:.2f} ", f" {p:.3f} "]
+    assert (tmp_path / "dp.csv").exists() and (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 1000

@@ -10,7 +10,11 @@ against FedAvg (same seeds, same partitions): `clients` (5 to 50 clients, cohort
 beyond 10), `heterogeneity` (Dirichlet alpha 0.05 to 10, and pathological), `merge`
 (FedAvg, the Fisher merge, the Fisher merge without its |D_k| weights, each with and
 without a server Adam step) and `ranks` (clients in rank tiers 16/8/4, aggregated under
-their masks or zero-padded as HetLoRA does, against everyone at rank 4 and everyone at 16).
+their masks or zero-padded as HetLoRA does, against everyone at rank 4 and everyone at 16); and `dp`
+(3 seeds): client-level DP at population scale, 1,000 clients over every training question with
+cohorts of about 100, FedAvg and FedNano non-private and at ε 8, 3 and 1 (δ = 1/N^1.1, the noise solved
+for the rounds) under DP-FedAvg with Poisson cohorts (fixed and adaptive clipping) and DP-FTRL with
+cyclic turns, against non-private FedNano (paired), with a plot of accuracy against ε.
 Each cell is one `fednano_jax.main` run
 in `<workdir>/seed<s>/<cell>`; a cell whose results.json exists is not run again,
 and a half-finished one resumes from its round checkpoints. Every method sees the
@@ -62,7 +66,19 @@ RANK_CELLS = {  # cell -> (its row name, its overrides)
                              {"model.adapter.client_ranks": TIERS, "fed.rank_aggregation": "zero_pad"}),
     "ranks_smallest": (f"everyone at rank {TIERS[-1]}", {"model.adapter.client_ranks": TIERS[-1:]}),
 }
-DEFAULT_SEEDS = {"clients": 5, "heterogeneity": 5, "merge": 5, "ranks": 5}  # the others: 1
+# DP at population scale: 1,000 clients over every training question, Poisson cohorts of about 100, δ = 1/N^1.1,
+# the noise solved for each ε over the run's rounds; the rounds and C from the sweep in docs/privacy.md.
+POPULATION, EXPECTED_COHORT, DP_ROUNDS, DP_CLIP = 1000, 100, 10, 0.3
+EPSILONS = (8.0, 3.0, 1.0)
+DP_POPULATION = {"fed.methods": COMPARED, "fed.num_clients": POPULATION, "fed.clients_per_round": EXPECTED_COHORT,
+                 "fed.rounds": DP_ROUNDS, "data.train_examples": 0, "data.test_examples": 2000,
+                 "eval.every_rounds": 0}
+DP_MECHANISMS = {  # cell prefix -> (row name, overrides)
+    "dpfedavg": ("DP-FedAvg, fixed C", {"fed.cohort_sampling": "poisson"}),
+    "dpfedavg_adaptive": ("DP-FedAvg, adaptive C", {"fed.cohort_sampling": "poisson", "fed.dp.adaptive": True}),
+    "dpftrl": ("DP-FTRL (BandMF, cyclic turns), fixed C", {"fed.cohort_sampling": "cyclic", "fed.dp.mechanism": "ftrl"}),
+}
+DEFAULT_SEEDS = {"clients": 5, "heterogeneity": 5, "merge": 5, "ranks": 5, "dp": 3}  # the others: 1
 
 
 def frequency_grid(config) -> list[tuple[int, int]]:
@@ -94,8 +110,21 @@ def cells(study: str, config) -> dict[str, dict]:
     if study == "ranks":
         return {name: {"fed.methods": COMPARED, "model.adapter.rank": TIERS[0], **overrides}
                 for name, (_, overrides) in RANK_CELLS.items()}
+    if study == "dp":
+        return dp_cells()
     return {f"rounds{r}_epochs{e}": {"fed.methods": COMPARED, "fed.rounds": r, "fed.local_epochs": e}
             for r, e in frequency_grid(config)}
+
+
+def dp_cells() -> dict[str, dict]:
+    """The non-private run, then each mechanism at each ε."""
+    private = {"fed.dp.enabled": True, "fed.dp.accountant": "pld", "fed.dp.delta": POPULATION ** -1.1,
+               "fed.dp.clip_norm": DP_CLIP}
+    grid = {"nodp": {**DP_POPULATION, "fed.cohort_sampling": "poisson"}}
+    for prefix, (_, overrides) in DP_MECHANISMS.items():
+        for epsilon in EPSILONS:
+            grid[f"{prefix}_eps{epsilon:g}"] = {**DP_POPULATION, **private, **overrides, "fed.dp.target_epsilon": epsilon}
+    return grid
 
 
 def with_overrides(config, overrides: dict, seed: int):
@@ -327,6 +356,60 @@ def ranks_table(results: dict, seeds: int, workdir: str) -> str:
     return write_table(os.path.join(workdir, "ranks"), header, rows)
 
 
+def dp_table(results: dict, seeds: int, workdir: str) -> str:
+    """The dp study: per mechanism and ε, FedAvg's and FedNano's mean ± 95% CI, FedNano against non-private FedNano
+    (paired), the noise multiplier and the noise's norm on the mean update against C (the first seed's run)."""
+    header = ["Mechanism", "ε", "z", "noise ‖·‖ / C", "FedAvg", "FedNano", "FedNano - non-private FedNano", "p"]
+    plain = {label: averages(results, seeds, "nodp", label) for label in ("FedAvg", "FedNano")}
+    rows = [["none (non-private)", "∞", "-", "-", with_ci(plain["FedAvg"]), with_ci(plain["FedNano"]), "-", "-"]]
+    curves = {}
+    for prefix, (name, _) in DP_MECHANISMS.items():
+        for epsilon in EPSILONS:
+            cell = f"{prefix}_eps{epsilon:g}"
+            labels = {_base_label(label): label for label in results[(0, cell)]["history"]}
+            values = {base: averages(results, seeds, cell, label) for base, label in labels.items()}
+            last = results[(0, cell)]["history"][labels["FedNano"]][-1]
+            ratio = last["update_noise_norm"] / last["round_clip_norm"]
+            z = last["noise_multiplier"]
+            rows.append([name, f"{epsilon:g}", f"{z:.3f}", f"{ratio:.2f}", with_ci(values["FedAvg"]),
+                         with_ci(values["FedNano"]), *difference(values["FedNano"], plain["FedNano"])])
+            for base, series in values.items():
+                curves.setdefault(f"{base}, {name}", []).append(mean_ci(series))
+    plot_epsilon(curves, {base: mean_ci(v) for base, v in plain.items()}, os.path.join(workdir, "accuracy_vs_epsilon.png"))
+    return write_table(os.path.join(workdir, "dp"), header, rows)
+
+
+def _base_label(label: str) -> str:
+    """'FedNano + DP (ε=3.00, δ=0.0005)' -> 'FedNano'."""
+    return label.split(" + DP")[0]
+
+
+def plot_epsilon(curves: dict[str, list], plain: dict[str, tuple[float, float]], path: str) -> None:
+    """Accuracy against ε (log axis), mean and 95% CI, one line per method and mechanism; non-private as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        means, halves = np.array([m for m, _ in points]), np.nan_to_num([h for _, h in points])
+        ax.errorbar(EPSILONS, means, yerr=halves, marker="o", capsize=3, label=name,
+                    linestyle="-" if name.startswith("FedNano") else "--")
+    for base, (mean, _) in plain.items():
+        ax.axhline(mean, color="grey", linestyle="-" if base == "FedNano" else "--", alpha=0.6)
+        ax.annotate(f"{base}, non-private", (EPSILONS[-1], mean), fontsize=7, va="bottom")
+    ax.set_xscale("log")
+    ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
+    ax.set_xlabel("ε (δ = 1/N^1.1)")
+    ax.set_ylabel("average client accuracy (%): mean, 95% CI")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_bars(series: dict[str, tuple[float, float]], path: str) -> None:
     """name -> (mean, 95% CI half-width): a dot with its interval per row."""
     import matplotlib
@@ -395,6 +478,8 @@ def main() -> None:
         table = ranks_table(results, seeds, workdir)
     elif study in ("clients", "heterogeneity"):
         table = compared_table(study, results, seeds, workdir, config)
+    elif study == "dp":
+        table = dp_table(results, seeds, workdir)
     else:
         table = sweep_table(study, results, seeds, workdir, config)
     print(f"\n{study} study, {seeds} seed(s), average client accuracy (%):\n{table}")
@@ -405,10 +490,10 @@ def define_flags() -> None:
     """Command-line flags, defined only when run as a command (importing this module defines none)."""
     cli.define_config_flag(lock=False)
     flags.DEFINE_enum("study", "main", ["main", "adapters", "rank", "frequency", "clients", "heterogeneity", "merge",
-                                               "ranks"],
+                                               "ranks", "dp"],
                       "Which study to run.")
-    flags.DEFINE_integer("seeds", None, "Number of seeds (0..seeds-1): 5 for clients, heterogeneity, merge and ranks "
-                         "(mean ± 95% CI, paired test), else 1 (mean ± std).")
+    flags.DEFINE_integer("seeds", None, "Number of seeds (0..seeds-1): 5 for clients, heterogeneity, merge and ranks, "
+                         "3 for dp (mean ± 95% CI, paired test), else 1 (mean ± std).")
     flags.DEFINE_string("workdir", None, "Study directory (default: runs/<config.name>/study_<study>).")
     flags.DEFINE_bool("dry_run", False, "Check every cell as `main --dry_run` does and stop: nothing is trained.")
 

@@ -1,4 +1,5 @@
-"""Table-2-style results: rows are methods, columns C1..CK and Avg (accuracy in %); for ScienceQA
+"""Table-2-style results: rows are methods, columns C1..CK and Avg (accuracy in %; beyond 20 clients, quartiles
+over the clients instead of a column each); for ScienceQA
 and IconQA a second table with the official breakdown (overall, then each group's accuracy)."""
 
 from __future__ import annotations
@@ -6,16 +7,34 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
+MOST_CLIENT_COLUMNS = 20  # beyond this many clients the table summarises them (results.json keeps each one)
+
 
 def results_table(rows: dict[str, dict], client_ranks=None) -> str:
     """`client_ranks`: each client's adapter rank, shown in its column's header (heterogeneous ranks)."""
     num_clients = len(next(iter(rows.values()))["accuracy"])
+    if num_clients > MOST_CLIENT_COLUMNS:
+        return population_table(rows)
     header = ["Method"] + [f"C{k + 1}" + (f" (r={client_ranks[k]})" if client_ranks is not None else "")
                            for k in range(num_clients)] + ["Avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (num_clients + 1)) + "|"]
     for name, result in rows.items():
         cells = [f"{100 * a:.2f}" for a in result["accuracy"]] + [f"{100 * result['average']:.2f}"]
         lines.append("| " + " | ".join([name] + cells) + " |")
+    return "\n".join(lines)
+
+
+def population_table(rows: dict[str, dict]) -> str:
+    """Methods x (clients with test examples, their accuracy's quartiles, Avg): a federation too large for a column
+    per client."""
+    lines = ["| Method | clients evaluated | lower quartile | median | upper quartile | Avg |", "|---|---:|---:|---:|---:|---:|"]
+    for name, result in rows.items():
+        scores = np.asarray(result["accuracy"], float)
+        scores = 100 * scores[~np.isnan(scores)]
+        quartiles = [f"{q:.2f}" for q in np.percentile(scores, [25, 50, 75])] if len(scores) else ["-"] * 3
+        lines.append(f"| {name} | {len(scores)} | " + " | ".join(quartiles) + f" | {100 * result['average']:.2f} |")
     return "\n".join(lines)
 
 

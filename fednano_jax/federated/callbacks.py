@@ -17,12 +17,21 @@ from fednano_jax.privacy import dp as client_dp
 
 
 def dp_accounting(dp: client_dp.DpSettings | None) -> Callable:
-    """Under client-level DP: the guarantee so far (ε at δ) and the clip norm the next round uses."""
+    """Under client-level DP: the guarantee so far (ε at δ), the clip norm the next round uses, and the noise this
+    round put on the mean update (std per adapter entry, and its norm over all of them, to set against C)."""
 
     def after_round(run, state, record, last):
-        if dp is not None:
-            record.update(epsilon=dp.epsilon(record["round"]), delta=dp.delta,
-                          clip_norm=float(meshes.to_host(state["server"][client_dp.STATE]["clip_norm"])))
+        if dp is None:
+            return
+        server = state["server"]
+        clip_norm = float(meshes.to_host(server[client_dp.STATE]["clip_norm"]))
+        adapters = jax.tree.map(meshes.to_host, server["adapters"])
+        bounds = run.method.dp_bounds(record["round_clip_norm"], adapters)
+        std = client_dp.mean_update_noise(dp, bounds, run.method.unweighted, record["round"] - 1)
+        entries = sum(x.size for x in jax.tree.leaves(adapters))
+        record.update(epsilon=dp.epsilon(record["round"]), delta=dp.delta, noise_multiplier=dp.noise_multiplier,
+                      clip_norm=clip_norm,
+                      update_noise_std=std, update_noise_norm=std * entries ** 0.5)
 
     return after_round
 

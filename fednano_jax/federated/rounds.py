@@ -22,12 +22,12 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from fednano_jax.errors import CheckpointMismatch, ClientProcessError
+from fednano_jax.errors import CheckpointMismatch, ClientProcessError, ConfigError
 from fednano_jax.federated import callbacks
 from fednano_jax.federated.checkpoints import RoundCheckpoints
 from fednano_jax.federated.client import ClientInputs, in_chunks, make_client_programs, make_packed_program
 from fednano_jax.federated.packing import packed_schedule
-from fednano_jax.federated.schedule import client_schedule, sample_cohort, steps_per_epoch
+from fednano_jax.federated.schedule import client_schedule, round_cohort, steps_per_epoch
 from fednano_jax.federated.secure import secure_sums
 from fednano_jax.federated.server import (Aggregation, ClientUploads, client_contributions, finalize_round,
                                           reporting_clients, server_round)
@@ -37,7 +37,7 @@ from fednano_jax.parallel import mesh as meshes
 from fednano_jax.parallel.xla_stats import compile_clock
 from fednano_jax.privacy import dp as client_dp
 from fednano_jax.privacy.secagg import majority_threshold
-from fednano_jax.settings import MASKED
+from fednano_jax.settings import MASKED, POISSON
 from fednano_jax.streams import Purpose
 
 OPTIMIZERS = {
@@ -186,11 +186,16 @@ class RunContext:
         return jax.tree.map(meshes.to_host, outputs.upload["adapters"])
 
 
-def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int) -> tuple[dict, dict]:
+def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int,
+              sampled: np.ndarray | None = None) -> tuple[dict, dict]:
     """One round of the method over `cohort` -> (new state, the round's record): broadcast, local updates,
-    uploads of the clients that report, aggregation; after the last round, the method's phase after the rounds."""
+    uploads of the clients that report, aggregation; after the last round, the method's phase after the rounds.
+    `sampled` [K]: the slots that hold a sampled client (Poisson cohorts fill the program's slots with clients
+    that take no part); None: all."""
     method, fed, config = run.method, run.config.fed, run.config
     started = time.perf_counter()
+    dp_state = state["server"].get(client_dp.STATE)
+    clip_norm = {} if dp_state is None else {"round_clip_norm": float(meshes.to_host(dp_state["clip_norm"]))}
     broadcast = run.place_replicated(method.broadcast(state["server"]))
     summed = None
     try:
@@ -208,7 +213,8 @@ def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int
     reporting = (reporting_clients(cohort, fed.dropout, config.seed, round_index) if method.uploads
                  else np.ones(len(cohort), bool))
     failed = np.array([reason is not None for reason in failures.get("reasons", [None] * len(cohort))], bool)
-    reporting &= ~failed
+    sampled = np.ones(len(cohort), bool) if sampled is None else sampled
+    reporting &= ~failed & sampled
     if summed is not None:
         server, used, cost = summed
     else:
@@ -220,11 +226,12 @@ def run_round(run: RunContext, state: dict, cohort: np.ndarray, round_index: int
     if last:
         state["clients"] = method.after_rounds(state["server"], state["clients"], run.local_trainer)
     jax.block_until_ready(state["server"])
-    record = {"method": method.name, "round": round_index + 1, "clients": cohort.tolist(),
-              "dropped": cohort[~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
-              "used": cohort[used].tolist(), "train_loss": meshes.to_host(outputs.loss).tolist(), **steps, **cost,
+    record = {"method": method.name, "round": round_index + 1, "clients": cohort[sampled].tolist(),
+              "dropped": cohort[sampled & ~reporting].tolist(), "non_finite": cohort[reporting & ~used].tolist(),
+              "used": cohort[used].tolist(), "train_loss": meshes.to_host(outputs.loss)[sampled].tolist(),
+              **steps, **cost,
               "uploaded_bytes": int(sum(run.upload_bytes[k] for k in cohort[reporting])),
-              "round_seconds": time.perf_counter() - started, **_process_record(cohort, failed, failures)}
+              "round_seconds": time.perf_counter() - started, **clip_norm, **_process_record(cohort, failed, failures)}
     return state, record
 
 
@@ -248,7 +255,7 @@ def aggregate(run: RunContext, server_state, uploaded, cohort: np.ndarray, repor
     uploads = ClientUploads(uploaded, jnp.asarray(run.num_examples[cohort]),
                             None if ranks is None else jnp.asarray(ranks))
     dp, seed = run.aggregation.dp, run.config.seed
-    key = client_dp.noise_key(seed, round_index) if dp is not None else None
+    key = client_dp.noise_key(dp, seed, round_index) if dp is not None else None
     client_keys = client_dp.client_noise_keys(seed, round_index, cohort) if dp is not None and dp.distributed else None
     if not run.config.fed.secure_aggregation:
         server, used = run.programs.server(server_state, uploads, jnp.asarray(reporting), key, client_keys)
@@ -279,7 +286,7 @@ def remote_secure_round(run: RunContext, server_state, cohort: np.ndarray, state
         ClientInputs(rows, valid, states, run.cohort_ranks(cohort)), round_index, threshold)
     server = server_state
     if sums is not None:
-        key = client_dp.noise_key(run.config.seed, round_index) if dp is not None else None
+        key = client_dp.noise_key(dp, run.config.seed, round_index) if dp is not None else None
         server = run.programs.finalize(server_state, sums, jnp.asarray(used.sum()), key)
     steps = {"client_steps": int(valid.any(axis=2).sum()), "padded_client_steps": len(cohort) * rows.shape[1]}
     return outputs, steps, {"reasons": reasons, "traffic": traffic}, (server, used, cost)
@@ -334,6 +341,9 @@ def run_method(method, graphdef, frozen, init_adapters, device_data: dict, clien
     run = run_context(method, graphdef, frozen, init_adapters, device_data, client_rows, config, mesh)
     run.remote = remote
     fed = config.fed
+    if remote is not None and fed.cohort_sampling == POISSON:
+        raise ConfigError("fed.cohort_sampling='poisson' fills the round's client slots with clients that take no "
+                          "part, which client processes do not model; use 'fixed' or 'cyclic'.")
     init_state = {"server": jax.tree.map(np.asarray, initial_server_state(method, fed, init_adapters,
                                                                           run.aggregation.dp)),
                   "clients": _stack(method.client_state_init(init_adapters), len(run.train_rows))}
@@ -346,9 +356,9 @@ def run_method(method, graphdef, frozen, init_adapters, device_data: dict, clien
     for round_index in tqdm(range(first, fed.rounds), desc=f"{method.label} rounds", unit="round",
                             initial=first, total=fed.rounds):
         clock.take()
-        cohort = sample_cohort(len(run.train_rows), 0 if method.pooled else fed.clients_per_round, config.seed,
-                               round_index)
-        state, record = run_round(run, state, cohort, round_index)
+        cohort, sampled = (np.zeros(1, np.int64), np.ones(1, bool)) if method.pooled else round_cohort(
+            fed, len(run.train_rows), config.seed, round_index)
+        state, record = run_round(run, state, cohort, round_index, sampled)
         record["compile_seconds"] = clock.take()
         record["round_seconds"] -= record["compile_seconds"]
         for callback in after_round:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fednano_jax.settings import CYCLIC, POISSON
 from fednano_jax.streams import Purpose, generator
 
 
@@ -42,3 +43,34 @@ def sample_cohort(num_clients: int, cohort_size: int, seed: int, round_index: in
     rng = generator(seed, Purpose.COHORT, round_index)
     return np.sort(rng.choice(num_clients, size=cohort_size, replace=False))
 
+
+
+def round_cohort(fed, num_clients: int, seed: int, round_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (ids [slots], sampled [slots]): the round's clients under `fed.cohort_sampling`, in the round program's
+    slots. A slot not sampled (Poisson cohorts smaller than the capacity) holds a client that takes no part."""
+    if fed.cohort_sampling == POISSON:
+        return poisson_cohort(num_clients, fed.expected_cohort / num_clients, fed.cohort_size, seed, round_index)
+    if fed.cohort_sampling == CYCLIC:
+        cohort = cyclic_groups(num_clients, fed.cycle, seed)[round_index % fed.cycle]
+    else:
+        cohort = sample_cohort(num_clients, fed.clients_per_round, seed, round_index)
+    return cohort, np.ones(len(cohort), bool)
+
+
+def poisson_cohort(num_clients: int, probability: float, capacity: int, seed: int, round_index: int):
+    """Each client independently with `probability`; a draw larger than `capacity` keeps a random subset of that
+    size (truncated Poisson sampling); the slots left over hold the lowest ids not drawn, marked not sampled."""
+    rng = generator(seed, Purpose.COHORT, round_index)
+    drawn = np.flatnonzero(rng.random(num_clients) < probability)
+    if len(drawn) > capacity:
+        drawn = np.sort(rng.choice(drawn, size=capacity, replace=False))
+    fillers = np.setdiff1d(np.arange(num_clients), drawn)[: capacity - len(drawn)]
+    sampled = np.arange(capacity) < len(drawn)
+    return np.concatenate([drawn, fillers]).astype(np.int64), sampled
+
+
+def cyclic_groups(num_clients: int, cycle: int, seed: int) -> np.ndarray:
+    """[cycle, num_clients / cycle]: the clients in a seeded random order, cut into equal groups; round t's cohort
+    is group t mod cycle, so each client takes part exactly once every `cycle` rounds."""
+    order = generator(seed, Purpose.COHORT, 0, 1).permutation(num_clients)
+    return np.sort(order.reshape(cycle, -1), axis=1)

@@ -99,11 +99,12 @@ def finalize_round(method, server_state, sums: dict, used_count: jax.Array, aggr
     if dp is not None and sums:
         bounds = method.dp_bounds(server_state[client_dp.STATE]["clip_norm"], server_state["adapters"])
         stds = client_dp.noise_stds(dp, bounds, method.unweighted)
-        released = client_dp.release(dp, sums, stds, key)
+        dp_state = server_state[client_dp.STATE]
+        released = client_dp.release(dp, sums, stds, key, dp_state)
         expected = dp.expected_weight if public_weight is None else public_weight
-        in_sums = client_dp.noise_in_sums(dp, stds, used_count)
+        in_sums = client_dp.noise_in_sums(dp, stds, used_count, dp_state)
         updated = method.finalize(server_state, client_dp.finish(released, in_sums, expected))
-        updated[client_dp.STATE] = client_dp.next_state(dp, server_state[client_dp.STATE], released[client_dp.WITHIN])
+        updated[client_dp.STATE] = client_dp.next_state(dp, dp_state, released[client_dp.WITHIN])
     else:
         updated = method.finalize(server_state, sums)
     updated = server_optimizer.step(optimizer, server_state, updated)

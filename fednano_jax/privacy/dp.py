@@ -38,8 +38,12 @@ rounds where the whole cohort reports). With secure aggregation the server never
 The shares are continuous Gaussians rounded to the secure sum's fixed point (2^-40), not the discrete
 Gaussian a formal distributed-DP proof would use.
 
-Noise keys are pure functions of (seed, round) and, per client, (seed, round, client id): a resumed run adds
-the same noise.
+DP-FTRL (`fed.dp.mechanism='ftrl'`, `ftrl.py`) replaces the independent noise by BandMF's correlated noise: the
+same clipping, sums, shares and post-processing, each σ_e times √k (a client's turns under cyclic cohorts), and
+round t's noise is row t of C⁻¹z; its accounting is one Gaussian release for the whole run (`accountant.py`).
+
+Noise keys are pure functions of (seed, round) and, per client, (seed, round, client id), or under DP-FTRL of the
+seed and the round index kept in the DP state: a resumed run adds the same noise.
 """
 
 from __future__ import annotations
@@ -51,13 +55,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fednano_jax.privacy import accountant
+from fednano_jax.privacy import accountant, ftrl
 from fednano_jax.privacy.secagg import majority_threshold
-from fednano_jax.settings import AUTO, CENTRAL, DISTRIBUTED
+from fednano_jax.settings import AUTO, CENTRAL, DISTRIBUTED, FTRL, GAUSSIAN
 from fednano_jax.streams import Purpose, generator
 
 STATE = "dp"  # its key in the server state
 WEIGHT = "weight"  # the contribution entry the ratio divides by (federated/aggregation.py): public under DP
+UPDATE = "delta"  # the contribution entry of the update, the ratio's numerator (federated/aggregation.py)
 CORRECTION = "_correction"  # the ending of a correction's name (aggregation.CORRECTIONS)
 WITHIN = "within_clip"  # the adaptive-clipping count's entry among the sums
 
@@ -67,7 +72,7 @@ class DpSettings:
     """What a run's DP aggregation needs, fixed when it starts (static under jit)."""
 
     noise_multiplier: float  # z: the whole mechanism's, what the accountant composes
-    sampling_probability: float  # q
+    participation: accountant.Participation  # who takes part in a round: q, or the cycle
     clip_norm: float  # C at the start (the fixed C without adaptive clipping)
     delta: float
     expected_weight: float  # q · Σ_all w_k: the public weights' sum the server divides by
@@ -80,6 +85,18 @@ class DpSettings:
     accountant: str = "rdp"
     noise: str = CENTRAL  # who adds the noise: the server, or each client its share
     noise_shares: int = 1  # t: the clients whose shares add up to the central noise (distributed noise)
+    mechanism: str = GAUSSIAN  # or FTRL: BandMF's noise, correlated over the rounds
+    rounds: int = 1  # the run's planned rounds: DP-FTRL's matrix size, and what its guarantee covers
+    bands: int = 1  # DP-FTRL: BandMF's bands
+
+    @property
+    def sampling_probability(self) -> float:
+        """q: the share of the clients in a round's cohort (expected)."""
+        return self.participation.probability
+
+    @property
+    def ftrl(self) -> bool:
+        return self.mechanism == FTRL
 
     @property
     def update_noise_multiplier(self) -> float:
@@ -93,8 +110,8 @@ class DpSettings:
         return self.noise == DISTRIBUTED
 
     def epsilon(self, rounds: int) -> float:
-        return accountant.epsilon(self.noise_multiplier, self.sampling_probability, rounds, self.delta,
-                                  self.accountant)
+        return accountant.epsilon(self.noise_multiplier, self.participation, rounds, self.delta, self.accountant,
+                                  self.mechanism, max(rounds, self.rounds))
 
 
 def settings(fed, client_weights) -> DpSettings | None:
@@ -104,31 +121,39 @@ def settings(fed, client_weights) -> DpSettings | None:
     if not dp.enabled:
         return None
     weights = np.asarray(client_weights, np.float64)
-    cohort = fed.cohort_size
-    q = cohort / fed.num_clients
+    cohort = fed.expected_cohort
+    participation = accountant.participation_of(fed)
     z = dp.noise_multiplier
     if dp.target_epsilon > 0:
-        z = accountant.noise_for_epsilon(dp.target_epsilon, q, fed.rounds, dp.delta, dp.accountant)
+        z = accountant.noise_for_epsilon(dp.target_epsilon, participation, fed.rounds, dp.delta, dp.accountant,
+                                         dp.mechanism)
     count_stddev = dp.count_stddev or cohort / 20  # Andrew et al.'s default
     secure = fed.secure_aggregation
     noise = dp.noise if dp.noise != AUTO else (DISTRIBUTED if secure else CENTRAL)
     shares = (fed.secagg_threshold or majority_threshold(cohort)) if secure else cohort
-    return DpSettings(noise_multiplier=float(z), sampling_probability=q, clip_norm=float(dp.clip_norm),
+    q = participation.probability
+    return DpSettings(noise_multiplier=float(z), participation=participation, clip_norm=float(dp.clip_norm),
                       delta=float(dp.delta), expected_weight=float(q * weights.sum()), max_weight=float(weights.max()),
                       expected_clients=float(q * fed.num_clients), adaptive=dp.adaptive,
                       target_quantile=float(dp.target_quantile), clip_learning_rate=float(dp.clip_learning_rate),
-                      count_stddev=float(count_stddev), accountant=dp.accountant, noise=noise, noise_shares=int(shares))
+                      count_stddev=float(count_stddev), accountant=dp.accountant, noise=noise, noise_shares=int(shares),
+                      mechanism=dp.mechanism, rounds=fed.rounds, bands=dp.ftrl_bands or participation.cycle)
 
 
 def init_state(dp: DpSettings | None, server_state: dict) -> dict:
+    """The server state with DP's: the clip norm, and under DP-FTRL the index of the next round's noise row."""
     if dp is None:
         return server_state
-    return {**server_state, STATE: {"clip_norm": np.float32(dp.clip_norm)}}
+    state = {"clip_norm": np.float32(dp.clip_norm)}
+    if dp.ftrl:
+        state["step"] = np.int32(0)
+    return {**server_state, STATE: state}
 
 
-def noise_key(seed: int, round_index: int) -> jax.Array:
-    """The server's noise key of a round (central noise)."""
-    return jax.random.key(int(generator(seed, Purpose.DP_NOISE, round_index).integers(2**31)))
+def noise_key(dp: DpSettings, seed: int, round_index: int) -> jax.Array:
+    """The server's noise key of a round (central noise); under DP-FTRL the run's one key."""
+    stream = generator(seed, Purpose.FTRL_NOISE) if dp.ftrl else generator(seed, Purpose.DP_NOISE, round_index)
+    return jax.random.key(int(stream.integers(2**31)))
 
 
 def client_noise_keys(seed: int, round_index: int, client_ids) -> jax.Array:
@@ -155,8 +180,19 @@ def noise_stds(dp: DpSettings, bounds: dict, unweighted: tuple[str, ...]) -> dic
     budget (module docstring); None without noise."""
     if dp.update_noise_multiplier == 0:
         return None
-    return {name: dp.update_noise_multiplier * bound * (1.0 if name in unweighted else dp.max_weight) / math.sqrt(share)
-            for name, (bound, share) in bounds.items()}
+    turns = ftrl.sensitivity_scale(dp.participation.turns(dp.rounds)) if dp.ftrl else 1.0
+    return {name: dp.update_noise_multiplier * turns * bound * (1.0 if name in unweighted else dp.max_weight)
+            / math.sqrt(share) for name, (bound, share) in bounds.items()}
+
+
+def mean_update_noise(dp: DpSettings, bounds: dict, unweighted: tuple[str, ...], step: int) -> float:
+    """The std, per adapter entry, of the noise on the mean update the server applies in round `step` (0-based):
+    the released update sum's σ over the public weight it is divided by (central noise; before post-processing)."""
+    stds = noise_stds(dp, bounds, unweighted)
+    if stds is None:
+        return 0.0
+    row = float(ftrl.row_norms(dp.rounds, dp.bands)[min(step, dp.rounds - 1)]) if dp.ftrl else 1.0
+    return float(stds[UPDATE]) * row / dp.expected_weight
 
 
 def add_noise(key: jax.Array, sums: dict, stds: dict, scale: float = 1.0) -> dict:
@@ -181,19 +217,26 @@ def client_share_scale(dp: DpSettings) -> float:
 
 
 # ------------------------------------------------------------------ the server's side: noise, finish, adapt C
-def release(dp: DpSettings, sums: dict, stds: dict, key: jax.Array | None) -> dict:
-    """The sums as released: the server adds the noise here under central noise (the clients added theirs)."""
+def release(dp: DpSettings, sums: dict, stds: dict, key: jax.Array | None, state: dict) -> dict:
+    """The sums as released: the server adds the noise here under central noise (the clients added theirs);
+    under DP-FTRL round `state["step"]`'s correlated noise."""
     if dp.distributed or stds is None:
         return sums
+    if dp.ftrl:
+        return ftrl.add_correlated_noise(key, sums, stds, state["step"], dp.rounds, dp.bands)
     noised = add_noise(key, sums, stds)
     if dp.adaptive:
         noised[WITHIN] = sums[WITHIN] + count_noise(dp, key)
     return noised
 
 
-def noise_in_sums(dp: DpSettings, stds: dict | None, used_count) -> dict | None:
-    """The noise std each released sum carries: the central σ_e, or, under distributed noise, the shares of the
-    `used_count` clients summed, σ_e √(used / t) (at least σ_e once t clients are summed)."""
+def noise_in_sums(dp: DpSettings, stds: dict | None, used_count, state: dict) -> dict | None:
+    """The noise std each released sum carries: the central σ_e (under DP-FTRL times the norm of the round's row
+    of C⁻¹), or, under distributed noise, the shares of the `used_count` clients summed, σ_e √(used / t) (at least
+    σ_e once t clients are summed)."""
+    if stds is not None and dp.ftrl:
+        row = jnp.asarray(ftrl.row_norms(dp.rounds, dp.bands))[state["step"]]
+        return {name: std * row for name, std in stds.items()}
     if stds is None or not dp.distributed:
         return stds
     scale = jnp.sqrt(used_count.astype(jnp.float32)) * client_share_scale(dp)
@@ -228,7 +271,10 @@ def shrink_toward_zero(noised: jax.Array, noise_std) -> jax.Array:
 
 
 def next_state(dp: DpSettings, state: dict, within_count: jax.Array) -> dict:
-    """The DP state after a round: C moved towards the target quantile (adaptive clipping) or kept."""
+    """The DP state after a round: C moved towards the target quantile (adaptive clipping) or kept; DP-FTRL's
+    next noise row."""
+    if dp.ftrl:
+        return {**state, "step": state["step"] + 1}
     if not dp.adaptive:
         return state
     fraction = within_count / dp.expected_clients
