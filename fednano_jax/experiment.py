@@ -17,7 +17,7 @@ from fednano_jax.backbone.family import family_of
 from fednano_jax.config import read, resume_fingerprint
 from fednano_jax.data import datasets, pipeline
 from fednano_jax.data.batches import device_dataset
-from fednano_jax.data.partition import Partition
+from fednano_jax.data.partition import Partition, sizes_text
 from fednano_jax.errors import ConfigError
 from fednano_jax.eval.evaluate import Evaluator
 from fednano_jax.eval.report import write_report
@@ -133,8 +133,8 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None, clients
     except ValueError as error:
         raise ConfigError(str(error)) from error
     sizes = [len(r) for r in data.client_train]
-    print(f"{config.fed.num_clients} clients, train examples {_sizes(sizes)}, test examples "
-          f"{_sizes([len(r) for r in data.client_test])}")
+    print(f"{config.fed.num_clients} clients, train examples {sizes_text(sizes)}, test examples "
+          f"{sizes_text([len(r) for r in data.client_test])}")
     device_data = device_dataset(data.train, data.images, config.data.stream_images)
     phases.mark("data")
     links = LinkedDecoders(split) if split is not None else None
@@ -193,10 +193,3 @@ def run_methods(config, workdir, fingerprint, graphdef, frozen, adapters, device
         rows[method.label] = {key: final[key] for key in ("accuracy", "average", "breakdown", "rank_average")
                               if key in final}
     return rows, seconds, histories
-
-
-def _sizes(sizes: list[int]) -> str:
-    """Each client's count, or beyond 20 clients their range and total."""
-    if len(sizes) <= 20:
-        return str(sizes)
-    return f"{min(sizes)} to {max(sizes)} per client ({sum(sizes)} in all)"

@@ -16,7 +16,7 @@ from fednano_jax.backbone.stored import stored_backbones
 from fednano_jax.backbone.synthetic import abstract_model
 from fednano_jax.config import read
 from fednano_jax.data import datasets, pipeline
-from fednano_jax.data.partition import Partition
+from fednano_jax.data.partition import Partition, sizes_text
 from fednano_jax.errors import ConfigError
 from fednano_jax.federated.schedule import steps_per_epoch
 from fednano_jax.models.mllm import count_params
@@ -61,7 +61,7 @@ def dry_run(config) -> str:
         f"Dry run of {config.name}: every check a run makes before training passed; nothing was trained or written.",
         mesh_description(mesh),
         f"Data: {datasets.dataset_name(config)}, {sum(sizes):,} training examples over {fed.num_clients} clients "
-        f"{sizes}",
+        f"{sizes_text(sizes)}",
         f"Backbone: {backbone_source(config, checkpoint is not None and checkpoint.vision is not None)}",
         f"Model: {mcfg.llm.num_layers} decoder layers of width {mcfg.llm.hidden_size}, vocabulary "
         f"{mcfg.llm.vocab_size:,}, {mcfg.vision.num_image_tokens if mcfg.vision else 0} image tokens: "

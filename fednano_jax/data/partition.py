@@ -154,3 +154,10 @@ def dirichlet_partition(categories: Sequence, num_clients: int, alpha: float, se
     category_order = sorted(set(categories))
     proportions = dirichlet_proportions(len(category_order), num_clients, alpha, seed)
     return partition_by_proportions(categories, proportions, category_order, seed)
+
+
+def sizes_text(sizes: list[int]) -> str:
+    """Each client's count, or beyond 20 clients their range and total (a federation too large to list)."""
+    if len(sizes) <= 20:
+        return str(list(sizes))
+    return f"{min(sizes)} to {max(sizes)} per client ({sum(sizes):,} in all)"
