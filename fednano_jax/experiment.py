@@ -26,7 +26,7 @@ from fednano_jax.federated.methods import get_method
 from fednano_jax.federated.rounds import run_method
 from fednano_jax.metrics import MetricsLog, Phases
 from fednano_jax.models.mllm import count_params
-from fednano_jax.parallel.xla_stats import use_compilation_cache
+from fednano_jax.parallel.xla_stats import use_compilation_cache_of
 from fednano_jax.serving.client_processes import ClientProcesses, LinkedDecoders, SplitLink
 from fednano_jax.serving.step_server import CLIENT_LAYERS_NOT_SERVED
 from fednano_jax.parallel.mesh import is_main_process, make_mesh, mesh_description, place_backbone
@@ -92,8 +92,7 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None, clients
     # -------------------------------------------------------------- Config
     phases = Phases()
     config = read(config)
-    # Beside the pretrained backbones' cache: a second run of a config compiles nothing.
-    use_compilation_cache(os.path.join(os.path.dirname(os.path.expanduser(config.pretrain.cache_dir)), "xla"))
+    use_compilation_cache_of(config)
     if split is not None:
         check_split(config)
     prepare_workdir(workdir)

@@ -80,7 +80,20 @@ SLOW = {
 }
 
 
+# The files that take a worker longest, longest first (2026-12-05's CI log): pytest.ini turns off xdist's ordering
+# by test count, which ran these few-test files last, so that one worker sat idle while the other ran a
+# deployment; started first, the many short files fill in around them.
+LONGEST_FIRST = ("test_deploy.py", "test_deploy_faults.py", "test_client_processes.py", "test_scale.py",
+                 "test_default_run.py", "test_study.py", "test_aggregation.py", "test_sharding.py",
+                 "test_checkpoint.py", "test_federated.py", "test_ranks.py", "test_privacy_audit.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    for name in LONGEST_FIRST:
+        if not (pathlib.Path(__file__).parent / name).is_file():
+            raise pytest.UsageError(f"tests/conftest.py LONGEST_FIRST names {name!r}, which does not exist.")
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     for entry in SLOW:  # a renamed test would otherwise drop out of SLOW silently
         file, _, test = entry.partition("::")
         path = pathlib.Path(__file__).parent / file

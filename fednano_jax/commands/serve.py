@@ -70,9 +70,11 @@ def main() -> None:
     from fednano_jax.config import read
     from fednano_jax.parallel.mesh import make_mesh, mesh_description, place_backbone
     from fednano_jax.serving.client_processes import peak_rss_bytes
+    from fednano_jax.parallel.xla_stats import use_compilation_cache_of
     from fednano_jax.serving.step_server import CLIENT_LAYERS_NOT_SERVED, Limits, StepServer, grpc_server
 
     config = read(FLAGS.config)
+    use_compilation_cache_of(config)
     if config.model.client_layers:
         raise ConfigError(CLIENT_LAYERS_NOT_SERVED)
     tokens = read_tokens(FLAGS.tokens, config.fed.num_clients)

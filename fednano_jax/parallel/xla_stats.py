@@ -84,6 +84,13 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def use_compilation_cache_of(config) -> None:
+    """The compilation cache every process of a run shares (the simulation, the split-step server, each client's
+    process or Flower ClientApp): beside the config's pretrained backbones' cache, so that a second run of a config
+    compiles nothing, and a ClientApp, which Flower starts afresh for each message, compiles its step once."""
+    use_compilation_cache(os.path.join(os.path.dirname(os.path.expanduser(config.pretrain.cache_dir)), "xla"))
+
+
 def compile_clock() -> CompileClock:
     """The process's one clock (JAX listeners cannot be removed, so it is registered once)."""
     global _CLOCK

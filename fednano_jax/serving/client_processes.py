@@ -307,7 +307,9 @@ def edge_client(config, client_id: int, address: str, token: str, certificate: b
     from fednano_jax.data.partition import Partition
     from fednano_jax.federated.methods import get_method
     from fednano_jax.federated.rounds import make_optimizer
+    from fednano_jax.parallel.xla_stats import use_compilation_cache_of
 
+    use_compilation_cache_of(config)
     graphdef, frozen, _, tokenizer, mcfg = family_of(config).edge(config)
     splits = datasets.load_splits(config)
     data = pipeline.federated_data(splits, tokenizer, mcfg.vision.num_image_tokens, config.fed.num_clients,
