@@ -27,6 +27,9 @@ def get_config() -> ConfigDict:
     config.model = ConfigDict()
     config.model.dtype = "float32"
     config.model.remat = "none"  # per decoder layer: "none", "full" or "dots" (see models/llama.py)
+    # Decoder layers per iteration of the layer scan: 1 compiles one layer's program (deep models); the layer count
+    # unrolls it, which XLA runs faster on a shallow decoder (docs/benchmarks.md). The same numbers either way.
+    config.model.scan_unroll = 1
     config.model.connector = "mlp2x_gelu"
     config.model.vision = ConfigDict(dict(
         image_size=64, patch_size=16, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
@@ -113,6 +116,9 @@ def get_config() -> ConfigDict:
     config.mesh.model = 1  # backbone axis
     config.mesh.backbone = "replicated"  # or "fsdp": large frozen matrices sharded over the model axis
     config.mesh.fsdp_min_size = 2**20  # fsdp: matrices with fewer elements stay replicated
+    # JAX on the CPU: 0 keeps XLA's one device of all cores; -1 makes a device of each core, so the clients train
+    # on all cores at once (the README's first command; float rounding, and so the tables, move a little)
+    config.mesh.cpu_devices = 0
 
     config.checkpoint = ConfigDict()
     config.checkpoint.every_rounds = 1  # server state + metrics to <workdir>/checkpoints/<method>; 0 = off

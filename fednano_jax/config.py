@@ -139,7 +139,7 @@ def resume_fingerprint(experiment: Experiment, backbone_key: str) -> dict:
     """The settings a run resumed from a round checkpoint must share with the run that wrote it.
 
     Left out: how long to run (fed.rounds), how to run it (fed.mode, fed.client_chunk, fed.pack_clients,
-    fed.pack_padding, data.stream_images: same numbers), which methods (each has its own checkpoints), evaluation,
+    fed.pack_padding, data.stream_images, model.scan_unroll: same numbers), which methods (each has its own checkpoints), evaluation,
     checkpointing and paths.
     """
     data_defaults = _defaults(Data)
@@ -148,7 +148,7 @@ def resume_fingerprint(experiment: Experiment, backbone_key: str) -> dict:
             and not (k in ADDED_LATER["data"] and v == data_defaults[k])}
     model = without_derived_family(experiment.model)  # naming a config's own family keeps its fingerprint
     model["adapter"] = {k: v for k, v in model["adapter"].items() if not (k in ADDED_LATER["adapter"] and not v)}
-    model = {k: v for k, v in model.items() if not (k in ADDED_LATER["model"] and not v)}
+    model = {k: v for k, v in model.items() if not (k in ADDED_LATER["model"] and not v) and k != "scan_unroll"}
     return {"seed": experiment.seed, "model": model, "data": data, "fed": _fed_fingerprint(experiment.fed),
             "backbone": backbone_key}
 

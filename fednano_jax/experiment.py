@@ -115,7 +115,7 @@ def run_experiment(config, workdir: str, split: SplitLink | None = None, clients
     # ------------------------------------------------- Pretrained backbone
     if split is None:
         graphdef, frozen, adapters, tokenizer, mcfg = experiment_backbone(config, splits)
-        graphdef, mcfg = with_remat(graphdef, mcfg, config.model.remat)
+        graphdef, mcfg = with_remat(graphdef, mcfg, config.model.remat, config.model.scan_unroll)
         graphdef, mcfg = with_client_layers(graphdef, mcfg, config.model.client_layers)
     else:  # the decoder stays on the split-step server: NanoEdge alone here, for evaluation over the link
         graphdef, frozen, adapters, tokenizer, mcfg = family_of(config).edge(config)

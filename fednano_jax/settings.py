@@ -210,9 +210,12 @@ class Model(Record):
     minigpt4: Any = None
     adapter: Adapter = Adapter()
     client_layers: int = 0  # the decoder's first layers, run frozen by each client: the wire carries their output
+    scan_unroll: int = 1  # decoder layers per iteration of the layer scan: how the program runs, not what it computes
 
     def __post_init__(self):
         require(self.remat in REMAT_POLICIES, f"model.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}.")
+        require(isinstance(self.scan_unroll, int) and not isinstance(self.scan_unroll, bool) and self.scan_unroll >= 1,
+                f"model.scan_unroll must be a whole number of decoder layers, at least 1, got {self.scan_unroll!r}.")
         require_client_layers(self.client_layers)
 
     @property
@@ -452,10 +455,14 @@ class Mesh(Record):
     model: int = 1
     backbone: str = "replicated"  # or "fsdp": large frozen matrices sharded over the model axis
     fsdp_min_size: int = 2**20
+    cpu_devices: int = 0  # JAX on the CPU: 0 XLA's own (one device of all cores), n devices, -1 one per core
 
     def __post_init__(self):
         require(self.backbone in BACKBONE_LAYOUTS,
                 f"mesh.backbone must be one of {list(BACKBONE_LAYOUTS)}, got {self.backbone!r}.")
+        require(isinstance(self.cpu_devices, int) and not isinstance(self.cpu_devices, bool) and self.cpu_devices >= -1,
+                f"mesh.cpu_devices must be 0 (XLA's own), a number of devices or -1 (one per CPU core), "
+                f"got {self.cpu_devices!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

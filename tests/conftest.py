@@ -144,15 +144,15 @@ def default_run(easy_vqa_dir, tmp_path_factory) -> Run:
     """The README's default command, run once per session and shared by the end-to-end tests: the shipped
     backbone (an empty cache, so a cached one cannot stand in for it), FedAvg and FedNano, 5 rounds."""
     root = tmp_path_factory.mktemp("default_run")
-    result = run_main(f"--config.data.dir={easy_vqa_dir}", f"--config.pretrain.cache_dir={root / 'cache'}",
-                      f"--workdir={root / 'run'}", timeout=1200)
+    result = run_main("--config.mesh.cpu_devices=-1", f"--config.data.dir={easy_vqa_dir}",
+                      f"--config.pretrain.cache_dir={root / 'cache'}", f"--workdir={root / 'run'}", timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return Run(result.stdout, root / "run")
 
 
 @pytest.fixture(scope="session")
 def easy_vqa_dir(tmp_path_factory) -> str:
-    """The real easy-VQA dataset, built once per test session (~15 s)."""
+    """The real easy-VQA dataset, built once per test session (a few seconds)."""
     from fednano_jax.data.easy_vqa_builder import prepared_builder
 
     data_dir = str(tmp_path_factory.mktemp("easy_vqa"))

@@ -139,3 +139,40 @@ def test_a_command_that_sets_the_methods_itself_is_not_second_guessed():
     flags = ["--config.fed.dp.noise_multiplier=0.5"]  # no study cell enables DP
     with pytest.raises(ConfigError):
         cli.check_inactive(parsed_config(*flags), flags, command="fednano_jax.commands.study")
+
+
+def test_cpu_devices_makes_that_many_devices_before_jax_starts(easy_vqa_dir):
+    """`mesh.cpu_devices`: the command makes that many CPU devices, and the mesh spreads the clients over them."""
+    result = run_main(f"--config.data.dir={easy_vqa_dir}", "--config.mesh.cpu_devices=3", "--dry_run", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Mesh: 3 (clients) x 1 (model) over 3 cpu devices" in result.stdout
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.mesh.cpu_devices=-2", "mesh.cpu_devices must be 0 (XLA's own), a number of devices or -1 (one per "
+                                     "CPU core), got -2."),
+    ("--config.mesh.cpu_devices=2", "mesh.cpu_devices=2 and XLA_FLAGS' --xla_force_host_platform_device_count "
+                                    "both say how many CPU devices to make; pass one of them."),
+])
+def test_cpu_devices_that_cannot_apply_are_one_sentence(flag, message, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    result = run_main(flag, "--dry_run", timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"Config error: {message}"
+
+
+def test_cpu_devices_after_jax_started_with_others_is_one_sentence():
+    """In Python, where JAX has started with other CPU devices, the mesh says why the setting cannot apply."""
+    import jax
+
+    from fednano_jax.errors import MeshError
+    from fednano_jax.parallel.mesh import make_mesh
+    from fednano_jax.settings import Mesh
+
+    started = len(jax.devices())
+    asked = started + 2
+    with pytest.raises(MeshError, match=rf"^mesh.cpu_devices={asked} asks for {asked} CPU devices, but JAX started "
+                                        rf"with {started}: the commands set it before JAX starts; in Python, call "
+                                        rf"jax.config.update\('jax_num_cpu_devices', {asked}\) before"):
+        make_mesh(Mesh(cpu_devices=asked))
+    assert make_mesh(Mesh()).devices.size == started

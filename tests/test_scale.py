@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -245,3 +246,30 @@ def test_with_remat_rebuilds_the_graph_for_the_same_parameters(tiny_config):
     loss, _ = adapter_value_and_grad(graphdef, frozen, adapters, data)
     remat_loss, _ = adapter_value_and_grad(remat_graphdef, frozen, adapters, data)
     np.testing.assert_allclose(loss, remat_loss, rtol=1e-6)
+
+
+def test_an_unrolled_layer_scan_computes_the_same_loss_and_gradients(tiny_config):
+    """model.scan_unroll: how the layer scan runs, not what it computes; so neither the backbone's cache key nor
+    a resume's fingerprint holds it, and a bad value is one sentence."""
+    from fednano_jax.backbone import pretrain
+    from fednano_jax.backbone.build import with_remat
+    from fednano_jax.config import load_config_file, resume_fingerprint
+
+    graphdef, frozen, adapters, data = tiny_setup(tiny_config)
+    unrolled, unrolled_config = with_remat(graphdef, tiny_config, "none", scan_unroll=2)
+    assert unrolled_config.llm.scan_unroll == 2
+    loops = {name: jax.jit(lambda a, g=g: adapter_value_and_grad(g, frozen, a, data)).lower(adapters).as_text()
+             .count("stablehlo.while") for name, g in (("scanned", graphdef), ("unrolled", unrolled))}
+    assert loops["unrolled"] < loops["scanned"]  # the decoder's two layers in one iteration: no loop left
+    loss, grads = adapter_value_and_grad(graphdef, frozen, adapters, data)
+    unrolled_loss, unrolled_grads = adapter_value_and_grad(unrolled, frozen, adapters, data)
+    np.testing.assert_allclose(unrolled_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda u, g: np.testing.assert_allclose(u, g, rtol=1e-5, atol=1e-8), unrolled_grads, grads)
+    config = load_config_file("configs/easyvqa_tiny.py")
+    key, fingerprint = pretrain.cache_key(read(config)), resume_fingerprint(read(config), "key")
+    config.model.scan_unroll = 2
+    assert pretrain.cache_key(read(config)) == key and resume_fingerprint(read(config), "key") == fingerprint
+    config.model.scan_unroll = 0
+    with pytest.raises(ConfigError, match=r"^model.scan_unroll must be a whole number of decoder layers, at least 1, "
+                                          r"got 0\.$"):
+        read(config)

@@ -1,6 +1,6 @@
 """The experiment's backbone, as its family (`model.family`, backbone/family/) builds it: a checkpoint's
-(`model.path`) or the small one pretrained here; with the config's rematerialisation and client layers applied whatever
-built it."""
+(`model.path`) or the small one pretrained here; with the config's rematerialisation, layer-scan unrolling and client
+layers applied whatever built it."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ def experiment_backbone(config, splits):
     return family_of(config).backbone(config, splits)
 
 
-def with_remat(graphdef, mcfg, policy: str):
-    """The model graph with decoder layers rematerialised by `policy` (parameters unchanged), whatever
-    built the backbone (pretraining, a cache, a checkpoint)."""
-    if mcfg.llm.remat == policy:
+def with_remat(graphdef, mcfg, policy: str, scan_unroll: int = 1):
+    """The model graph with decoder layers rematerialised by `policy` and `scan_unroll` of them per iteration of the
+    layer scan (parameters unchanged), whatever built the backbone (pretraining, a cache, a checkpoint)."""
+    if (mcfg.llm.remat, mcfg.llm.scan_unroll) == (policy, scan_unroll):
         return graphdef, mcfg
-    mcfg = dataclasses.replace(mcfg, llm=dataclasses.replace(mcfg.llm, remat=policy))
+    mcfg = dataclasses.replace(mcfg, llm=dataclasses.replace(mcfg.llm, remat=policy, scan_unroll=scan_unroll))
     return model_graph(mcfg), mcfg
 
 

@@ -34,6 +34,7 @@ def cache_key(config) -> str:
     model = without_derived_family(config.model)  # naming a config's own family keeps its key
     model.pop("adapter")
     model.pop("remat", None)  # how the graph saves memory, not what it computes
+    model.pop("scan_unroll", None)  # how the layer scan runs, not what it computes
     model.pop("client_layers", None)  # where the decoder is split, not what it is
     where = ("cache_dir", "shipped")  # where a backbone is looked for, not what it is
     unused = () if config.data.name == "easyvqa" else ("questions_per_image",)  # easy-VQA's text-only QA alone

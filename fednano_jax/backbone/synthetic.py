@@ -29,13 +29,14 @@ DEFAULT_VOCAB = 256  # token ids for a config whose vocabulary its data decides,
 
 def with_preset(config: Experiment, preset: str | None) -> Experiment:
     """The config with its model section replaced by a named preset's (its adapters included), keeping its remat
-    (none: unchanged)."""
+    and layer-scan unrolling (none: unchanged)."""
     if not preset:
         return config
     if preset not in PRESETS:
         raise ConfigError(f"Unknown --preset {preset!r}; expected one of {sorted(PRESETS)}.")
     model = Model.read(PRESETS[preset](), "model")
-    return dataclasses.replace(config, model=dataclasses.replace(model, remat=config.model.remat))
+    return dataclasses.replace(config, model=dataclasses.replace(model, remat=config.model.remat,
+                                                                      scan_unroll=config.model.scan_unroll))
 
 
 def synthetic_model_config(config: Experiment) -> MllmConfig:

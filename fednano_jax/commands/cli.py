@@ -132,6 +132,11 @@ def run(main: Callable[[], None], define_flags: Callable[[], None], argv: list[s
         del argv
         logging.set_verbosity(logging.WARNING)  # tfds logs every file it reads or writes at INFO
         try:
+            if "config" in flags.FLAGS and flags.FLAGS.config is not None:  # before the command's JAX starts
+                from fednano_jax.parallel.mesh import use_cpu_devices
+                from fednano_jax.settings import Mesh
+
+                use_cpu_devices(Mesh.read(flags.FLAGS.config.get("mesh"), "mesh").cpu_devices)
             main()
         except tuple(LABELS) as error:
             sys.exit(f"{label_of(error)}: {error}")

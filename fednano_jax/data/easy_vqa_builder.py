@@ -2,7 +2,8 @@
 
 The source is the offline PyPI package `easy_vqa` (64x64 PNGs and a questions JSON per
 split). Images are stored as uint8 Tensor features because `tfds.features.Image` needs
-TensorFlow, which this project does not install.
+TensorFlow, which this project does not install; as their raw bytes, since a Tensor stored as a list of integers
+takes tfds' numpy parser about 0.4 ms an image to read back (2 s of every run), its bytes 0.05 ms.
 """
 
 import collections
@@ -47,14 +48,15 @@ def _questions_by_image(split: str) -> dict[int, list[tuple[str, str]]]:
 class EasyVqa(tfds.core.GeneratorBasedBuilder):
     """easy-VQA (Zhou, 2020): one coloured shape per image, 13 answers; one record per image."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "One record per image with all its questions."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "One record per image with all its questions.",
+                     "1.1.0": "Images stored as their bytes: the same records, read back 8x faster."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8),
+                "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
                 "image_id": tfds.features.Scalar(dtype=np.int64),
                 "questions": tfds.features.Sequence(tfds.features.Text()),
                 "answers": tfds.features.Sequence(tfds.features.Text()),
@@ -95,7 +97,7 @@ def prepared_builder(data_dir: str) -> EasyVqa:
     _check_data_dir(data_dir)
     builder = EasyVqa(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        print(f"Building easy-VQA into {data_dir} (first use only, ~15 s).")
+        print(f"Building easy-VQA into {data_dir} (first use only, a few seconds).")
         builder.download_and_prepare(file_format="array_record")
     return builder
 

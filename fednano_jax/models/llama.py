@@ -32,6 +32,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     dtype: str = "float32"
     remat: str = "none"  # rematerialisation per decoder layer in training passes: a key of REMAT_POLICIES
+    scan_unroll: int = 1  # decoder layers per iteration of the training passes' layer scan (lax.scan's unroll)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -213,7 +214,7 @@ class LlamaDecoder(nnx.Module):
         if (start, stop) != (0, self.config.num_layers):
             state = jax.tree.map(lambda stacked: stacked[start:stop], state)
         body = scan_body(graphdef, self.config.remat, positions_from_mask(attention_mask), mask)
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, x, state, unroll=self.config.scan_unroll)
         return x
 
     def hidden_states(self, embeds, attention_mask, first_layer: int = 0):

@@ -9,12 +9,18 @@ every device; `"fsdp"` shards each large matrix (at least `mesh.fsdp_min_size`
 elements) along its first dimension that the `model` axis divides, and XLA gathers
 it layer by layer. The shared dataset and the global adapters are replicated.
 
+On a CPU, XLA makes one device of all cores, and a device runs a small op on one thread: a round of small steps
+then leaves the other cores idle. `mesh.cpu_devices` makes that many devices of the cores (-1: one per core), so the
+clients axis spreads the clients over them; a command sets it before JAX starts (`use_cpu_devices`).
+
 A cohort the `clients` axis does not divide is padded with dummy clients that have
 no valid step (they change nothing, like padded steps) and whose outputs are dropped
 before aggregation; the padding is announced once.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +46,48 @@ def mesh_shape(clients: int, model: int, device_count: int) -> tuple[int, int]:
     return clients, model
 
 
+FORCED_DEVICES = "--xla_force_host_platform_device_count"
+
+
+def cpu_devices_wanted(cpu_devices: int) -> int | None:
+    """The CPU devices `mesh.cpu_devices` asks for (None: XLA's own)."""
+    if cpu_devices == -1:
+        return len(os.sched_getaffinity(0))
+    return cpu_devices or None
+
+
+def use_cpu_devices(cpu_devices: int) -> None:
+    """Make `mesh.cpu_devices` CPU devices; before JAX's first computation in this process (a command's start)."""
+    wanted = cpu_devices_wanted(cpu_devices)
+    if wanted is None:
+        return
+    if FORCED_DEVICES in os.environ.get("XLA_FLAGS", ""):
+        raise MeshError(f"mesh.cpu_devices={cpu_devices} and XLA_FLAGS' {FORCED_DEVICES} both say how many CPU "
+                        "devices to make; pass one of them.")
+    try:
+        jax.config.update("jax_num_cpu_devices", wanted)
+    except RuntimeError:  # JAX has started: check_cpu_devices says whether it started with these
+        pass
+
+
+def check_cpu_devices(cpu_devices: int, devices: list) -> None:
+    """`mesh.cpu_devices` took effect, or one sentence on why it cannot."""
+    wanted = cpu_devices_wanted(cpu_devices)
+    if wanted is None:
+        return
+    if devices[0].platform != "cpu":
+        raise MeshError(f"mesh.cpu_devices applies when JAX runs on the CPU; this run's devices are "
+                        f"{devices[0].platform}: leave it at 0.")
+    if len(devices) != wanted:
+        raise MeshError(f"mesh.cpu_devices={cpu_devices} asks for {wanted} CPU devices, but JAX started with "
+                        f"{len(devices)}: the commands set it before JAX starts; in Python, call "
+                        f"jax.config.update('jax_num_cpu_devices', {wanted}) before JAX's first computation.")
+
+
 def make_mesh(mesh_config, devices=None) -> Mesh:
     """The (clients, model) mesh a config's `mesh` section describes, over all (or the given) devices."""
+    if devices is None:
+        check_cpu_devices(mesh_config.cpu_devices, jax.devices())
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config.clients, mesh_config.model, len(devices))
     if mesh_config.backbone not in BACKBONE_LAYOUTS:

@@ -62,7 +62,7 @@ class Family:
         return LlamaConfig(vocab_size=vocab_size, hidden_size=l.hidden_size, intermediate_size=l.intermediate_size,
                            num_layers=l.num_layers, num_heads=l.num_heads, num_kv_heads=l.num_kv_heads,
                            rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps, dtype=m.dtype,
-                           remat=m.remat)
+                           remat=m.remat, scan_unroll=m.scan_unroll)
 
     def model_config(self, config, vocab_size: int, image_token_id: int) -> MllmConfig:
         """The model the config's sections describe (model.vision, model.llm, model.connector, model.adapter)."""
@@ -98,7 +98,7 @@ class Family:
 
     def checkpoint_shapes(self, config) -> MllmConfig:
         mcfg = self.checkpoint_metadata(config)
-        llm = dataclasses.replace(mcfg.llm, remat=config.model.remat)
+        llm = dataclasses.replace(mcfg.llm, remat=config.model.remat, scan_unroll=config.model.scan_unroll)
         if mcfg.vision is not None:
             return dataclasses.replace(mcfg, llm=llm)
         # A text-only LLM gets the config's vision tower and one new token id, `<image>`.
