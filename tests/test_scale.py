@@ -1,6 +1,7 @@
 """Remat policies change memory, not numbers; the benchmark and memory-plan commands write their JSON."""
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -82,8 +83,11 @@ def run_module(module, *flags):
 def test_benchmark_command_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     run_module("fednano_jax.benchmark", "--clients=2", "--steps=2", "--batch=2", "--text_tokens=4", "--repeats=1",
-               f"--out={out}")
+               f"--profile={tmp_path / 'trace'}", f"--out={out}")
     report = json.loads(out.read_text())
+    profile = report["profile"]  # the vmapped round traced: its busy time by kind of XLA op, the trace kept
+    assert profile["by_kind"]["matmul"]["seconds_per_run"] > 0 and list((tmp_path / "trace").rglob("*.xplane.pb"))
+    assert sum(kind["share"] for kind in profile["by_kind"].values()) == pytest.approx(1.0)
     assert report["workload"] == {"clients": 2, "steps": 2, "batch": 2, "seq_len": 21, "tokens_per_round": 168}
     assert report["flops_per_client_step"] > 0 and report["left_out"] == {}  # the test environment has torch
     assert set(report["speedup"]) == {"vmap_over_loop", "vmap_over_sequential", "vmap_over_torch",
@@ -100,6 +104,27 @@ def test_benchmark_command_writes_every_figure(tmp_path):
     assert report["modes"]["torch"]["model_build_seconds"] > 0 and report["modes"]["torch"]["torch_threads"] >= 1
     # torch.compile's compilation is reported apart from its rounds
     assert report["modes"]["torch_compile"]["compile_seconds"] > report["modes"]["torch_compile"]["round_seconds"]
+
+
+def test_a_client_steps_flops_count_every_decoder_layer_whether_scanned_or_not():
+    """XLA counts a while loop's body once: the benchmark counts FLOPs on the step with its layers unrolled, so a
+    scanned and an unrolled model report the same work, and more than the scanned step's own count."""
+    from fednano_jax.backbone.build import with_remat
+    from fednano_jax.commands.benchmark import Problem, build_problem, model_flops_per_step
+    from fednano_jax.config import load_config_file
+    from fednano_jax.federated.client import initial_carry, train_step
+    from fednano_jax.parallel.xla_stats import flops_of
+
+    config = load_config_file(os.path.join(ROOT, "configs", "easyvqa_tiny.py"))
+    scanned = build_problem(read(config, run=False), None, clients=2, steps=1, batch=2, text_tokens=4)
+    unrolled_graph, unrolled_config = with_remat(scanned.graphdef, scanned.mcfg, "none", scan_unroll=2)
+    unrolled = Problem(**{**vars(scanned), "graphdef": unrolled_graph, "mcfg": unrolled_config})
+    assert model_flops_per_step(scanned) == model_flops_per_step(unrolled)
+    step = jax.jit(functools.partial(train_step, scanned.graphdef, scanned.optimizer, scanned.method))
+    start = initial_carry(scanned.optimizer, scanned.method, scanned.adapters)
+    as_scanned = flops_of(step.lower(scanned.frozen, scanned.data, {"adapters": scanned.adapters}, None,
+                                     scanned.adapters, start, scanned.rows[0, 0], scanned.valid[0, 0]))
+    assert model_flops_per_step(scanned) > 1.5 * as_scanned  # two layers of the decoder counted, not one
 
 
 def test_the_measured_matmul_peak_counts_every_device_it_runs_on():

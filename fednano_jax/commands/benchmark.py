@@ -35,7 +35,9 @@ from jax.sharding import Mesh
 from absl import flags
 
 from fednano_jax.backbone import synthetic
+from fednano_jax.backbone.build import with_remat
 from fednano_jax.parallel import mesh as sharding
+from fednano_jax.parallel import op_profile
 from fednano_jax.parallel.xla_stats import device_summary, write_json, flops_of, memory_of, planned_total
 from fednano_jax.commands import cli
 from fednano_jax.config import read
@@ -282,10 +284,23 @@ def timed_rounds(prepared: dict, repeats: int) -> dict:
     return {mode: statistics.median(t) for mode, t in times.items()}
 
 
-def benchmark(p: Problem, modes, repeats: int) -> dict:
+def model_flops_per_step(p: Problem) -> float | None:
+    """FLOPs of one client step: XLA's cost analysis of the step with the decoder layers unrolled and nothing
+    rematerialised. XLA counts a while loop's body once, so the scanned layer stack would count as one layer (the
+    tables before 2026-12-05 counted one of the tiny decoder's two), and a recomputation is not the model's work."""
+    graphdef, _ = with_remat(p.graphdef, p.mcfg, "none", scan_unroll=p.mcfg.llm.num_layers)
+    step = jax.jit(functools.partial(train_step, graphdef, p.optimizer, p.method))
+    start = initial_carry(p.optimizer, p.method, p.adapters)
+    return flops_of(step.lower(p.frozen, p.data, {"adapters": p.adapters}, None, p.adapters, start, p.rows[0, 0],
+                               p.valid[0, 0]))
+
+
+def benchmark(p: Problem, modes, repeats: int, profile_dir: str | None = None) -> dict:
+    """Every mode's round, timed in turns; with `profile_dir`, then 5 vmapped rounds traced there (op_profile)."""
     device = jax.devices()[0]
     loop = loop_round(p)
-    step_flops = flops_of(loop[0])
+    step_flops = model_flops_per_step(p)
+    profiled = None
     prepared, memory = {}, {}
     try:
         for mode in (m for m in MODES if m in modes):  # in MODES order: the peak counter only grows
@@ -297,6 +312,8 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
                 memory[mode].update(peak_memory_source="in the worker processes, not kept", torch_threads=1,
                                     workers=run.workers)
         seconds = timed_rounds(prepared, repeats)
+        if profile_dir:
+            profiled = op_profile.profile(prepared["vmap"][2], directory=profile_dir)
     finally:  # worker processes (torch_workers) are stopped whatever happens
         for _, _, run in prepared.values():
             getattr(run, "close", lambda: None)()
@@ -314,14 +331,15 @@ def benchmark(p: Problem, modes, repeats: int) -> dict:
     return {"device": device_summary(), "mesh": dict(p.mesh.shape),
             "dtype": p.dtype, "workload": {**dataclasses.asdict(p.work), "tokens_per_round": p.work.tokens_per_round},
             "flops_per_client_step": step_flops,
-            "flops_source": "XLA cost_analysis() of the compiled single-client step (forward, backward to the "
+            "flops_source": "XLA cost_analysis() of the lowered single-client step with the decoder layers unrolled and "
+                            "no rematerialisation (forward, backward to the "
                             "adapters through the frozen backbone, optimizer update)",
             "peak_flops_per_second": peaks[p.dtype][1],
             "peak_flops_source": "measured here: the best of 10 dense matmuls (einsum of [n, n] matrices, n = 1024 on "
                                  "a CPU, 8192 on an accelerator) per device, at once on the devices counted",
             "measured_peak_flops": {dtype: {str(d): v for d, v in by.items()} for dtype, by in peaks.items()},
             "datasheet_peak_flops_per_device": datasheet_flops(device, p.dtype),
-            "modes": results, "speedup": speedup}
+            "modes": results, "speedup": speedup, **({"profile": profiled} if profiled else {})}
 
 
 def full_logits_data(data: dict) -> dict:
@@ -532,6 +550,8 @@ def summary(report: dict) -> str:
                      f"{r['client_updates_per_second']:7.2f} client-updates/s{mfu}")
     lines += [f"  {name}: {value:.2f}x" for name, value in report["speedup"].items()]
     lines += [f"  {mode} mode left out: {why}" for mode, why in report.get("left_out", {}).items()]
+    if "profile" in report:
+        lines.append(op_profile.profile_table(report["profile"]))
     return "\n".join(lines)
 
 
@@ -571,6 +591,8 @@ def comparison_summary(report: dict) -> str:
 def main() -> None:
     args = flags.FLAGS
     config = read(args.config, run=False)
+    if args.profile and (args.compare or args.mode not in ("all", "vmap")):
+        raise ConfigError("--profile traces the vmap mode's rounds: pass --mode=all or --mode=vmap, without --compare.")
     problem = build_problem(config, args.preset, args.clients, args.steps, args.batch, args.text_tokens)
     if args.compare:
         report = comparison_report(config, args, problem)
@@ -578,7 +600,7 @@ def main() -> None:
         write_json(args.out, report)
         return
     modes, left_out = available_modes(args.mode, problem.mcfg)
-    report = {"config": config.name, "preset": args.preset, **benchmark(problem, modes, args.repeats),
+    report = {"config": config.name, "preset": args.preset, **benchmark(problem, modes, args.repeats, args.profile),
               "left_out": left_out}
     print(summary(report))
     write_json(args.out, report)
@@ -600,4 +622,7 @@ def define_flags() -> None:
                                      "FedAvg), `packing` (the config's partition, padded against packed), `split_batching` "
                                      "(the split-step server with 1-8 clients, batching on against off; "
                                      "docs/deployment.md).")
+    flags.DEFINE_string("profile", None, "Also trace 5 vmapped rounds into this directory (jax.profiler; TensorBoard "
+                                         "reads it) and report their busy time by kind of XLA op "
+                                         "(parallel/op_profile.py).")
     flags.DEFINE_integer("fisher_examples", 128, "The cap on the Fisher pass's examples per client in --compare=fisher.")
