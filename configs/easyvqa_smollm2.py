@@ -28,6 +28,7 @@ def get_config() -> ConfigDict:
     config.model.vision = model.vision  # the tiny config's tower, aligned to SmolLM2
     config.model.adapter = model.adapter
     config.model.client_layers = model.client_layers
+    config.model.scan_unroll = 1  # SmolLM2's 30 layers: one layer's program, compiled once
     config.pretrain.steps = 600  # alignment: only the vision tower and connector train; the LLM stays frozen
     config.pretrain.batch_size = 32
     config.eval.batch_size = 100

@@ -116,6 +116,7 @@ def test_a_client_steps_flops_count_every_decoder_layer_whether_scanned_or_not()
     from fednano_jax.parallel.xla_stats import flops_of
 
     config = load_config_file(os.path.join(ROOT, "configs", "easyvqa_tiny.py"))
+    config.model.scan_unroll = 1
     scanned = build_problem(read(config, run=False), None, clients=2, steps=1, batch=2, text_tokens=4)
     unrolled_graph, unrolled_config = with_remat(scanned.graphdef, scanned.mcfg, "none", scan_unroll=2)
     unrolled = Problem(**{**vars(scanned), "graphdef": unrolled_graph, "mcfg": unrolled_config})
@@ -290,7 +291,8 @@ def test_an_unrolled_layer_scan_computes_the_same_loss_and_gradients(tiny_config
     unrolled_loss, unrolled_grads = adapter_value_and_grad(unrolled, frozen, adapters, data)
     np.testing.assert_allclose(unrolled_loss, loss, rtol=1e-6)
     jax.tree.map(lambda u, g: np.testing.assert_allclose(u, g, rtol=1e-5, atol=1e-8), unrolled_grads, grads)
-    config = load_config_file("configs/easyvqa_tiny.py")
+    config = load_config_file(os.path.join(ROOT, "configs", "easyvqa_tiny.py"))
+    config.model.scan_unroll = 1
     key, fingerprint = pretrain.cache_key(read(config)), resume_fingerprint(read(config), "key")
     config.model.scan_unroll = 2
     assert pretrain.cache_key(read(config)) == key and resume_fingerprint(read(config), "key") == fingerprint

@@ -86,8 +86,8 @@ def check_cpu_devices(cpu_devices: int, devices: list) -> None:
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
     """The (clients, model) mesh a config's `mesh` section describes, over all (or the given) devices."""
-    if devices is None:
-        check_cpu_devices(mesh_config.cpu_devices, jax.devices())
+    if devices is None:  # a section written before the setting (a ConfigDict of the other keys) keeps XLA's own
+        check_cpu_devices(getattr(mesh_config, "cpu_devices", 0), jax.devices())
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config.clients, mesh_config.model, len(devices))
     if mesh_config.backbone not in BACKBONE_LAYOUTS:
