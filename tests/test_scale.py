@@ -194,10 +194,12 @@ def planned(tmp_path, *flags) -> dict:
 @pytest.fixture(scope="module")
 def h100_plans(tmp_path_factory):
     """The tiny config's run planned for one H100 by XLA's CUDA compiler, with and without remat (and
-    without, its images streamed from the host), and for a TPU v5p slice of 4 chips by libtpu's."""
-    return {"full": planned(tmp_path_factory.mktemp("full"), "--target=h100-80gb", "--remat=full"),
+    without, its images streamed from the host), and for a TPU v5p slice of 4 chips by libtpu's. The H100 plans scan
+    the decoder layers, as a 7B plan does (the tiny config unrolls its two): remat saves per scanned layer."""
+    scanned = "--config.model.scan_unroll=1"
+    return {"full": planned(tmp_path_factory.mktemp("full"), "--target=h100-80gb", "--remat=full", scanned),
             "none": planned(tmp_path_factory.mktemp("none"), "--target=h100-80gb", "--remat=none", "--methods=fedavg",
-                            "--config.data.stream_images=True"),
+                            "--config.data.stream_images=True", scanned),
             "tpu": planned(tmp_path_factory.mktemp("tpu"), "--target=tpu:v5p:2x2x1", "--methods=fedavg")}
 
 
