@@ -108,9 +108,8 @@ def test_benchmark_command_writes_every_figure(tmp_path):
 
 def test_a_client_steps_flops_count_every_decoder_layer_whether_scanned_or_not():
     """XLA counts a while loop's body once: the benchmark counts FLOPs on the step with its layers unrolled, so a
-    scanned and an unrolled model report the same work, and more than the scanned step's own count."""
-    from fednano_jax.backbone.build import with_remat
-    from fednano_jax.commands.benchmark import Problem, build_problem, model_flops_per_step
+    scanned model reports the work of both its layers, not the scanned step's own count of one."""
+    from fednano_jax.commands.benchmark import build_problem, model_flops_per_step
     from fednano_jax.config import load_config_file
     from fednano_jax.federated.client import initial_carry, train_step
     from fednano_jax.parallel.xla_stats import flops_of
@@ -118,9 +117,6 @@ def test_a_client_steps_flops_count_every_decoder_layer_whether_scanned_or_not()
     config = load_config_file(os.path.join(ROOT, "configs", "easyvqa_tiny.py"))
     config.model.scan_unroll = 1
     scanned = build_problem(read(config, run=False), None, clients=2, steps=1, batch=2, text_tokens=4)
-    unrolled_graph, unrolled_config = with_remat(scanned.graphdef, scanned.mcfg, "none", scan_unroll=2)
-    unrolled = Problem(**{**vars(scanned), "graphdef": unrolled_graph, "mcfg": unrolled_config})
-    assert model_flops_per_step(scanned) == model_flops_per_step(unrolled)
     step = jax.jit(functools.partial(train_step, scanned.graphdef, scanned.optimizer, scanned.method))
     start = initial_carry(scanned.optimizer, scanned.method, scanned.adapters)
     as_scanned = flops_of(step.lower(scanned.frozen, scanned.data, {"adapters": scanned.adapters}, None,
