@@ -3,9 +3,9 @@ time less the events nested in them), summed by kind of op.
 
 The trace's op events sit on the threads that run them: on a CPU, XLA's Eigen pool (`tf_XLAEigen`) and the PjRt
 threads that run a program (`tf_XLAPjRtCpuClient`); on a GPU or TPU, the device plane's "XLA Ops" line. A thread's
-wait for a program to finish is left out: its time is waiting, not work. A kind is read from the op's name, whose first word XLA takes from the fusion's root
-or first instruction (`copy_bitcast_fusion`, `add_divide_fusion`); on a CPU, `ynn_fusion` is a dot XLA hands to
-YNNPACK.
+wait for a program to finish is left out: its time is waiting, not work. A kind is read from the op's name, whose
+first word XLA takes from the fusion's root or first instruction (`copy_bitcast_fusion`, `add_divide_fusion`); on a
+CPU, `ynn_fusion` is a dot (or a small reduction) XLA hands to YNNPACK.
 """
 
 from __future__ import annotations
